@@ -1,0 +1,235 @@
+//! Configuration of the quantizer and its validation.
+
+use burn::config::Config;
+use serde::{Deserialize, Serialize};
+
+use crate::error::RvqError;
+
+/// Codebook size: one for every level, or one per level.
+///
+/// Serialized as a plain number (`64`) or a list (`[16, 8, 4]`), as in the reference's
+/// `num_embeddings` argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CodebookSizes {
+    /// The same size `K` at every level.
+    Uniform(usize),
+    /// One size per level; the list must have `num_levels` entries.
+    PerLevel(Vec<usize>),
+}
+
+impl CodebookSizes {
+    /// The size of every level, for a quantizer of `num_levels` levels.
+    ///
+    /// A per-level list is returned as it is (its length is checked by
+    /// [`EmaResidualVectorQuantizerConfig::validate`]).
+    pub fn resolve(&self, num_levels: usize) -> Vec<usize> {
+        match self {
+            Self::Uniform(size) => vec![*size; num_levels],
+            Self::PerLevel(sizes) => sizes.clone(),
+        }
+    }
+}
+
+impl From<usize> for CodebookSizes {
+    fn from(size: usize) -> Self {
+        Self::Uniform(size)
+    }
+}
+
+impl From<Vec<usize>> for CodebookSizes {
+    fn from(sizes: Vec<usize>) -> Self {
+        Self::PerLevel(sizes)
+    }
+}
+
+impl<const N: usize> From<[usize; N]> for CodebookSizes {
+    fn from(sizes: [usize; N]) -> Self {
+        Self::PerLevel(sizes.to_vec())
+    }
+}
+
+/// Configuration of an [`EmaResidualVectorQuantizer`](crate::EmaResidualVectorQuantizer).
+///
+/// The defaults are those of the reference layer (helia-edge 0.6.2
+/// `EmaResidualVectorQuantizer`); every option beyond it is off by default.
+#[derive(Config, Debug)]
+pub struct EmaResidualVectorQuantizerConfig {
+    /// Number of residual levels `M` (reference: `num_levels`). Must be at least 1.
+    pub num_levels: usize,
+    /// Codebook size `K`, one for all levels or one per level (reference: `num_embeddings`).
+    /// Every size must be at least 1.
+    pub num_embeddings: CodebookSizes,
+    /// Dimension `D` of the vectors to quantize (reference: `embedding_dim`). At least 1.
+    pub embedding_dim: usize,
+    /// Weight of the commitment loss `beta * mean((sg(q) - r)^2)`. Must be finite and > 0.
+    /// Default: 0.25.
+    #[config(default = 0.25)]
+    pub beta: f64,
+    /// Decay `g` of the exponential moving averages of counts and sums, in `[0, 1]`
+    /// (1 freezes the codebook). Default: 0.99.
+    #[config(default = 0.99)]
+    pub ema_decay: f64,
+    /// Laplace smoothing constant of the EMA counts. Must be finite and > 0. Default: 1e-5.
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
+    /// Largest distance matrix (rows x codes) computed at once; a batch with more
+    /// `N x K` entries is searched in row chunks, so memory stays bounded for large `N`.
+    /// Does not change any result. Must be at least 1. Default: 2^24 (64 MiB of f32).
+    #[config(default = 16777216)]
+    pub max_distance_elements: usize,
+}
+
+impl EmaResidualVectorQuantizerConfig {
+    /// The codebook size of every level.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.num_embeddings.resolve(self.num_levels)
+    }
+
+    /// Checks every rule; the error names the parameter, the value and the rule broken.
+    pub fn validate(&self) -> Result<(), RvqError> {
+        fn invalid(parameter: &'static str, value: String, rule: &'static str) -> RvqError {
+            RvqError::InvalidConfig {
+                parameter,
+                value,
+                rule,
+            }
+        }
+        if self.num_levels < 1 {
+            return Err(invalid(
+                "num_levels",
+                self.num_levels.to_string(),
+                "must be >= 1",
+            ));
+        }
+        if self.embedding_dim < 1 {
+            return Err(invalid(
+                "embedding_dim",
+                self.embedding_dim.to_string(),
+                "must be >= 1",
+            ));
+        }
+        let sizes = self.sizes();
+        if sizes.len() != self.num_levels {
+            return Err(invalid(
+                "num_embeddings",
+                format!("{sizes:?} ({} sizes)", sizes.len()),
+                "must hold one size per level (num_levels sizes)",
+            ));
+        }
+        if let Some(size) = sizes.iter().find(|&&size| size < 1) {
+            return Err(invalid(
+                "num_embeddings",
+                format!("{size} (in {sizes:?})"),
+                "must be >= 1 at every level",
+            ));
+        }
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(invalid(
+                "beta",
+                self.beta.to_string(),
+                "must be finite and > 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.ema_decay) {
+            return Err(invalid(
+                "ema_decay",
+                self.ema_decay.to_string(),
+                "must lie in [0, 1]",
+            ));
+        }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(invalid(
+                "epsilon",
+                self.epsilon.to_string(),
+                "must be finite and > 0",
+            ));
+        }
+        if self.max_distance_elements < 1 {
+            return Err(invalid(
+                "max_distance_elements",
+                self.max_distance_elements.to_string(),
+                "must be >= 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> EmaResidualVectorQuantizerConfig {
+        EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4)
+    }
+
+    fn with(
+        change: impl FnOnce(&mut EmaResidualVectorQuantizerConfig),
+    ) -> EmaResidualVectorQuantizerConfig {
+        let mut config = config();
+        change(&mut config);
+        config
+    }
+
+    #[test]
+    fn defaults_are_the_reference_ones() {
+        let config = config();
+        assert_eq!(config.beta, 0.25);
+        assert_eq!(config.ema_decay, 0.99);
+        assert_eq!(config.epsilon, 1e-5);
+        assert_eq!(config.sizes(), vec![8, 8]);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn every_rule_names_its_parameter_and_value() {
+        let cases = [
+            (with(|c| c.num_levels = 0), "num_levels", "0"),
+            (with(|c| c.embedding_dim = 0), "embedding_dim", "0"),
+            (with(|c| c.num_embeddings = 0.into()), "num_embeddings", "0"),
+            (
+                with(|c| c.num_embeddings = vec![8, 8, 8].into()),
+                "num_embeddings",
+                "[8, 8, 8]",
+            ),
+            (
+                with(|c| c.num_embeddings = vec![8, 0].into()),
+                "num_embeddings",
+                "0 (in [8, 0])",
+            ),
+            (config().with_beta(0.0), "beta", "0"),
+            (config().with_beta(f64::NAN), "beta", "NaN"),
+            (config().with_ema_decay(1.5), "ema_decay", "1.5"),
+            (config().with_ema_decay(-0.1), "ema_decay", "-0.1"),
+            (config().with_epsilon(0.0), "epsilon", "0"),
+            (
+                config().with_max_distance_elements(0),
+                "max_distance_elements",
+                "0",
+            ),
+        ];
+        for (config, parameter, value) in cases {
+            let error = config.validate().unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("`{parameter}` = {value}")),
+                "{message}"
+            );
+            assert!(
+                matches!(error, RvqError::InvalidConfig { parameter: p, .. } if p == parameter)
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_serialize_as_number_or_list() {
+        let json = serde_json::to_string(&config()).unwrap();
+        assert!(json.contains("\"num_embeddings\":8"), "{json}");
+        let per_level = with(|c| c.num_embeddings = [16, 8].into());
+        let json = serde_json::to_string(&per_level).unwrap();
+        assert!(json.contains("\"num_embeddings\":[16,8]"), "{json}");
+        let back: EmaResidualVectorQuantizerConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.sizes(), vec![16, 8]);
+    }
+}

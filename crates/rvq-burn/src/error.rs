@@ -1,0 +1,129 @@
+//! The one error type of the crate.
+//!
+//! Every message names what was expected and what came, so that a wrong configuration or a
+//! wrongly shaped tensor is found at the call that received it, not hours later in training.
+
+use std::fmt;
+
+/// What went wrong in a fallible (`try_*`) call.
+///
+/// A call that returns an error has left the quantizer's state exactly as it was.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RvqError {
+    /// A configuration value breaks its rule.
+    InvalidConfig {
+        /// The configuration field, e.g. `ema_decay`.
+        parameter: &'static str,
+        /// The value that was given, formatted.
+        value: String,
+        /// The rule it breaks, e.g. `must lie in [0, 1]`.
+        rule: &'static str,
+    },
+    /// The last dimension of the input is not `embedding_dim`.
+    InputDim {
+        /// `embedding_dim` of the quantizer.
+        expected: usize,
+        /// The shape that came.
+        shape: Vec<usize>,
+    },
+    /// A number of levels outside `1..=num_levels` was asked for.
+    LevelCount {
+        /// The number of levels asked for.
+        requested: usize,
+        /// The levels the quantizer has.
+        available: usize,
+    },
+    /// `decode` got index tensors of different lengths, or a length that does not match the
+    /// requested output shape.
+    IndicesLength {
+        /// The level (0-based) whose index tensor is off.
+        level: usize,
+        /// The number of vectors the output shape holds.
+        expected: usize,
+        /// The length of that level's index tensor.
+        got: usize,
+    },
+    /// An index outside `0..num_embeddings` of its level.
+    IndexOutOfRange {
+        /// The level (0-based).
+        level: usize,
+        /// The smallest index found at that level.
+        min: i64,
+        /// The largest index found at that level.
+        max: i64,
+        /// The codebook size of that level.
+        num_embeddings: usize,
+    },
+    /// A state tensor given to the quantizer has the wrong shape.
+    StateShape {
+        /// The state tensor, e.g. `levels.1.ema_weight`.
+        field: String,
+        /// The shape the quantizer needs.
+        expected: Vec<usize>,
+        /// The shape that came.
+        got: Vec<usize>,
+    },
+    /// A state tensor given to the quantizer holds values that would poison the EMA
+    /// (negative or non-finite counts, non-finite sums).
+    InvalidState {
+        /// The state tensor, e.g. `levels.0.ema_count`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl fmt::Display for RvqError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidConfig {
+                parameter,
+                value,
+                rule,
+            } => write!(f, "invalid configuration: `{parameter}` = {value} {rule}"),
+            Self::InputDim { expected, shape } => write!(
+                f,
+                "input of shape {shape:?} has last dimension {}, expected embedding_dim = \
+                 {expected} (input shape must be [..., {expected}])",
+                shape.last().copied().unwrap_or(0)
+            ),
+            Self::LevelCount {
+                requested,
+                available,
+            } => write!(
+                f,
+                "asked for {requested} levels, expected between 1 and num_levels = {available}"
+            ),
+            Self::IndicesLength {
+                level,
+                expected,
+                got,
+            } => write!(
+                f,
+                "indices of level {level} hold {got} codes, expected {expected} (one per vector \
+                 of the output shape)"
+            ),
+            Self::IndexOutOfRange {
+                level,
+                min,
+                max,
+                num_embeddings,
+            } => write!(
+                f,
+                "indices of level {level} range over [{min}, {max}], expected 0 <= index < \
+                 num_embeddings = {num_embeddings}"
+            ),
+            Self::StateShape {
+                field,
+                expected,
+                got,
+            } => write!(
+                f,
+                "state `{field}` has shape {got:?}, expected {expected:?}"
+            ),
+            Self::InvalidState { field, reason } => write!(f, "state `{field}` {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for RvqError {}

@@ -1,0 +1,142 @@
+//! Codebook metrics, computed from a batch's per-code counts.
+//!
+//! The reference (helia-edge `EmaResidualVectorQuantizer`) reports, per level `l` (1-based) and
+//! for the batch alone:
+//!
+//! ```text
+//! p_k        = N_k / N                               code histogram
+//! H          = -sum_k p_k log2(p_k + 1e-10)          bits per index (entropy lower bound)
+//! perplexity = 2^H
+//! usage      = |{k : N_k > 0}| / K
+//! ```
+//!
+//! and the aggregates `rvq_perplexity_mean`, `rvq_usage_mean` (means over levels) and
+//! `rvq_bits_per_index_sum` (sum over levels). Batch perplexity depends on the batch size
+//! (a batch of 64 vectors cannot use more than 64 codes); see `ANCHORS.md` item 8.
+
+use std::collections::BTreeMap;
+
+/// The metrics of one level for one batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelMetrics {
+    /// `2^H`: the effective number of codes used (reference: `rvq_l{l}_perplexity`).
+    pub perplexity: f64,
+    /// Share of the codes used at least once (reference: `rvq_l{l}_usage`).
+    pub usage: f64,
+    /// Entropy `H` of the code histogram in bits (reference: `rvq_l{l}_bits_per_index`).
+    pub bits_per_index: f64,
+}
+
+impl LevelMetrics {
+    /// The metrics of a code histogram (counts per code, any non-negative numbers).
+    ///
+    /// An empty histogram (no vectors) gives perplexity 1, usage 0 and 0 bits.
+    pub fn from_counts(counts: &[f32]) -> Self {
+        let total: f64 = counts.iter().map(|&c| c as f64).sum();
+        let num_codes = counts.len().max(1) as f64;
+        if total <= 0.0 {
+            return Self {
+                perplexity: 1.0,
+                usage: 0.0,
+                bits_per_index: 0.0,
+            };
+        }
+        let bits_per_index = -counts
+            .iter()
+            .map(|&c| {
+                let p = c as f64 / total;
+                p * (p + 1e-10).log2()
+            })
+            .sum::<f64>();
+        let used = counts.iter().filter(|&&c| c > 0.0).count() as f64;
+        Self {
+            perplexity: bits_per_index.exp2(),
+            usage: used / num_codes,
+            bits_per_index,
+        }
+    }
+}
+
+/// Per-level and aggregate metrics of one forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RvqMetrics {
+    /// One entry per level that ran, in order.
+    pub levels: Vec<LevelMetrics>,
+}
+
+impl RvqMetrics {
+    /// Mean perplexity over levels (reference: `rvq_perplexity_mean`).
+    pub fn perplexity_mean(&self) -> f64 {
+        self.mean(|level| level.perplexity)
+    }
+
+    /// Mean usage over levels (reference: `rvq_usage_mean`).
+    pub fn usage_mean(&self) -> f64 {
+        self.mean(|level| level.usage)
+    }
+
+    /// Sum of bits per index over levels: the entropy lower bound of one coded vector
+    /// (reference: `rvq_bits_per_index_sum`).
+    pub fn bits_per_index_sum(&self) -> f64 {
+        self.levels.iter().map(|level| level.bits_per_index).sum()
+    }
+
+    /// Every metric under the reference's name (`rvq_l1_perplexity`, ...,
+    /// `rvq_bits_per_index_sum`), ready to log.
+    pub fn named(&self) -> BTreeMap<String, f64> {
+        let mut named = BTreeMap::new();
+        for (index, level) in self.levels.iter().enumerate() {
+            let l = index + 1;
+            named.insert(format!("rvq_l{l}_perplexity"), level.perplexity);
+            named.insert(format!("rvq_l{l}_usage"), level.usage);
+            named.insert(format!("rvq_l{l}_bits_per_index"), level.bits_per_index);
+        }
+        named.insert("rvq_perplexity_mean".into(), self.perplexity_mean());
+        named.insert("rvq_usage_mean".into(), self.usage_mean());
+        named.insert("rvq_bits_per_index_sum".into(), self.bits_per_index_sum());
+        named
+    }
+
+    fn mean(&self, value: impl Fn(&LevelMetrics) -> f64) -> f64 {
+        if self.levels.is_empty() {
+            return 0.0;
+        }
+        self.levels.iter().map(value).sum::<f64>() / self.levels.len() as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_histogram_has_full_perplexity() {
+        let metrics = LevelMetrics::from_counts(&[2.0, 2.0, 2.0, 2.0]);
+        assert!((metrics.perplexity - 4.0).abs() < 1e-6);
+        assert!((metrics.bits_per_index - 2.0).abs() < 1e-6);
+        assert_eq!(metrics.usage, 1.0);
+    }
+
+    #[test]
+    fn one_code_has_perplexity_one() {
+        let metrics = LevelMetrics::from_counts(&[0.0, 5.0, 0.0, 0.0]);
+        assert!((metrics.perplexity - 1.0).abs() < 1e-6);
+        assert!(metrics.bits_per_index.abs() < 1e-6);
+        assert_eq!(metrics.usage, 0.25);
+    }
+
+    #[test]
+    fn aggregates_are_mean_mean_and_sum() {
+        let metrics = RvqMetrics {
+            levels: vec![
+                LevelMetrics::from_counts(&[1.0, 1.0]),
+                LevelMetrics::from_counts(&[1.0, 0.0]),
+            ],
+        };
+        let named = metrics.named();
+        assert!((named["rvq_perplexity_mean"] - 1.5).abs() < 1e-6);
+        assert!((named["rvq_usage_mean"] - 0.75).abs() < 1e-12);
+        assert!((named["rvq_bits_per_index_sum"] - 1.0).abs() < 1e-6);
+        assert_eq!(named.len(), 2 * 3 + 3);
+    }
+}

@@ -1,0 +1,51 @@
+//! What a forward pass returns.
+
+use burn::tensor::{Int, Tensor};
+
+use crate::metrics::{LevelMetrics, RvqMetrics};
+
+/// The result of [`EmaResidualVectorQuantizer::forward`](crate::EmaResidualVectorQuantizer::forward).
+#[derive(Debug, Clone)]
+pub struct RvqOutput<const R: usize> {
+    /// `x + sg(q_sum - x)`: numerically the sum of the chosen code vectors, with the gradient
+    /// of the identity with respect to `x`. Same shape as the input.
+    pub quantized: Tensor<R>,
+    /// Per level that ran, the index of the chosen code for every input vector, shape `[N]`
+    /// with `N` the product of all input dimensions but the last (row-major order).
+    pub indices: Vec<Tensor<1, Int>>,
+    /// Total commitment loss `sum_l beta * mean((sg(q_l) - r_l)^2)`, shape `[1]`. On an
+    /// autodiff device it carries the gradient of every level's term to the input.
+    pub loss: Tensor<1>,
+    /// Each level's commitment loss, shape `[1]` each, without autodiff (for logging).
+    pub level_losses: Vec<Tensor<1>>,
+    /// Per level, how many input vectors took each code, shape `[K_l]` each: the batch
+    /// histogram the metrics are computed from.
+    pub code_counts: Vec<Tensor<1>>,
+}
+
+impl<const R: usize> RvqOutput<R> {
+    /// Per-level and aggregate codebook metrics of this batch (reference names through
+    /// [`RvqMetrics::named`]).
+    ///
+    /// Reads the code histograms back to the host once (one synchronization on a GPU).
+    pub fn metrics(&self) -> RvqMetrics {
+        if self.code_counts.is_empty() {
+            return RvqMetrics { levels: Vec::new() };
+        }
+        let sizes: Vec<usize> = self.code_counts.iter().map(|c| c.dims()[0]).collect();
+        let all: Vec<f32> = Tensor::cat(self.code_counts.clone(), 0)
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let mut offset = 0;
+        let levels = sizes
+            .iter()
+            .map(|&size| {
+                let level = LevelMetrics::from_counts(&all[offset..offset + size]);
+                offset += size;
+                level
+            })
+            .collect();
+        RvqMetrics { levels }
+    }
+}

@@ -1,0 +1,509 @@
+//! The residual stack: `EmaResidualVectorQuantizer`.
+//!
+//! ```text
+//! r_1 = x
+//! for l in 1..=M:
+//!     idx_l = argmin_k ||r_l - e_k||^2         (codebook from before this step's update)
+//!     q_l   = e[idx_l]
+//!     loss += beta * mean((sg(q_l) - r_l)^2)
+//!     EMA update of level l                   (training only)
+//!     r_{l+1} = r_l - sg(q_l)
+//! y = x + sg(sum_l q_l - x)                    one straight-through estimator, on the sum
+//! ```
+//!
+//! The straight-through estimator is applied once, after the loop, so `dy/dx` is the identity
+//! and the residuals carry no second path to the input; applying it per level multiplies the
+//! decoder's gradient by the number of levels or cuts levels > 1 off (encodec issue 25,
+//! vector-quantize-pytorch issue 33).
+
+use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::codebook::{EmaCodebook, codebook_from_statistics};
+use crate::config::EmaResidualVectorQuantizerConfig;
+use crate::error::RvqError;
+use crate::options::ForwardOptions;
+use crate::output::RvqOutput;
+
+/// Residual vector quantizer with EMA codebook updates, a drop-in VQ-VAE bottleneck.
+///
+/// Behaves as the Keras layer `EmaResidualVectorQuantizer` of helia-edge 0.6.2 (see the crate
+/// documentation). Create it with [`EmaResidualVectorQuantizerConfig::init`].
+///
+/// Training and evaluation are told apart as in Burn's `BatchNorm`: the EMA statistics are
+/// updated when the input lives on an autodiff device and the layer is not frozen
+/// ([`Module::freeze`]); [`Module::valid`] gives a copy that never updates.
+/// [`ForwardOptions::update_ema`] skips the update for one call.
+///
+/// # State
+///
+/// Per level `l` (0-based in record paths, 1-based in the reference's names):
+/// `levels.{l}.ema_count` `[K_l]` is the reference's `ema_count_l{l+1}`,
+/// `levels.{l}.ema_weight` `[K_l, D]` its `ema_weight_l{l+1}`, and the codebook
+/// (`codebook_l{l+1}`) is derived from them ([`EmaResidualVectorQuantizer::codebook`]).
+/// The statistics are `RunningState`s: optimizers never see them, records save them.
+/// Updates are deferred until read; call [`EmaResidualVectorQuantizer::sync_state`] (or
+/// `valid()`) before `save_file`/`into_record` right after a training step.
+#[derive(Module, Debug)]
+#[module(custom_display)]
+pub struct EmaResidualVectorQuantizer {
+    /// The codebooks, one per level.
+    pub levels: Vec<EmaCodebook>,
+    /// Whether training forwards update the EMA statistics (cleared by `freeze()` and in
+    /// `valid()` copies).
+    pub training: Param<Flag>,
+    /// `D`.
+    pub embedding_dim: usize,
+    /// Commitment loss weight.
+    pub beta: f64,
+    /// EMA decay.
+    pub ema_decay: f64,
+    /// Largest distance matrix formed at once (rows x codes).
+    pub max_distance_elements: usize,
+}
+
+impl EmaResidualVectorQuantizerConfig {
+    /// Creates the quantizer on `device`, with the reference's initial state: codebooks
+    /// uniform in `[-1/K, 1/K]`, counts one, sums equal to the codebooks.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration breaks a rule of [`EmaResidualVectorQuantizerConfig::validate`];
+    /// use [`EmaResidualVectorQuantizerConfig::try_init`] for configurations read from files.
+    pub fn init(&self, device: &Device) -> EmaResidualVectorQuantizer {
+        self.try_init(device)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizerConfig::init`].
+    pub fn try_init(&self, device: &Device) -> Result<EmaResidualVectorQuantizer, RvqError> {
+        self.validate()?;
+        let levels = self
+            .sizes()
+            .into_iter()
+            .map(|size| EmaCodebook::init(size, self.embedding_dim, self.epsilon, device))
+            .collect();
+        Ok(EmaResidualVectorQuantizer {
+            levels,
+            training: Param::from_bool(true),
+            embedding_dim: self.embedding_dim,
+            beta: self.beta,
+            ema_decay: self.ema_decay,
+            max_distance_elements: self.max_distance_elements,
+        })
+    }
+}
+
+/// One level's pass over a batch: its assignment and the residual it leaves.
+struct LevelPass {
+    assignment: crate::codebook::Assignment,
+    /// `r_{l+1} = r_l - q_l`, `[N, D]`, no autodiff.
+    next_residual: Tensor<2>,
+}
+
+impl EmaResidualVectorQuantizer {
+    /// Number of levels `M`.
+    pub fn num_levels(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// Codebook size of every level.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.levels
+            .iter()
+            .map(|level| level.num_embeddings)
+            .collect()
+    }
+
+    /// Bits one index of each level costs when stored plainly: `log2 K_l`.
+    pub fn bits_per_level(&self) -> Vec<f64> {
+        self.levels
+            .iter()
+            .map(|level| (level.num_embeddings as f64).log2())
+            .collect()
+    }
+
+    /// The codebook `[K_l, D]` of `level` (0-based), derived from its EMA statistics, on
+    /// `device` without autodiff.
+    ///
+    /// # Panics
+    ///
+    /// If `level >= num_levels`.
+    pub fn codebook(&self, level: usize, device: &Device) -> Tensor<2> {
+        self.levels[level].codebook(device)
+    }
+
+    /// Replaces the EMA statistics of `level` (0-based), e.g. to import a trained quantizer.
+    /// The codebook becomes `ema_weight / smoothed(ema_count)`.
+    ///
+    /// Fails, leaving the state as it was, if `level` does not exist, a shape is not
+    /// `[K_l]`/`[K_l, D]`, a count is negative or not finite, the counts sum to zero, or a
+    /// sum is not finite.
+    pub fn try_set_statistics(
+        &self,
+        level: usize,
+        ema_count: Tensor<1>,
+        ema_weight: Tensor<2>,
+    ) -> Result<(), RvqError> {
+        let codebook = self.levels.get(level).ok_or(RvqError::LevelCount {
+            requested: level + 1,
+            available: self.levels.len(),
+        })?;
+        codebook.try_set_statistics(level, ema_count, ema_weight)
+    }
+
+    /// Applies every pending (deferred) update of the EMA statistics, from every thread, so
+    /// that `into_record`/`save_file` see the state after the last training step.
+    ///
+    /// `RunningState` keeps each thread's latest update apart until the state is read, then
+    /// averages them (one thread: the update itself; several devices: the mean over devices,
+    /// which for counts and sums is the statistic of the union of their batches up to a
+    /// common factor that cancels in the codebook).
+    pub fn sync_state(&self) {
+        for level in &self.levels {
+            let _ = level.ema_count.valid();
+            let _ = level.ema_weight.valid();
+        }
+    }
+
+    /// Quantizes `x` `[..., D]` (reference behaviour, all levels).
+    ///
+    /// Updates the EMA statistics when `x` is on an autodiff device and the layer is not
+    /// frozen.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[..., D]`, any rank >= 1
+    /// - output `quantized`: same as `x`; `indices`: `M` tensors `[N]`, `N` = product of the
+    ///   leading dimensions
+    ///
+    /// # Panics
+    ///
+    /// If the last dimension of `x` is not `D`; see [`EmaResidualVectorQuantizer::try_forward`].
+    pub fn forward<const R: usize>(&self, x: Tensor<R>) -> RvqOutput<R> {
+        self.forward_with(x, &ForwardOptions::default())
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizer::forward`]. On error the state is unchanged.
+    pub fn try_forward<const R: usize>(&self, x: Tensor<R>) -> Result<RvqOutput<R>, RvqError> {
+        self.try_forward_with(x, &ForwardOptions::default())
+    }
+
+    /// [`EmaResidualVectorQuantizer::forward`] with per-call options (skip the EMA update,
+    /// fewer levels).
+    ///
+    /// # Panics
+    ///
+    /// On the errors of [`EmaResidualVectorQuantizer::try_forward_with`].
+    pub fn forward_with<const R: usize>(
+        &self,
+        x: Tensor<R>,
+        options: &ForwardOptions,
+    ) -> RvqOutput<R> {
+        self.try_forward_with(x, options)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizer::forward_with`]: fails if the last dimension of
+    /// `x` is not `D` or `options.num_levels` is outside `1..=M`. On error the state is
+    /// unchanged.
+    pub fn try_forward_with<const R: usize>(
+        &self,
+        x: Tensor<R>,
+        options: &ForwardOptions,
+    ) -> Result<RvqOutput<R>, RvqError> {
+        let shape = x.dims();
+        let num_vectors = self.check_input(&shape)?;
+        let num_levels = self.check_num_levels(options.num_levels)?;
+        let autodiff = x.is_autodiff();
+        let update = autodiff && self.training.is_enabled() && options.update_ema;
+        let device = x.device().without_autodiff();
+        let d = self.embedding_dim;
+
+        let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
+        let flat_plain = flat.clone().without_autodiff(); // [N, D]
+        let passes = self.run_levels(flat_plain.clone(), num_levels, update, &device);
+
+        // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
+        let level_losses: Vec<Tensor<1>> = passes
+            .iter()
+            .map(|pass| {
+                mean_or_zero(pass.next_residual.clone().powi_scalar(2), &device)
+                    .mul_scalar(self.beta)
+            })
+            .collect();
+        let total_loss = level_losses
+            .iter()
+            .cloned()
+            .reduce(|a, b| a.add(b))
+            .unwrap_or_else(|| Tensor::zeros([1], &device));
+
+        // q_sum = sum_l q_l = x - r_{M+1}
+        let quantized_sum = passes
+            .iter()
+            .map(|pass| pass.assignment.quantized.clone())
+            .reduce(|a, b| a.add(b))
+            .unwrap_or_else(|| flat_plain.zeros_like());
+        let loss = if autodiff {
+            commitment_loss_autodiff(flat.clone(), &passes, total_loss, self.beta)
+        } else {
+            total_loss
+        };
+        // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
+        let straight_through = quantized_sum.sub(flat_plain);
+        let straight_through = if autodiff {
+            straight_through.autodiff()
+        } else {
+            straight_through
+        };
+        let quantized = flat.add(straight_through).reshape(shape);
+
+        let (indices, code_counts) = passes
+            .into_iter()
+            .map(|pass| (pass.assignment.indices, pass.assignment.counts))
+            .unzip();
+        Ok(RvqOutput {
+            quantized,
+            indices,
+            loss,
+            level_losses,
+            code_counts,
+        })
+    }
+
+    /// Per-level code indices of `x` `[..., D]`, each `[N]`; no gradient, no update.
+    ///
+    /// # Panics
+    ///
+    /// If the last dimension of `x` is not `D`.
+    pub fn encode<const R: usize>(&self, x: Tensor<R>) -> Vec<Tensor<1, Int>> {
+        self.try_encode(x, self.num_levels())
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Codes of `x` with only the first `num_levels` levels (a lower bitrate:
+    /// [`EmaResidualVectorQuantizer::bits_per_level`] gives each level's cost). Fails if the
+    /// last dimension of `x` is not `D` or `num_levels` is outside `1..=M`.
+    pub fn try_encode<const R: usize>(
+        &self,
+        x: Tensor<R>,
+        num_levels: usize,
+    ) -> Result<Vec<Tensor<1, Int>>, RvqError> {
+        let shape = x.dims();
+        let num_vectors = self.check_input(&shape)?;
+        let num_levels = self.check_num_levels(Some(num_levels))?;
+        let device = x.device().without_autodiff();
+        let flat = x
+            .without_autodiff()
+            .reshape([num_vectors, self.embedding_dim]);
+        Ok(self
+            .run_levels(flat, num_levels, false, &device)
+            .into_iter()
+            .map(|pass| pass.assignment.indices)
+            .collect())
+    }
+
+    /// Sums the code vectors of `indices` (one `[N]` tensor per level, the first `n <= M`
+    /// levels) and reshapes to `shape` (`[..., D]`, `N` vectors).
+    ///
+    /// # Panics
+    ///
+    /// On the errors of [`EmaResidualVectorQuantizer::try_decode`].
+    pub fn decode<const R: usize>(
+        &self,
+        indices: &[Tensor<1, Int>],
+        shape: [usize; R],
+    ) -> Tensor<R> {
+        self.try_decode(indices, shape)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizer::decode`]: fails if there are no or more than `M`
+    /// index tensors, the last entry of `shape` is not `D`, a tensor's length is not the
+    /// number of vectors in `shape`, or an index is outside its level's codebook. Checking the
+    /// range reads the indices' minimum and maximum back to the host once.
+    pub fn try_decode<const R: usize>(
+        &self,
+        indices: &[Tensor<1, Int>],
+        shape: [usize; R],
+    ) -> Result<Tensor<R>, RvqError> {
+        let num_vectors = self.check_input(&shape)?;
+        self.check_num_levels(Some(indices.len()))?;
+        for (level, level_indices) in indices.iter().enumerate() {
+            let [len] = level_indices.dims();
+            if len != num_vectors {
+                return Err(RvqError::IndicesLength {
+                    level,
+                    expected: num_vectors,
+                    got: len,
+                });
+            }
+        }
+        let device = indices[0].device().without_autodiff();
+        if num_vectors == 0 {
+            return Ok(Tensor::zeros(shape, &device));
+        }
+        self.check_index_range(indices)?;
+        let sum = indices
+            .iter()
+            .zip(&self.levels)
+            .map(|(level_indices, level)| level.codebook(&device).select(0, level_indices.clone()))
+            .reduce(|a, b| a.add(b))
+            .expect("at least one level");
+        Ok(sum.reshape(shape))
+    }
+
+    /// Runs the first `num_levels` levels on `residual` `[N, D]` (no autodiff), updating
+    /// their EMA statistics when `update` is set.
+    fn run_levels(
+        &self,
+        mut residual: Tensor<2>,
+        num_levels: usize,
+        update: bool,
+        device: &Device,
+    ) -> Vec<LevelPass> {
+        let [num_vectors, _] = residual.dims();
+        let mut passes = Vec::with_capacity(num_levels);
+        for level in &self.levels[..num_levels] {
+            let (count, weight) = level.statistics(device);
+            let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
+            let assignment = if num_vectors == 0 {
+                empty_assignment(level.num_embeddings, self.embedding_dim, device)
+            } else {
+                EmaCodebook::assign(&codebook, residual.clone(), self.max_distance_elements)
+            };
+            // An empty batch leaves the statistics as they are.
+            if update && num_vectors > 0 {
+                level.ema_update(count, weight, residual.clone(), &assignment, self.ema_decay);
+            }
+            let next_residual = residual.sub(assignment.quantized.clone());
+            residual = next_residual.clone();
+            passes.push(LevelPass {
+                assignment,
+                next_residual,
+            });
+        }
+        passes
+    }
+
+    /// Checks `[..., D]` and returns `N`.
+    fn check_input(&self, shape: &[usize]) -> Result<usize, RvqError> {
+        match shape.last() {
+            Some(&last) if last == self.embedding_dim => {
+                Ok(shape[..shape.len() - 1].iter().product())
+            }
+            _ => Err(RvqError::InputDim {
+                expected: self.embedding_dim,
+                shape: shape.to_vec(),
+            }),
+        }
+    }
+
+    fn check_num_levels(&self, requested: Option<usize>) -> Result<usize, RvqError> {
+        let available = self.levels.len();
+        match requested {
+            None => Ok(available),
+            Some(n) if (1..=available).contains(&n) => Ok(n),
+            Some(n) => Err(RvqError::LevelCount {
+                requested: n,
+                available,
+            }),
+        }
+    }
+
+    fn check_index_range(&self, indices: &[Tensor<1, Int>]) -> Result<(), RvqError> {
+        // One read back for all levels: [min_0, max_0, min_1, max_1, ...].
+        let bounds: Vec<Tensor<1, Int>> = indices
+            .iter()
+            .flat_map(|level| [level.clone().min(), level.clone().max()])
+            .collect();
+        let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
+        for (level, (pair, codebook)) in bounds.chunks(2).zip(&self.levels).enumerate() {
+            let (min, max) = (pair[0], pair[1]);
+            if min < 0 || max >= codebook.num_embeddings as i64 {
+                return Err(RvqError::IndexOutOfRange {
+                    level,
+                    min,
+                    max,
+                    num_embeddings: codebook.num_embeddings,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The total commitment loss on the autodiff device, with the gradient of every level's term.
+///
+/// `sum_l beta * mean((x - c_l)^2)` with `c_l = q_1 + ... + q_l` (constants), since
+/// `r_l - q_l = x - c_l`. Its gradient `2 beta / (N D) * sum_l (x - c_l)` equals that of the
+/// single term `beta * M * mean((x - mean_l c_l)^2)`, so one autodiff expression serves all
+/// levels; the value is then corrected to the exact sum of the level losses with a constant.
+fn commitment_loss_autodiff(
+    flat: Tensor<2>,
+    passes: &[LevelPass],
+    total_loss: Tensor<1>,
+    beta: f64,
+) -> Tensor<1> {
+    let num_levels = passes.len();
+    let [num_vectors, _] = flat.dims();
+    if num_levels == 0 || num_vectors == 0 {
+        return total_loss.autodiff();
+    }
+    // c_l = x - r_{l+1}; mean_l c_l = x - mean_l r_{l+1}
+    let flat_plain = flat.clone().without_autodiff();
+    let mean_residual = passes
+        .iter()
+        .map(|pass| pass.next_residual.clone())
+        .reduce(|a, b| a.add(b))
+        .expect("at least one level")
+        .div_scalar(num_levels as f64);
+    let centre = flat_plain.sub(mean_residual).autodiff(); // [N, D] constant
+    let surrogate = flat
+        .sub(centre)
+        .powi_scalar(2)
+        .mean()
+        .mul_scalar(beta * num_levels as f64);
+    let correction = total_loss
+        .sub(surrogate.clone().without_autodiff())
+        .autodiff();
+    surrogate.add(correction)
+}
+
+fn mean_or_zero(values: Tensor<2>, device: &Device) -> Tensor<1> {
+    if values.dims().contains(&0) {
+        Tensor::zeros([1], device)
+    } else {
+        values.mean()
+    }
+}
+
+fn empty_assignment(
+    num_embeddings: usize,
+    embedding_dim: usize,
+    device: &Device,
+) -> crate::codebook::Assignment {
+    crate::codebook::Assignment {
+        indices: Tensor::<1, Int>::zeros([0], device),
+        quantized: Tensor::zeros([0, embedding_dim], device),
+        counts: Tensor::zeros([num_embeddings], device),
+    }
+}
+
+impl ModuleDisplay for EmaResidualVectorQuantizer {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        DisplaySettings::new()
+            .with_new_line_after_attribute(false)
+            .optional()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        content
+            .add("num_levels", &self.num_levels())
+            .add("num_embeddings", &format!("{:?}", self.sizes()))
+            .add("embedding_dim", &self.embedding_dim)
+            .add("beta", &self.beta)
+            .add("ema_decay", &self.ema_decay)
+            .optional()
+    }
+}

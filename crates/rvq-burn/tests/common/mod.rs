@@ -1,0 +1,140 @@
+//! Helpers shared by the integration tests: backends, the reference case format, comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Deserialize;
+
+/// The CPU backends every test runs on, by name.
+#[allow(deprecated)] // `ndarray` is deprecated in Burn 0.22 in favour of `flex`; users still name it.
+pub fn cpu_devices() -> Vec<(&'static str, Device)> {
+    vec![("flex", Device::flex()), ("ndarray", Device::ndarray())]
+}
+
+/// The WGPU device (Mesa's software Vulkan on a machine without a GPU).
+pub fn wgpu_device() -> Device {
+    Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+}
+
+/// Tolerance of the reference replay: `|got - want| <= 1e-5 * max(1, |want|)`.
+pub fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-5 * want.abs().max(1.0)
+}
+
+/// Compares two float sequences; the error names the first offending position.
+pub fn compare(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !close(g as f64, w as f64) {
+            return Err(format!(
+                "{what}[{i}]: got {g}, want {w} (|diff| = {:e})",
+                (g - w).abs()
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().iter::<f32>().collect()
+}
+
+pub fn ints(tensor: Tensor<1, Int>) -> Vec<i64> {
+    tensor.into_data().iter::<i64>().collect()
+}
+
+pub fn tensor<const D: usize>(values: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+pub fn tensor_dyn<const D: usize>(values: &[f32], shape: &[usize], device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = shape.try_into().expect("rank of the reference shape");
+    tensor(values, shape, device)
+}
+
+/// `schema: rvq-reference/1`, see `fixtures/reference/README.md`.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub schema: String,
+    pub name: String,
+    pub config: CaseConfig,
+    pub init: State,
+    pub steps: Vec<Step>,
+    pub encode_decode: EncodeDecode,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CaseConfig {
+    pub num_levels: usize,
+    pub num_embeddings: Vec<usize>,
+    pub embedding_dim: usize,
+    pub beta: f64,
+    pub ema_decay: f64,
+    pub epsilon: f64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct State {
+    pub codebooks: Vec<Vec<f32>>,
+    pub ema_counts: Vec<Vec<f32>>,
+    pub ema_weights: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Step {
+    pub training: bool,
+    pub x_shape: Vec<usize>,
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    pub indices: Vec<Vec<i64>>,
+    pub level_losses: Vec<f64>,
+    pub loss: f64,
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    pub gy: Vec<f32>,
+    pub grad_x: Vec<f32>,
+    pub state_after: State,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EncodeDecode {
+    pub x_shape: Vec<usize>,
+    pub x: Vec<f32>,
+    pub indices: Vec<Vec<i64>>,
+    pub decoded: Vec<f32>,
+}
+
+/// The reference cases to replay: every `*.json` in the project's fixtures and, when
+/// `RVQ_REFERENCE_DIR` is set, every `*.json` there.
+pub fn reference_case_paths() -> Vec<PathBuf> {
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")];
+    if let Some(dir) = std::env::var_os("RVQ_REFERENCE_DIR") {
+        dirs.push(PathBuf::from(dir));
+    }
+    let mut paths = Vec::new();
+    for dir in dirs {
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|error| panic!("cannot read reference directory {dir:?}: {error}"));
+        let mut found: Vec<PathBuf> = entries
+            .map(|entry| entry.expect("directory entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        assert!(!found.is_empty(), "no *.json reference case in {dir:?}");
+        found.sort();
+        paths.extend(found);
+    }
+    paths
+}
+
+pub fn load_case(path: &Path) -> Case {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let case: Case = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    assert_eq!(case.schema, "rvq-reference/1", "{path:?}: unknown schema");
+    case
+}

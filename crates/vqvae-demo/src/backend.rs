@@ -1,0 +1,69 @@
+//! Which device the demo trains on.
+
+use burn::tensor::Device;
+
+use crate::error::DemoError;
+
+/// A backend the demo was compiled with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Burn's pure-Rust CPU backend.
+    Flex,
+    /// Burn's ndarray CPU backend.
+    NdArray,
+    /// WGPU (Vulkan, Metal, DX12 or GL; any GPU), with `--features wgpu`.
+    Wgpu,
+}
+
+impl Default for Backend {
+    /// WGPU when compiled in, else the faster CPU backend (measured on the demo: README).
+    fn default() -> Self {
+        if cfg!(feature = "wgpu") {
+            Self::Wgpu
+        } else {
+            Self::Flex
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = DemoError;
+
+    fn from_str(name: &str) -> Result<Self, DemoError> {
+        match name {
+            "flex" => Ok(Self::Flex),
+            "ndarray" => Ok(Self::NdArray),
+            "wgpu" if cfg!(feature = "wgpu") => Ok(Self::Wgpu),
+            "wgpu" => Err(DemoError::Config(
+                "--backend wgpu needs the demo built with --features wgpu".into(),
+            )),
+            other => Err(DemoError::Config(format!(
+                "--backend {other:?}: expected flex, ndarray or wgpu"
+            ))),
+        }
+    }
+}
+
+impl Backend {
+    /// The (non-autodiff) device.
+    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
+    pub fn device(self) -> Device {
+        match self {
+            Self::Flex => Device::flex(),
+            Self::NdArray => Device::ndarray(),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            #[cfg(not(feature = "wgpu"))]
+            Self::Wgpu => unreachable!("parsing refuses wgpu without the feature"),
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flex => "flex (CPU)",
+            Self::NdArray => "ndarray (CPU)",
+            Self::Wgpu => "wgpu",
+        }
+    }
+}

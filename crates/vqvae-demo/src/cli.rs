@@ -1,0 +1,199 @@
+//! Command line of `cargo run --release --example train -- [FLAGS]`.
+
+use std::path::PathBuf;
+
+use burn::config::Config;
+use rvq_burn::CodebookSizes;
+
+use crate::backend::Backend;
+use crate::error::DemoError;
+use crate::training::TrainingConfig;
+
+/// Usage text.
+pub const USAGE: &str = "\
+Train a VQ-VAE with rvq-burn's residual quantizer on MNIST.
+
+USAGE: cargo run --release --example train -- [FLAGS]
+
+  --config FILE        start from this TrainingConfig (e.g. an earlier OUT/config.json)
+  --epochs N           passes over the training set            (default 5)
+  --batch-size N       images per step                          (default 64)
+  --lr F               Adam learning rate                       (default 1e-3)
+  --levels N           residual quantizer levels                (default 4)
+  --codebook-size N    codes per level                          (default 64)
+  --seed N             seed of weights, codebooks, data order   (default 42)
+  --train-limit N      train on the first N training digits only
+  --valid-limit N      validate on the first N validation digits only
+  --data-dir DIR       read train-/t10k- MNIST IDX files (raw or .gz) from DIR
+                       instead of the 10,000 embedded digits
+  --out DIR            outputs: config.json, metrics.jsonl, checkpoint/, PNGs (default runs/vqvae)
+  --resume             continue from the last checkpoint in OUT
+  --backend NAME       flex | ndarray | wgpu (with --features wgpu)   (default: see README)
+  --quiet              no progress bar or epoch lines
+  --help               this text
+";
+
+/// Parsed command line.
+#[derive(Debug)]
+pub struct Cli {
+    /// The run's configuration, flags applied over `--config` or the defaults.
+    pub config: TrainingConfig,
+    /// Output directory.
+    pub out: PathBuf,
+    /// `--resume`.
+    pub resume: bool,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--backend`.
+    pub backend: Backend,
+    /// Not `--quiet`.
+    pub verbose: bool,
+    /// `--help` was given.
+    pub help: bool,
+}
+
+fn value<T: std::str::FromStr>(flag: &str, raw: Option<String>) -> Result<T, DemoError> {
+    let raw = raw.ok_or_else(|| DemoError::Config(format!("{flag} needs a value")))?;
+    raw.parse()
+        .map_err(|_| DemoError::Config(format!("{flag}: cannot read {raw:?} as a number")))
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
+    let args: Vec<String> = args.into_iter().collect();
+    // --config first, so that the other flags override it wherever they stand.
+    let mut config = match args.iter().position(|a| a == "--config") {
+        Some(i) => {
+            let path = args
+                .get(i + 1)
+                .ok_or_else(|| DemoError::Config("--config needs a file".into()))?;
+            TrainingConfig::load(path)
+                .map_err(|e| DemoError::Config(format!("--config {path}: {e}")))?
+        }
+        None => TrainingConfig::new(),
+    };
+    let mut cli_levels = None;
+    let mut cli_size = None;
+    let mut out = PathBuf::from("runs/vqvae");
+    let (mut resume, mut data_dir, mut backend, mut verbose, mut help) =
+        (false, None, Backend::default(), true, false);
+    let mut iter = args.into_iter();
+    while let Some(flag) = iter.next() {
+        match flag.as_str() {
+            "--config" => {
+                iter.next();
+            }
+            "--epochs" => config.epochs = value(&flag, iter.next())?,
+            "--batch-size" => config.batch_size = value(&flag, iter.next())?,
+            "--lr" => config.learning_rate = value(&flag, iter.next())?,
+            "--levels" => cli_levels = Some(value::<usize>(&flag, iter.next())?),
+            "--codebook-size" => cli_size = Some(value::<usize>(&flag, iter.next())?),
+            "--seed" => config.seed = value(&flag, iter.next())?,
+            "--train-limit" => config.train_limit = Some(value(&flag, iter.next())?),
+            "--valid-limit" => config.valid_limit = Some(value(&flag, iter.next())?),
+            "--data-dir" => data_dir = Some(PathBuf::from(value::<String>(&flag, iter.next())?)),
+            "--out" => out = PathBuf::from(value::<String>(&flag, iter.next())?),
+            "--resume" => resume = true,
+            "--backend" => backend = value::<String>(&flag, iter.next())?.parse()?,
+            "--quiet" => verbose = false,
+            "--help" | "-h" => help = true,
+            other => {
+                return Err(DemoError::Config(format!(
+                    "unknown flag {other:?} (see --help)"
+                )));
+            }
+        }
+    }
+    let quantizer = &mut config.model.quantizer;
+    if let Some(levels) = cli_levels {
+        quantizer.num_levels = levels;
+        if let CodebookSizes::PerLevel(sizes) = &quantizer.num_embeddings {
+            // A per-level list from --config cannot follow a new level count: use its first size.
+            let first = sizes.first().copied().unwrap_or(64);
+            quantizer.num_embeddings = CodebookSizes::Uniform(first);
+        }
+    }
+    if let Some(size) = cli_size {
+        quantizer.num_embeddings = CodebookSizes::Uniform(size);
+    }
+    if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
+        return Err(DemoError::Config(format!(
+            "--lr must be > 0, got {}",
+            config.learning_rate
+        )));
+    }
+    Ok(Cli {
+        config,
+        out,
+        resume,
+        data_dir,
+        backend,
+        verbose,
+        help,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_recipe() {
+        let cli = parse(args(&[])).unwrap();
+        let q = &cli.config.model.quantizer;
+        assert_eq!(
+            (q.num_levels, q.sizes(), q.embedding_dim),
+            (4, vec![64; 4], 16)
+        );
+        assert_eq!((q.beta, q.ema_decay), (0.25, 0.99));
+        assert_eq!(
+            (cli.config.batch_size, cli.config.learning_rate),
+            (64, 1e-3)
+        );
+        assert!(!cli.resume);
+    }
+
+    #[test]
+    fn flags_override() {
+        let cli = parse(args(&[
+            "--epochs",
+            "2",
+            "--levels",
+            "3",
+            "--codebook-size",
+            "32",
+            "--lr",
+            "0.01",
+            "--seed",
+            "7",
+            "--out",
+            "x",
+            "--resume",
+        ]))
+        .unwrap();
+        assert_eq!(cli.config.epochs, 2);
+        assert_eq!(cli.config.model.quantizer.sizes(), vec![32; 3]);
+        assert_eq!(cli.config.learning_rate, 0.01);
+        assert_eq!(cli.config.seed, 7);
+        assert_eq!(cli.out, PathBuf::from("x"));
+        assert!(cli.resume);
+    }
+
+    #[test]
+    fn bad_flags_say_what_is_wrong() {
+        let error = parse(args(&["--epochs", "many"])).unwrap_err().to_string();
+        assert!(error.contains("--epochs: cannot read \"many\""), "{error}");
+        let error = parse(args(&["--wat"])).unwrap_err().to_string();
+        assert!(error.contains("unknown flag \"--wat\""), "{error}");
+        let error = parse(args(&["--lr", "-1"])).unwrap_err().to_string();
+        assert!(error.contains("--lr must be > 0"), "{error}");
+        let error = parse(args(&["--config", "/nonexistent.json"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent.json"), "{error}");
+    }
+}

@@ -1,0 +1,138 @@
+//! The VQ-VAE: a small convolutional encoder, the residual quantizer, a mirrored decoder.
+//!
+//! ```text
+//! [B,1,28,28] -Conv(1->32,k4,s2,p1)-ReLU-Conv(32->64,k4,s2,p1)-ReLU-Conv(64->D,k3,s1,p1)-> [B,D,7,7]
+//!             -> channels last [B,7,7,D] -> EmaResidualVectorQuantizer -> [B,7,7,D] -> [B,D,7,7]
+//!             -Conv(D->64,k3,s1,p1)-ReLU-ConvT(64->32,k4,s2,p1)-ReLU-ConvT(32->1,k4,s2,p1)-sigmoid-> [B,1,28,28]
+//! ```
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::{Device, Int, Tensor};
+use rvq_burn::{
+    CodebookSizes, EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, ForwardOptions,
+    RvqError, RvqOutput,
+};
+
+/// The model's architecture.
+#[derive(Config, Debug)]
+pub struct VqVaeConfig {
+    /// Channels of the first encoder convolution (and the last decoder one). Default: 32.
+    #[config(default = 32)]
+    pub channels_1: usize,
+    /// Channels of the second encoder convolution (and the first decoder one). Default: 64.
+    #[config(default = 64)]
+    pub channels_2: usize,
+    /// The bottleneck; its `embedding_dim` is the latent dimension `D`.
+    /// Default: 4 levels x 64 codes, D = 16, beta 0.25, decay 0.99.
+    #[config(default = "EmaResidualVectorQuantizerConfig::new(4, CodebookSizes::Uniform(64), 16)")]
+    pub quantizer: EmaResidualVectorQuantizerConfig,
+}
+
+/// Encoder, residual quantizer, decoder.
+#[derive(Module, Debug)]
+pub struct VqVae {
+    encoder_1: Conv2d,
+    encoder_2: Conv2d,
+    encoder_3: Conv2d,
+    /// The bottleneck.
+    pub quantizer: EmaResidualVectorQuantizer,
+    decoder_1: Conv2d,
+    decoder_2: ConvTranspose2d,
+    decoder_3: ConvTranspose2d,
+}
+
+/// What a training or evaluation forward gives.
+#[derive(Debug, Clone)]
+pub struct VqVaeOutput {
+    /// Reconstructed images `[B, 1, 28, 28]` in `[0, 1]`.
+    pub reconstruction: Tensor<4>,
+    /// Pixel mean squared error, `[1]`.
+    pub reconstruction_loss: Tensor<1>,
+    /// The quantizer's output on the latents `[B, 7, 7, D]` (loss, indices, histograms).
+    pub quantizer: RvqOutput<4>,
+}
+
+impl VqVaeOutput {
+    /// Reconstruction error plus commitment loss: what training minimizes.
+    pub fn loss(&self) -> Tensor<1> {
+        self.reconstruction_loss
+            .clone()
+            .add(self.quantizer.loss.clone())
+    }
+}
+
+impl VqVaeConfig {
+    /// Builds the model on `device`; fails on an invalid quantizer configuration.
+    pub fn try_init(&self, device: &Device) -> Result<VqVae, RvqError> {
+        let latent = self.quantizer.embedding_dim;
+        let padding = |p| PaddingConfig2d::Explicit(p, p, p, p);
+        Ok(VqVae {
+            encoder_1: Conv2dConfig::new([1, self.channels_1], [4, 4])
+                .with_stride([2, 2])
+                .with_padding(padding(1))
+                .init(device),
+            encoder_2: Conv2dConfig::new([self.channels_1, self.channels_2], [4, 4])
+                .with_stride([2, 2])
+                .with_padding(padding(1))
+                .init(device),
+            encoder_3: Conv2dConfig::new([self.channels_2, latent], [3, 3])
+                .with_padding(padding(1))
+                .init(device),
+            quantizer: self.quantizer.try_init(device)?,
+            decoder_1: Conv2dConfig::new([latent, self.channels_2], [3, 3])
+                .with_padding(padding(1))
+                .init(device),
+            decoder_2: ConvTranspose2dConfig::new([self.channels_2, self.channels_1], [4, 4])
+                .with_stride([2, 2])
+                .with_padding([1, 1])
+                .init(device),
+            decoder_3: ConvTranspose2dConfig::new([self.channels_1, 1], [4, 4])
+                .with_stride([2, 2])
+                .with_padding([1, 1])
+                .init(device),
+        })
+    }
+}
+
+impl VqVae {
+    /// Latents `[B, 7, 7, D]` (channels last, as the quantizer wants them) of `images`
+    /// `[B, 1, 28, 28]`.
+    pub fn encode(&self, images: Tensor<4>) -> Tensor<4> {
+        let x = relu(self.encoder_1.forward(images)); // [B, 32, 14, 14]
+        let x = relu(self.encoder_2.forward(x)); // [B, 64, 7, 7]
+        self.encoder_3.forward(x).permute([0, 2, 3, 1]) // [B, D, 7, 7] -> [B, 7, 7, D]
+    }
+
+    /// Images `[B, 1, 28, 28]` from (quantized) latents `[B, 7, 7, D]`.
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let x = latents.permute([0, 3, 1, 2]); // [B, D, 7, 7]
+        let x = relu(self.decoder_1.forward(x)); // [B, 64, 7, 7]
+        let x = relu(self.decoder_2.forward(x)); // [B, 32, 14, 14]
+        sigmoid(self.decoder_3.forward(x)) // [B, 1, 28, 28]
+    }
+
+    /// Encode, quantize (updating the codebooks when training), decode.
+    pub fn forward(&self, images: Tensor<4>, options: &ForwardOptions) -> VqVaeOutput {
+        let latents = self.encode(images.clone());
+        let quantizer = self.quantizer.forward_with(latents, options);
+        let reconstruction = self.decode(quantizer.quantized.clone());
+        let reconstruction_loss = reconstruction.clone().sub(images).powi_scalar(2).mean();
+        VqVaeOutput {
+            reconstruction,
+            reconstruction_loss,
+            quantizer,
+        }
+    }
+
+    /// Images decoded from the first `codes.len()` levels of `codes` (`[B*49]` each), for
+    /// images `[batch, 1, 28, 28]`.
+    pub fn decode_codes(&self, codes: &[Tensor<1, Int>], batch: usize) -> Tensor<4> {
+        let latent = self.quantizer.embedding_dim;
+        let latents = self.quantizer.decode(codes, [batch, 7, 7, latent]);
+        self.decode(latents)
+    }
+}

@@ -1,0 +1,130 @@
+//! The pictures a run leaves: reconstructions and codebook usage, as greyscale PNG.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use rvq_burn::ForwardOptions;
+
+use crate::data::{Digits, IMAGE_PIXELS, IMAGE_SIDE};
+use crate::error::DemoError;
+use crate::model::VqVae;
+
+/// Digits per row of `reconstructions.png`.
+const COLUMNS: usize = 8;
+/// Pairs of rows (originals above reconstructions).
+const ROW_PAIRS: usize = 4;
+/// Pixel scale.
+const SCALE: usize = 2;
+const GAP: usize = 2;
+
+/// A greyscale canvas.
+struct Canvas {
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(width: usize, height: usize, background: u8) -> Self {
+        Self {
+            width,
+            height,
+            pixels: vec![background; width * height],
+        }
+    }
+
+    fn set(&mut self, x: usize, y: usize, value: u8) {
+        if x < self.width && y < self.height {
+            self.pixels[y * self.width + x] = value;
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), DemoError> {
+        let file = std::fs::File::create(path).map_err(|e| DemoError::io(path, e))?;
+        let mut encoder = png::Encoder::new(
+            std::io::BufWriter::new(file),
+            self.width as u32,
+            self.height as u32,
+        );
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let to_io = |e: png::EncodingError| DemoError::Io(format!("{}: {e}", path.display()));
+        let mut writer = encoder.write_header().map_err(to_io)?;
+        writer.write_image_data(&self.pixels).map_err(to_io)?;
+        writer.finish().map_err(to_io)
+    }
+}
+
+/// `reconstructions.png`: validation digits, each row of originals above its reconstructions.
+pub fn write_reconstructions(
+    path: &Path,
+    model: &VqVae,
+    digits: &Digits,
+    device: &Device,
+) -> Result<(), DemoError> {
+    let count = (COLUMNS * ROW_PAIRS).min(digits.len());
+    let device = device.clone().without_autodiff();
+    let indices: Vec<usize> = (0..count).collect();
+    let model = model.valid();
+    let reconstruction = model
+        .forward(digits.batch(&indices, &device), &ForwardOptions::default())
+        .reconstruction;
+    let reconstructed: Vec<u8> = reconstruction
+        .into_data()
+        .iter::<f32>()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    let cell = IMAGE_SIDE * SCALE + GAP;
+    let mut canvas = Canvas::new(COLUMNS * cell + GAP, 2 * ROW_PAIRS * cell + GAP, 128);
+    for index in 0..count {
+        let (row_pair, column) = (index / COLUMNS, index % COLUMNS);
+        let original = &digits.pixels[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS];
+        let rebuilt = &reconstructed[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS];
+        for (row_offset, image) in [(0, original), (1, rebuilt)] {
+            let top = (2 * row_pair + row_offset) * cell + GAP;
+            let left = column * cell + GAP;
+            for (p, &value) in image.iter().enumerate() {
+                let (y, x) = (p / IMAGE_SIDE, p % IMAGE_SIDE);
+                for dy in 0..SCALE {
+                    for dx in 0..SCALE {
+                        canvas.set(left + x * SCALE + dx, top + y * SCALE + dy, value);
+                    }
+                }
+            }
+        }
+    }
+    canvas.save(path)
+}
+
+/// `codebook_usage.png`: one panel per level (level 1 on top), one bar per code, sorted from
+/// the most to the least used; bar height is the code's share relative to the most used.
+pub fn write_codebook_usage(path: &Path, histograms: &[Vec<f32>]) -> Result<(), DemoError> {
+    const BAR: usize = 4;
+    const PANEL: usize = 80;
+    let widest = histograms.iter().map(Vec::len).max().unwrap_or(1);
+    let mut canvas = Canvas::new(
+        widest * BAR + 2 * GAP,
+        histograms.len() * (PANEL + GAP) + GAP,
+        255,
+    );
+    for (level, histogram) in histograms.iter().enumerate() {
+        let mut sorted = histogram.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let max = sorted.first().copied().unwrap_or(0.0).max(1e-12);
+        let bottom = (level + 1) * (PANEL + GAP);
+        for x in 0..histogram.len() * BAR + 2 * GAP {
+            canvas.set(x, bottom, 0); // baseline
+        }
+        for (code, &count) in sorted.iter().enumerate() {
+            let height = ((count / max) * (PANEL - 4) as f32).round() as usize;
+            let height = if count > 0.0 { height.max(1) } else { 0 };
+            for dy in 1..=height {
+                for dx in 0..BAR - 1 {
+                    canvas.set(GAP + code * BAR + dx, bottom - dy, 60);
+                }
+            }
+        }
+    }
+    canvas.save(path)
+}

@@ -1,0 +1,364 @@
+//! The training run: configuration, loop, checkpoints, per-epoch metrics.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use rvq_burn::{ForwardOptions, RvqMetrics};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Mnist;
+use crate::error::DemoError;
+use crate::evaluation::{Validation, evaluate};
+use crate::model::{VqVae, VqVaeConfig};
+use crate::progress::Progress;
+use crate::report;
+
+/// Everything that defines a run; saved as `OUT/config.json` and loadable with `--config`.
+#[derive(Config, Debug)]
+pub struct TrainingConfig {
+    /// The model, quantizer included.
+    #[config(default = "VqVaeConfig::new()")]
+    pub model: VqVaeConfig,
+    /// The optimizer (Adam, default settings).
+    #[config(default = "AdamConfig::new()")]
+    pub optimizer: AdamConfig,
+    /// Passes over the training set. Default: 5.
+    #[config(default = 5)]
+    pub epochs: usize,
+    /// Images per step. Default: 64.
+    #[config(default = 64)]
+    pub batch_size: usize,
+    /// Adam's learning rate. Default: 1e-3.
+    #[config(default = 1e-3)]
+    pub learning_rate: f64,
+    /// Seed of the weights, the codebooks and the data order. Default: 42.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Train on only the first this many training digits (all when absent).
+    #[config(default = "None")]
+    pub train_limit: Option<usize>,
+    /// Validate on only the first this many validation digits (all when absent).
+    #[config(default = "None")]
+    pub valid_limit: Option<usize>,
+}
+
+/// One line of `OUT/metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss (reconstruction + commitment) over the epoch's steps.
+    pub train_loss: f64,
+    /// Mean pixel MSE over the epoch's steps.
+    pub train_mse: f64,
+    /// Mean commitment loss over the epoch's steps.
+    pub train_commitment: f64,
+    /// Mean over steps of the per-batch mean perplexity over levels.
+    pub train_perplexity_mean: f64,
+    /// Wall time of the epoch's training steps.
+    pub train_seconds: f64,
+    /// Training images per second.
+    pub images_per_second: f64,
+    /// Validation figures.
+    #[serde(flatten)]
+    pub validation: Validation,
+}
+
+/// Where and on what a run happens (not part of the saved configuration).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Continue from the last checkpoint in `out`.
+    pub resume: bool,
+    /// The device to train on (autodiff is added).
+    pub device: Device,
+    /// Print a progress bar and per-epoch lines.
+    pub verbose: bool,
+}
+
+/// What a finished run returns.
+#[derive(Debug)]
+pub struct TrainingSummary {
+    /// One record per epoch of this run (resumed epochs excluded).
+    pub epochs: Vec<EpochRecord>,
+    /// The trained model (on the training device).
+    pub model: VqVae,
+}
+
+/// A deterministic permutation of `0..len` for `(seed, epoch)`: SplitMix64 + Fisher-Yates, so
+/// a resumed run sees the batches an uninterrupted one would.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut state = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..len).collect();
+    for i in (1..len).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// The last epoch whose checkpoint is complete, from `OUT/checkpoint/last_epoch`.
+fn last_checkpoint(out: &Path) -> Result<Option<usize>, DemoError> {
+    let marker = checkpoint_dir(out).join("last_epoch");
+    if !marker.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&marker).map_err(|e| DemoError::io(&marker, e))?;
+    text.trim().parse().map(Some).map_err(|_| {
+        DemoError::Checkpoint(format!(
+            "{}: not an epoch number: {text:?}",
+            marker.display()
+        ))
+    })
+}
+
+/// Trains `config` on `data` and writes everything to `options.out`.
+pub fn train(
+    config: &TrainingConfig,
+    data: &Mnist,
+    options: &RunOptions,
+) -> Result<TrainingSummary, DemoError> {
+    config.model.quantizer.validate()?;
+    if config.batch_size == 0 {
+        return Err(DemoError::Config("batch_size must be >= 1, got 0".into()));
+    }
+    let out = &options.out;
+    fs::create_dir_all(checkpoint_dir(out)).map_err(|e| DemoError::io(out, e))?;
+    let train_set = data.train.take(config.train_limit.unwrap_or(usize::MAX));
+    let valid_set = data.valid.take(config.valid_limit.unwrap_or(usize::MAX));
+    if train_set.is_empty() || valid_set.is_empty() {
+        return Err(DemoError::Config(
+            "the training and validation sets must not be empty".into(),
+        ));
+    }
+
+    let device = options.device.clone().autodiff();
+    device.seed(config.seed);
+    let mut model = config.model.try_init(&device)?;
+    let mut optimizer = config.optimizer.init();
+    let mut first_epoch = 1;
+    let config_path = out.join("config.json");
+    if options.resume {
+        let epoch = last_checkpoint(out)?.ok_or_else(|| {
+            DemoError::Checkpoint(format!(
+                "--resume: no checkpoint in {}",
+                checkpoint_dir(out).display()
+            ))
+        })?;
+        let dir = checkpoint_dir(out);
+        model = model
+            .try_load_file(dir.join(format!("model-{epoch}.bpk")))
+            .map_err(|e| DemoError::Checkpoint(format!("model-{epoch}.bpk: {e}")))?;
+        optimizer = optimizer
+            .load(dir.join(format!("optim-{epoch}.bpk")))
+            .map_err(|e| DemoError::Checkpoint(format!("optim-{epoch}.bpk: {e}")))?;
+        truncate_metrics(&out.join("metrics.jsonl"), epoch)?;
+        first_epoch = epoch + 1;
+    } else {
+        let _ = fs::remove_file(out.join("metrics.jsonl"));
+        let _ = fs::remove_file(checkpoint_dir(out).join("last_epoch"));
+    }
+    config
+        .save(&config_path)
+        .map_err(|e| DemoError::io(&config_path, e))?;
+
+    let mut records = Vec::new();
+    for epoch in first_epoch..=config.epochs {
+        let order = epoch_order(train_set.len(), config.seed, epoch);
+        let batches: Vec<&[usize]> = order.chunks(config.batch_size).collect();
+        let mut progress = Progress::new(epoch, config.epochs, batches.len(), options.verbose);
+        let (mut loss_sum, mut mse_sum, mut commit_sum, mut perplexity_sum) = (0.0, 0.0, 0.0, 0.0);
+        let started = Instant::now();
+        let mut images_seen = 0;
+        for batch in &batches {
+            let images = train_set.batch(batch, &device);
+            let output = model.forward(images, &ForwardOptions::default());
+            let loss = output.loss();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(config.learning_rate, model, grads);
+
+            let values: Vec<f64> = burn::tensor::Tensor::cat(
+                vec![
+                    output.reconstruction_loss.clone().without_autodiff(),
+                    output.quantizer.loss.clone().without_autodiff(),
+                ],
+                0,
+            )
+            .into_data()
+            .iter::<f64>()
+            .collect();
+            let metrics: RvqMetrics = output.quantizer.metrics();
+            mse_sum += values[0];
+            commit_sum += values[1];
+            loss_sum += values[0] + values[1];
+            perplexity_sum += metrics.perplexity_mean();
+            images_seen += batch.len();
+            progress.step(
+                values[0] + values[1],
+                images_seen,
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        progress.finish();
+        let steps = batches.len() as f64;
+
+        let validation = evaluate(&model, &valid_set, config.batch_size, &device);
+        let record = EpochRecord {
+            epoch,
+            train_loss: loss_sum / steps,
+            train_mse: mse_sum / steps,
+            train_commitment: commit_sum / steps,
+            train_perplexity_mean: perplexity_sum / steps,
+            train_seconds,
+            images_per_second: images_seen as f64 / train_seconds.max(1e-9),
+            validation,
+        };
+        save_checkpoint(&model, &optimizer, out, epoch)?;
+        append_metrics(&out.join("metrics.jsonl"), &record)?;
+        if options.verbose {
+            println!("{}", summary_line(&record, config.epochs));
+        }
+        records.push(record);
+    }
+
+    let final_validation = match records.last() {
+        Some(record) => record.validation.clone(),
+        None => evaluate(&model, &valid_set, config.batch_size, &device),
+    };
+    report::write_reconstructions(
+        &out.join("reconstructions.png"),
+        &model,
+        &valid_set,
+        &device,
+    )?;
+    report::write_codebook_usage(
+        &out.join("codebook_usage.png"),
+        &final_validation.code_histograms,
+    )?;
+    Ok(TrainingSummary {
+        epochs: records,
+        model,
+    })
+}
+
+/// One line a person reads after each epoch.
+pub fn summary_line(record: &EpochRecord, epochs: usize) -> String {
+    let v = &record.validation;
+    let usage: Vec<String> = v
+        .val_usage
+        .iter()
+        .map(|u| format!("{:.0}%", u * 100.0))
+        .collect();
+    let perplexity: Vec<String> = v.val_perplexity.iter().map(|p| format!("{p:.1}")).collect();
+    format!(
+        "epoch {}/{}: train loss {:.5} ({:.0} img/s, {:.1} s) | val MSE {:.5}, PSNR {:.2} dB, \
+         usage [{}], perplexity [{}], {:.2} bits/vector",
+        record.epoch,
+        epochs,
+        record.train_loss,
+        record.images_per_second,
+        record.train_seconds,
+        v.val_mse,
+        v.val_psnr_db,
+        usage.join(" "),
+        perplexity.join(" "),
+        v.val_bits_per_vector,
+    )
+}
+
+fn save_checkpoint(
+    model: &VqVae,
+    optimizer: &burn::optim::ModuleOptimizer,
+    out: &Path,
+    epoch: usize,
+) -> Result<(), DemoError> {
+    let dir = checkpoint_dir(out);
+    // RunningState defers the last EMA update until read: apply it before saving.
+    model.quantizer.sync_state();
+    model
+        .clone()
+        .save_file(dir.join(format!("model-{epoch}.bpk")))
+        .map_err(|e| DemoError::Checkpoint(format!("saving model-{epoch}.bpk: {e}")))?;
+    optimizer
+        .save(dir.join(format!("optim-{epoch}.bpk")))
+        .map_err(|e| DemoError::Checkpoint(format!("saving optim-{epoch}.bpk: {e}")))?;
+    let marker = dir.join("last_epoch");
+    fs::write(&marker, epoch.to_string()).map_err(|e| DemoError::io(&marker, e))?;
+    // Keep the last two checkpoints.
+    if epoch > 2 {
+        for name in [
+            format!("model-{}.bpk", epoch - 2),
+            format!("optim-{}.bpk", epoch - 2),
+        ] {
+            let _ = fs::remove_file(dir.join(name));
+        }
+    }
+    Ok(())
+}
+
+fn append_metrics(path: &Path, record: &EpochRecord) -> Result<(), DemoError> {
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| DemoError::io(path, e))?;
+    let line = serde_json::to_string(record).expect("records serialize");
+    writeln!(file, "{line}").map_err(|e| DemoError::io(path, e))
+}
+
+/// Drops the lines of epochs after `last_epoch` (written after the checkpoint a resume starts
+/// from).
+fn truncate_metrics(path: &Path, last_epoch: usize) -> Result<(), DemoError> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|epoch| epoch as usize <= last_epoch)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    fs::write(path, body).map_err(|e| DemoError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(1000, 7, 1);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(1000, 7, 1));
+        assert_ne!(a, epoch_order(1000, 7, 2));
+        assert_ne!(a, epoch_order(1000, 8, 1));
+    }
+}
