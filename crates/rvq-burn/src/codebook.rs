@@ -164,18 +164,18 @@ impl EmaCodebook {
     }
 
     /// One EMA step with this batch's assignment (the reference's `_ema_update`):
-    /// `c <- g c + (1 - g) N_k`, `m <- g m + (1 - g) S_k`.
+    /// `c <- g c + (1 - g) N_k`, `m <- g m + (1 - g) S_k`. Returns the new statistics; store
+    /// them with [`EmaCodebook::store`].
     ///
     /// `residual` `[N, D]` is the level's input, `assignment` what [`EmaCodebook::assign`]
     /// made of it, `count`/`weight` the statistics the assignment was made with.
-    pub fn ema_update(
-        &self,
+    pub fn ema_step(
         count: Tensor<1>,
         weight: Tensor<2>,
         residual: Tensor<2>,
         assignment: &Assignment,
         decay: f64,
-    ) {
+    ) -> (Tensor<1>, Tensor<2>) {
         let [k, d] = weight.dims();
         // Per-code sums of assigned vectors by scatter-add: [K, D] <- N rows of [D].
         let sums = Tensor::<2>::zeros([k, d], &weight.device()).select_assign(
@@ -190,9 +190,157 @@ impl EmaCodebook {
             .mul_scalar(keep)
             .add(assignment.counts.clone().mul_scalar(take));
         let weight = weight.mul_scalar(keep).add(sums.mul_scalar(take));
+        (count, weight)
+    }
+
+    /// Makes `(count, weight)` the level's state (applied when next read; see
+    /// `RunningState`).
+    pub fn store(&self, count: Tensor<1>, weight: Tensor<2>) {
         self.ema_count.update(count);
         self.ema_weight.update(weight);
     }
+
+    /// Replaces the codes whose EMA count is below `threshold * n / K` by the batch vectors
+    /// the current codebook represents worst, with a consistent state: count `n / K` (the
+    /// uniform rate, above any threshold < 1) and sum `vector * n / K`, so the code *is* that
+    /// vector and keeps it through the next EMA update. Returns the new statistics and how
+    /// many codes were restarted.
+    ///
+    /// Reads the dead-code mask back to the host once. Deterministic: the same state and
+    /// batch give the same restarts.
+    pub fn restart_dead_codes(
+        count: Tensor<1>,
+        weight: Tensor<2>,
+        residual: Tensor<2>,
+        assignment: &Assignment,
+        threshold: f64,
+    ) -> (Tensor<1>, Tensor<2>, usize) {
+        let [k, d] = weight.dims();
+        let [n, _] = residual.dims();
+        let device = weight.device();
+        let uniform = count.clone().sum().div_scalar(k as f64); // [1]: n / K
+        let dead_mask = count
+            .clone()
+            .lower(uniform.clone().mul_scalar(threshold).expand([k]));
+        let dead: Vec<i64> = dead_mask
+            .clone()
+            .int()
+            .into_data()
+            .iter::<i64>()
+            .enumerate()
+            .filter(|(_, dead)| *dead != 0)
+            .map(|(code, _)| code as i64)
+            .collect();
+        if dead.is_empty() || n == 0 {
+            return (count, weight, 0);
+        }
+        // The rows with the largest quantization error, as many as there are dead codes
+        // (cycled when the batch is smaller).
+        let errors = residual
+            .clone()
+            .sub(assignment.quantized.clone())
+            .powi_scalar(2)
+            .sum_dim(1)
+            .reshape([n]); // [N]
+        let take = dead.len().min(n);
+        let (_, worst) = errors.topk_with_indices(take, 0); // [take]
+        let worst: Vec<i64> = worst.into_data().iter::<i64>().collect();
+        let rows: Vec<i64> = (0..dead.len()).map(|i| worst[i % take]).collect();
+        let rows = int_tensor(rows, &device);
+        let dead_codes = int_tensor(dead.clone(), &device);
+        let vectors = residual.select(0, rows); // [dead, D]
+        let new_sums = vectors.mul(uniform.clone().reshape([1, 1])); // [dead, D]
+        let replacement = Tensor::<2>::zeros([k, d], &device).select_assign(
+            0,
+            dead_codes,
+            new_sums,
+            IndexingUpdateOp::Add,
+        );
+        let count = count.mask_where(dead_mask.clone(), uniform.expand([k]));
+        let weight = weight.mask_where(dead_mask.reshape([k, 1]).expand([k, d]), replacement);
+        (count, weight, dead.len())
+    }
+
+    /// k-means (Lloyd, `iterations` steps) of the rows of `data` `[N, D]` into `K` clusters,
+    /// returned as a consistent EMA state `(counts = cluster sizes, sums = centroid x size)`.
+    ///
+    /// Centroids start on distinct rows chosen by a fixed hash (deterministic); a cluster
+    /// that empties is re-seeded on another row. A cluster still empty at the end (possible
+    /// when `N < K`) gets a data row with count 1, so no code is left at zero.
+    pub fn kmeans(
+        data: Tensor<2>,
+        num_embeddings: usize,
+        iterations: usize,
+        max_elements: usize,
+    ) -> (Tensor<1>, Tensor<2>) {
+        let [n, d] = data.dims();
+        let k = num_embeddings;
+        let device = data.device();
+        let seed_rows = |round: u64| int_tensor(sample_rows(n, k, round), &device);
+        let mut centroids = data.clone().select(0, seed_rows(0));
+        let statistics = |centroids: &Tensor<2>| {
+            let indices = nearest_indices(centroids, data.clone(), max_elements);
+            let counts = Tensor::<1>::zeros([k], &device).select_assign(
+                0,
+                indices.clone(),
+                Tensor::ones([n], &device),
+                IndexingUpdateOp::Add,
+            );
+            let sums = Tensor::<2>::zeros([k, d], &device).select_assign(
+                0,
+                indices,
+                data.clone(),
+                IndexingUpdateOp::Add,
+            );
+            (counts, sums)
+        };
+        for round in 1..=iterations as u64 {
+            let (counts, sums) = statistics(&centroids);
+            let empty = counts
+                .clone()
+                .lower_elem(0.5)
+                .reshape([k, 1])
+                .expand([k, d]);
+            let means = sums.div(counts.clamp_min(1.0).reshape([k, 1]));
+            let reseeded = data.clone().select(0, seed_rows(round));
+            centroids = means.mask_where(empty, reseeded);
+        }
+        let (counts, sums) = statistics(&centroids);
+        let empty = counts.clone().lower_elem(0.5);
+        let counts = counts.mask_fill(empty.clone(), 1.0);
+        let sums = sums.mask_where(empty.reshape([k, 1]).expand([k, d]), centroids);
+        (counts, sums)
+    }
+}
+
+/// `count` row indices in `0..n` from a fixed hash of `(round, i)`: distinct while
+/// `count <= n`.
+fn sample_rows(n: usize, count: usize, round: u64) -> Vec<i64> {
+    let mut state = round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    // A partial Fisher-Yates shuffle of 0..n gives distinct rows; past n, rows repeat.
+    let mut rows: Vec<usize> = (0..n).collect();
+    (0..count)
+        .map(|i| {
+            let slot = i % n;
+            if i < n {
+                let j = slot + (next() % (n - slot) as u64) as usize;
+                rows.swap(slot, j);
+            }
+            rows[slot] as i64
+        })
+        .collect()
+}
+
+fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let len = values.len();
+    Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
 }
 
 /// `e_k = m_k / c^_k` with the Laplace-smoothed counts `c^_k = (c_k + eps) / (n + K eps) * n`.

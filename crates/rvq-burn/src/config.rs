@@ -78,6 +78,31 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// Does not change any result. Must be at least 1. Default: 2^24 (64 MiB of f32).
     #[config(default = 16777216)]
     pub max_distance_elements: usize,
+    /// Initialize every level's codebook by k-means on the first training batch, level by
+    /// level, with a consistent EMA state (counts = cluster sizes, sums = centroid x count).
+    /// Default: false (the reference's uniform init).
+    #[config(default = false)]
+    pub kmeans_init: bool,
+    /// Lloyd iterations of the k-means init. Must be >= 1. Default: 10.
+    #[config(default = 10)]
+    pub kmeans_iterations: usize,
+    /// Dead-code restart threshold, relative to uniform usage: a code whose EMA count is below
+    /// `threshold_ema_dead_code * n / K` (`n` the sum of the level's EMA counts, `K` its size)
+    /// is replaced by a vector of the current batch. Being a rate, it does not depend on the
+    /// batch size or the number of devices. In `[0, 1)`; 0 disables. Default: 0.
+    #[config(default = 0.0)]
+    pub threshold_ema_dead_code: f64,
+    /// Look for dead codes every this many training steps. Must be >= 1. Default: 1.
+    #[config(default = 1)]
+    pub dead_code_check_every: usize,
+    /// Quantizer dropout: probability that a training batch is quantized with a random number
+    /// of levels, drawn uniformly from `quantize_dropout_min_levels..=num_levels`, so that one
+    /// model serves every bitrate (SoundStream). In `[0, 1]`. Default: 0.
+    #[config(default = 0.0)]
+    pub quantize_dropout: f64,
+    /// The fewest levels quantizer dropout draws, in `1..=num_levels`. Default: 1.
+    #[config(default = 1)]
+    pub quantize_dropout_min_levels: usize,
 }
 
 impl EmaResidualVectorQuantizerConfig {
@@ -145,6 +170,41 @@ impl EmaResidualVectorQuantizerConfig {
                 "must be finite and > 0",
             ));
         }
+        if self.kmeans_iterations < 1 {
+            return Err(invalid(
+                "kmeans_iterations",
+                self.kmeans_iterations.to_string(),
+                "must be >= 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.threshold_ema_dead_code) {
+            return Err(invalid(
+                "threshold_ema_dead_code",
+                self.threshold_ema_dead_code.to_string(),
+                "must lie in [0, 1) (a share of the uniform usage rate; 0 disables)",
+            ));
+        }
+        if self.dead_code_check_every < 1 {
+            return Err(invalid(
+                "dead_code_check_every",
+                self.dead_code_check_every.to_string(),
+                "must be >= 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.quantize_dropout) {
+            return Err(invalid(
+                "quantize_dropout",
+                self.quantize_dropout.to_string(),
+                "must lie in [0, 1]",
+            ));
+        }
+        if !(1..=self.num_levels).contains(&self.quantize_dropout_min_levels) {
+            return Err(invalid(
+                "quantize_dropout_min_levels",
+                self.quantize_dropout_min_levels.to_string(),
+                "must lie in 1..=num_levels",
+            ));
+        }
         if self.max_distance_elements < 1 {
             return Err(invalid(
                 "max_distance_elements",
@@ -179,6 +239,10 @@ mod tests {
         assert_eq!(config.ema_decay, 0.99);
         assert_eq!(config.epsilon, 1e-5);
         assert_eq!(config.sizes(), vec![8, 8]);
+        // Everything beyond the reference is off.
+        assert!(!config.kmeans_init);
+        assert_eq!(config.threshold_ema_dead_code, 0.0);
+        assert_eq!(config.quantize_dropout, 0.0);
         assert!(config.validate().is_ok());
     }
 

@@ -58,7 +58,7 @@ pub mod residual;
 pub use codebook::EmaCodebook;
 pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig};
 pub use error::RvqError;
-pub use metrics::{LevelMetrics, RvqMetrics};
+pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
 pub use options::ForwardOptions;
 pub use output::RvqOutput;
 pub use residual::EmaResidualVectorQuantizer;

@@ -57,6 +57,49 @@ impl LevelMetrics {
     }
 }
 
+/// Batch-independent health of one level, from its EMA counts (not from one batch, whose
+/// perplexity cannot exceed the batch size).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CodebookHealth {
+    /// Entropy of the EMA count distribution divided by `log K`: 1 when every code is used
+    /// equally, 0 when one code takes everything (1 for `K = 1`).
+    pub ema_entropy: f64,
+    /// Share of codes whose EMA count is at least `threshold * n / K` (`n` the sum of the
+    /// counts): the codes that are alive at that threshold.
+    pub active_share: f64,
+    /// The threshold used, relative to uniform usage.
+    pub threshold: f64,
+}
+
+impl CodebookHealth {
+    /// Health of a level with EMA counts `counts` at `threshold` (relative to uniform usage).
+    pub fn from_ema_counts(counts: &[f32], threshold: f64) -> Self {
+        let k = counts.len().max(1) as f64;
+        let total: f64 = counts.iter().map(|&c| c.max(0.0) as f64).sum();
+        if total <= 0.0 {
+            return Self {
+                ema_entropy: 0.0,
+                active_share: 0.0,
+                threshold,
+            };
+        }
+        let entropy: f64 = -counts
+            .iter()
+            .map(|&c| c.max(0.0) as f64 / total)
+            .filter(|&p| p > 0.0)
+            .map(|p| p * p.ln())
+            .sum::<f64>();
+        let ema_entropy = if k > 1.0 { entropy / k.ln() } else { 1.0 };
+        let floor = threshold * total / k;
+        let active = counts.iter().filter(|&&c| c as f64 >= floor).count() as f64;
+        Self {
+            ema_entropy,
+            active_share: active / k,
+            threshold,
+        }
+    }
+}
+
 /// Per-level and aggregate metrics of one forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RvqMetrics {
@@ -123,6 +166,20 @@ mod tests {
         assert!((metrics.perplexity - 1.0).abs() < 1e-6);
         assert!(metrics.bits_per_index.abs() < 1e-6);
         assert_eq!(metrics.usage, 0.25);
+    }
+
+    #[test]
+    fn health_is_normalized_entropy_and_share_above_threshold() {
+        let uniform = CodebookHealth::from_ema_counts(&[3.0; 8], 0.1);
+        assert!((uniform.ema_entropy - 1.0).abs() < 1e-12);
+        assert_eq!(uniform.active_share, 1.0);
+        // Uniform rate here is 10 / 4 = 2.5; at threshold 0.5 a code needs 1.25.
+        let skewed = CodebookHealth::from_ema_counts(&[7.0, 1.0, 2.0, 0.0], 0.5);
+        assert_eq!(skewed.active_share, 0.5);
+        assert!(skewed.ema_entropy > 0.0 && skewed.ema_entropy < 1.0);
+        let collapsed = CodebookHealth::from_ema_counts(&[5.0, 0.0, 0.0, 0.0], 0.1);
+        assert_eq!(collapsed.ema_entropy, 0.0);
+        assert_eq!(collapsed.active_share, 0.25);
     }
 
     #[test]

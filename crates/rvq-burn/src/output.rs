@@ -21,6 +21,9 @@ pub struct RvqOutput<const R: usize> {
     /// Per level, how many input vectors took each code, shape `[K_l]` each: the batch
     /// histogram the metrics are computed from.
     pub code_counts: Vec<Tensor<1>>,
+    /// Per level that ran, how many dead codes this step restarted (0 unless
+    /// `threshold_ema_dead_code` is set and this was a checked training step).
+    pub restarted_codes: Vec<usize>,
 }
 
 impl<const R: usize> RvqOutput<R> {

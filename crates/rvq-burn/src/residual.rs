@@ -16,12 +16,13 @@
 //! decoder's gradient by the number of levels or cuts levels > 1 off (encodec issue 25,
 //! vector-quantize-pytorch issue 33).
 
-use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param};
+use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::codebook::{EmaCodebook, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
+use crate::metrics::CodebookHealth;
 use crate::options::ForwardOptions;
 use crate::output::RvqOutput;
 
@@ -60,6 +61,21 @@ pub struct EmaResidualVectorQuantizer {
     pub ema_decay: f64,
     /// Largest distance matrix formed at once (rows x codes).
     pub max_distance_elements: usize,
+    /// Number of EMA steps taken so far, `[1]` (0 until the first training step; k-means
+    /// init runs on that step, dead-code checks and quantizer dropout are keyed to it).
+    pub steps: RunningState<Tensor<1>>,
+    /// See [`EmaResidualVectorQuantizerConfig::kmeans_init`].
+    pub kmeans_init: bool,
+    /// See [`EmaResidualVectorQuantizerConfig::kmeans_iterations`].
+    pub kmeans_iterations: usize,
+    /// See [`EmaResidualVectorQuantizerConfig::threshold_ema_dead_code`].
+    pub threshold_ema_dead_code: f64,
+    /// See [`EmaResidualVectorQuantizerConfig::dead_code_check_every`].
+    pub dead_code_check_every: usize,
+    /// See [`EmaResidualVectorQuantizerConfig::quantize_dropout`].
+    pub quantize_dropout: f64,
+    /// See [`EmaResidualVectorQuantizerConfig::quantize_dropout_min_levels`].
+    pub quantize_dropout_min_levels: usize,
 }
 
 impl EmaResidualVectorQuantizerConfig {
@@ -90,6 +106,13 @@ impl EmaResidualVectorQuantizerConfig {
             beta: self.beta,
             ema_decay: self.ema_decay,
             max_distance_elements: self.max_distance_elements,
+            steps: RunningState::new(Tensor::zeros([1], &device.clone().without_autodiff())),
+            kmeans_init: self.kmeans_init,
+            kmeans_iterations: self.kmeans_iterations,
+            threshold_ema_dead_code: self.threshold_ema_dead_code,
+            dead_code_check_every: self.dead_code_check_every,
+            quantize_dropout: self.quantize_dropout,
+            quantize_dropout_min_levels: self.quantize_dropout_min_levels,
         })
     }
 }
@@ -99,6 +122,16 @@ struct LevelPass {
     assignment: crate::codebook::Assignment,
     /// `r_{l+1} = r_l - q_l`, `[N, D]`, no autodiff.
     next_residual: Tensor<2>,
+    /// Codes restarted by the dead-code check of this pass.
+    restarted: usize,
+}
+
+/// What a training step does to the state besides the EMA update.
+struct UpdatePlan {
+    /// Initialize the codebooks by k-means first (first training step).
+    kmeans: bool,
+    /// Restart dead codes at this threshold after the update.
+    restart_threshold: Option<f64>,
 }
 
 impl EmaResidualVectorQuantizer {
@@ -214,15 +247,40 @@ impl EmaResidualVectorQuantizer {
     ) -> Result<RvqOutput<R>, RvqError> {
         let shape = x.dims();
         let num_vectors = self.check_input(&shape)?;
-        let num_levels = self.check_num_levels(options.num_levels)?;
+        let mut num_levels = self.check_num_levels(options.num_levels)?;
         let autodiff = x.is_autodiff();
-        let update = autodiff && self.training.is_enabled() && options.update_ema;
+        let training = autodiff && self.training.is_enabled();
+        let update = training && options.update_ema && num_vectors > 0;
         let device = x.device().without_autodiff();
         let d = self.embedding_dim;
 
+        // The step counter is read back only when an option is keyed to it.
+        let needs_step = training
+            && (self.kmeans_init
+                || self.quantize_dropout > 0.0
+                || (self.threshold_ema_dead_code > 0.0 && self.dead_code_check_every > 1));
+        let step = needs_step.then(|| self.steps.value_sync().into_scalar::<f64>() as u64);
+        if training && options.num_levels.is_none() && self.quantize_dropout > 0.0 {
+            num_levels = self.dropout_depth(step.unwrap_or(0));
+        }
+        let plan = update.then(|| UpdatePlan {
+            kmeans: self.kmeans_init && step == Some(0),
+            restart_threshold: (self.threshold_ema_dead_code > 0.0
+                && step.is_none_or(|s| (s + 1) % self.dead_code_check_every as u64 == 0))
+            .then_some(self.threshold_ema_dead_code),
+        });
+
         let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
         let flat_plain = flat.clone().without_autodiff(); // [N, D]
-        let passes = self.run_levels(flat_plain.clone(), num_levels, update, &device);
+        let passes = self.run_levels(flat_plain.clone(), num_levels, plan.as_ref(), &device);
+        if update {
+            let steps = self
+                .steps
+                .value_sync()
+                .without_autodiff()
+                .to_device(&device);
+            self.steps.update(steps.add_scalar(1.0));
+        }
 
         // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
         let level_losses: Vec<Tensor<1>> = passes
@@ -258,6 +316,7 @@ impl EmaResidualVectorQuantizer {
         };
         let quantized = flat.add(straight_through).reshape(shape);
 
+        let restarted_codes = passes.iter().map(|pass| pass.restarted).collect();
         let (indices, code_counts) = passes
             .into_iter()
             .map(|pass| (pass.assignment.indices, pass.assignment.counts))
@@ -268,6 +327,7 @@ impl EmaResidualVectorQuantizer {
             loss,
             level_losses,
             code_counts,
+            restarted_codes,
         })
     }
 
@@ -297,7 +357,7 @@ impl EmaResidualVectorQuantizer {
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim]);
         Ok(self
-            .run_levels(flat, num_levels, false, &device)
+            .run_levels(flat, num_levels, None, &device)
             .into_iter()
             .map(|pass| pass.assignment.indices)
             .collect())
@@ -353,37 +413,109 @@ impl EmaResidualVectorQuantizer {
         Ok(sum.reshape(shape))
     }
 
-    /// Runs the first `num_levels` levels on `residual` `[N, D]` (no autodiff), updating
-    /// their EMA statistics when `update` is set.
+    /// Runs the first `num_levels` levels on `residual` `[N, D]` (no autodiff); with a plan,
+    /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
     fn run_levels(
         &self,
         mut residual: Tensor<2>,
         num_levels: usize,
-        update: bool,
+        plan: Option<&UpdatePlan>,
         device: &Device,
     ) -> Vec<LevelPass> {
         let [num_vectors, _] = residual.dims();
         let mut passes = Vec::with_capacity(num_levels);
         for level in &self.levels[..num_levels] {
-            let (count, weight) = level.statistics(device);
+            let (mut count, mut weight) = level.statistics(device);
+            if plan.is_some_and(|plan| plan.kmeans) {
+                // Level by level: this level's residuals come from the initialized levels
+                // before it.
+                (count, weight) = EmaCodebook::kmeans(
+                    residual.clone(),
+                    level.num_embeddings,
+                    self.kmeans_iterations,
+                    self.max_distance_elements,
+                );
+            }
             let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
             let assignment = if num_vectors == 0 {
                 empty_assignment(level.num_embeddings, self.embedding_dim, device)
             } else {
                 EmaCodebook::assign(&codebook, residual.clone(), self.max_distance_elements)
             };
-            // An empty batch leaves the statistics as they are.
-            if update && num_vectors > 0 {
-                level.ema_update(count, weight, residual.clone(), &assignment, self.ema_decay);
+            let mut restarted = 0;
+            if let Some(plan) = plan {
+                let (count, weight) = EmaCodebook::ema_step(
+                    count,
+                    weight,
+                    residual.clone(),
+                    &assignment,
+                    self.ema_decay,
+                );
+                let (count, weight) = match plan.restart_threshold {
+                    Some(threshold) => {
+                        let (count, weight, n) = EmaCodebook::restart_dead_codes(
+                            count,
+                            weight,
+                            residual.clone(),
+                            &assignment,
+                            threshold,
+                        );
+                        restarted = n;
+                        (count, weight)
+                    }
+                    None => (count, weight),
+                };
+                level.store(count, weight);
             }
             let next_residual = residual.sub(assignment.quantized.clone());
             residual = next_residual.clone();
             passes.push(LevelPass {
                 assignment,
                 next_residual,
+                restarted,
             });
         }
         passes
+    }
+
+    /// The depth quantizer dropout draws for training step `step`: with probability
+    /// `quantize_dropout`, uniform in `min..=M` (the full depth included), else `M`.
+    /// A fixed hash of the step, so it is reproducible and the same on every device.
+    fn dropout_depth(&self, step: u64) -> usize {
+        let num_levels = self.levels.len();
+        let min = self.quantize_dropout_min_levels.clamp(1, num_levels);
+        let mut z = step.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let uniform = (z >> 11) as f64 / (1u64 << 53) as f64;
+        if uniform >= self.quantize_dropout {
+            return num_levels;
+        }
+        min + ((z & 0xFFFF_FFFF) as usize) % (num_levels - min + 1)
+    }
+
+    /// Batch-independent health of every level from its EMA counts: normalized entropy and
+    /// the share of codes alive at the dead-code threshold (0.1 of uniform usage when
+    /// restarts are off). Reads the counts back to the host.
+    pub fn codebook_health(&self) -> Vec<CodebookHealth> {
+        let threshold = if self.threshold_ema_dead_code > 0.0 {
+            self.threshold_ema_dead_code
+        } else {
+            0.1
+        };
+        self.levels
+            .iter()
+            .map(|level| {
+                let counts: Vec<f32> = level
+                    .ema_count
+                    .value_sync()
+                    .into_data()
+                    .iter::<f32>()
+                    .collect();
+                CodebookHealth::from_ema_counts(&counts, threshold)
+            })
+            .collect()
     }
 
     /// Checks `[..., D]` and returns `N`.

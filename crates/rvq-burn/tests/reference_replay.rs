@@ -195,8 +195,9 @@ fn reference_cases_replay_on_cpu_backends() {
     }
 }
 
-/// WGPU on Mesa's software Vulkan in CI (set `RVQ_SKIP_WGPU=1` on a machine with no Vulkan
-/// or GL driver at all; CI installs one, so there it runs).
+/// WGPU on Mesa's software Vulkan in CI (`cargo test --all-features`; set `RVQ_SKIP_WGPU=1` on
+/// a machine with no Vulkan or GL driver at all; CI installs one, so there it runs).
+#[cfg(feature = "wgpu")]
 #[test]
 fn reference_multi_level_cases_replay_on_wgpu() {
     if std::env::var_os("RVQ_SKIP_WGPU").is_some() {

@@ -13,6 +13,7 @@ pub fn cpu_devices() -> Vec<(&'static str, Device)> {
 }
 
 /// The WGPU device (Mesa's software Vulkan on a machine without a GPU).
+#[cfg(feature = "wgpu")]
 pub fn wgpu_device() -> Device {
     Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
 }

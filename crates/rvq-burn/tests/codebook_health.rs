@@ -1,0 +1,227 @@
+//! Codebook health and bitrate control: dead-code restart, k-means init, quantizer dropout,
+//! batch-independent metrics.
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use common::*;
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// `n` vectors of dimension `d` around `centres` fixed, well-separated centres (`spread` the
+/// standard deviation), far from the initial codebook (which lies within 1/K of zero).
+fn clustered(
+    n: usize,
+    d: usize,
+    centres: usize,
+    spread: f64,
+    seed: u64,
+    device: &Device,
+) -> Tensor<2> {
+    device.seed(seed);
+    let noise = Tensor::<2>::random([n, d], Distribution::Normal(0.0, spread), device);
+    let mut centre_values = Vec::with_capacity(n * d);
+    for i in 0..n {
+        let c = i % centres;
+        for j in 0..d {
+            // Centre c: +-3 on a pattern of coordinates, distinct for every c.
+            let sign = if (c >> (j % 3)) & 1 == 1 { 1.0 } else { -1.0 };
+            centre_values.push(3.0 * sign + c as f32 * 0.5 * (j == 0) as i32 as f32);
+        }
+    }
+    let centre_tensor: Tensor<2> =
+        Tensor::from_data(TensorData::new(centre_values, [n, d]), device);
+    centre_tensor.add(noise)
+}
+
+fn batch_usage(rvq: &EmaResidualVectorQuantizer, x: Tensor<2>) -> f64 {
+    rvq.valid().forward(x.without_autodiff()).metrics().levels[0].usage
+}
+
+fn assert_finite_and_consistent(rvq: &EmaResidualVectorQuantizer) {
+    let plain = Device::flex();
+    for (level, codebook) in rvq.levels.iter().enumerate() {
+        let (count, weight) = codebook.statistics(&plain);
+        let counts = floats(count.clone());
+        let weights = floats(weight.clone());
+        assert!(
+            counts.iter().all(|c| c.is_finite() && *c >= 0.0),
+            "level {level}: counts"
+        );
+        assert!(weights.iter().all(|w| w.is_finite()), "level {level}: sums");
+        // codebook = sums / smoothed counts, recomputed here in f64.
+        let k = counts.len();
+        let d = weights.len() / k;
+        let total: f64 = counts.iter().map(|&c| c as f64).sum();
+        let eps = codebook.epsilon;
+        let got = floats(rvq.codebook(level, &plain));
+        for code in 0..k {
+            let smoothed = (counts[code] as f64 + eps) / (total + k as f64 * eps) * total;
+            for j in 0..d {
+                let want = weights[code * d + j] as f64 / smoothed;
+                let g = got[code * d + j] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "level {level} code {code}: codebook {g} vs sums / smoothed counts {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dead_code_restart_brings_every_code_into_use() {
+    let device = device();
+    // Decay 0.9 so that 60 steps are long enough for unused codes' counts to fade.
+    let config = EmaResidualVectorQuantizerConfig::new(1, 32.into(), 8).with_ema_decay(0.9);
+    let plain = config.init(&device);
+    let restarting = config
+        .clone()
+        .with_threshold_ema_dead_code(0.1)
+        .init(&device);
+    let mut restarted = 0;
+    for step in 0..60 {
+        let x = clustered(256, 8, 4, 0.3, step, &device);
+        let _ = plain.forward(x.clone());
+        restarted += restarting.forward(x).restarted_codes[0];
+    }
+    let held_out = clustered(512, 8, 4, 0.3, 1000, &device);
+    let plain_health = plain.codebook_health()[0];
+    let health = restarting.codebook_health()[0];
+    // Plain EMA: the codes nearest the clusters win everything, most die.
+    assert!(plain_health.active_share <= 0.25, "{plain_health:?}");
+    assert!(batch_usage(&plain, held_out.clone()) <= 0.25);
+    // With restarts: at least 95 % of the codes alive by their EMA counts, and really used.
+    assert!(health.active_share >= 0.95, "{health:?}");
+    assert!(batch_usage(&restarting, held_out) >= 0.9);
+    assert!(restarted >= 28, "only {restarted} restarts");
+    assert_finite_and_consistent(&restarting);
+    assert_finite_and_consistent(&plain);
+}
+
+#[test]
+fn dead_code_restart_is_deterministic() {
+    let device = device();
+    let config =
+        EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8).with_threshold_ema_dead_code(0.2);
+    let run = || {
+        device.seed(5);
+        let rvq = config.init(&device);
+        for step in 0..5 {
+            let _ = rvq.forward(clustered(64, 8, 3, 0.2, step, &device));
+        }
+        (0..2)
+            .map(|l| floats(rvq.codebook(l, &Device::flex())))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn kmeans_init_fits_the_first_batch_with_a_consistent_state() {
+    let device = device();
+    let x = clustered(512, 8, 6, 0.2, 3, &device);
+    let config = EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8);
+    let uniform = config.init(&device);
+    let kmeans = config
+        .clone()
+        .with_kmeans_init(true)
+        .with_kmeans_iterations(20)
+        .init(&device);
+
+    let first_uniform = uniform.forward(x.clone());
+    let first_kmeans = kmeans.forward(x.clone());
+    let loss = |out: &rvq_burn::RvqOutput<2>| floats(out.loss.clone().without_autodiff())[0];
+    assert!(
+        loss(&first_kmeans) < 0.1 * loss(&first_uniform),
+        "k-means {} vs uniform {}",
+        loss(&first_kmeans),
+        loss(&first_uniform)
+    );
+    assert_finite_and_consistent(&kmeans);
+    // Counts are cluster sizes: they sum to the batch size (the EMA keeps the total).
+    let plain = Device::flex();
+    for level in &kmeans.levels {
+        let total: f32 = floats(level.statistics(&plain).0).iter().sum();
+        assert!((total - 512.0).abs() < 1e-2, "total count {total}");
+    }
+
+    // The same batch again: the EMA update barely moves the codebooks (no shrinking).
+    let before: Vec<Vec<f32>> = (0..2).map(|l| floats(kmeans.codebook(l, &plain))).collect();
+    let _ = kmeans.forward(x.clone());
+    for (level, before) in before.iter().enumerate() {
+        let after = floats(kmeans.codebook(level, &plain));
+        let moved = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(moved < 1e-3, "level {level}: codebook moved by {moved}");
+    }
+    // Init happens once: a later batch does not re-run k-means.
+    let steps = floats(kmeans.steps.value_sync())[0];
+    assert_eq!(steps, 2.0);
+}
+
+#[test]
+fn quantizer_dropout_trains_every_depth_and_the_error_falls_with_levels() {
+    let device = device();
+    device.seed(11);
+    let rvq = EmaResidualVectorQuantizerConfig::new(4, 16.into(), 8)
+        .with_quantize_dropout(0.5)
+        .with_kmeans_init(true)
+        .init(&device);
+    let initial: Vec<Vec<f32>> = (0..4)
+        .map(|l| floats(rvq.codebook(l, &Device::flex())))
+        .collect();
+    let mut depths = std::collections::BTreeSet::new();
+    for _ in 0..120 {
+        let x = Tensor::<2>::random([256, 8], Distribution::Normal(0.0, 1.0), &device);
+        depths.insert(rvq.forward(x).indices.len());
+    }
+    // Every depth from 1 to the full 4 was drawn (no off-by-one that never trains the last).
+    assert_eq!(depths.into_iter().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    for (level, initial) in initial.iter().enumerate() {
+        assert_ne!(
+            &floats(rvq.codebook(level, &Device::flex())),
+            initial,
+            "level {level} never updated"
+        );
+    }
+    // Held-out data: decoding with more levels reconstructs better, strictly.
+    let eval = rvq.valid();
+    let held_out = Tensor::<2>::random([1024, 8], Distribution::Normal(0.0, 1.0), &Device::flex());
+    let codes = eval.encode(held_out.clone());
+    let errors: Vec<f32> = (1..=4)
+        .map(|n| {
+            let decoded = eval.decode(&codes[..n], [1024, 8]);
+            decoded
+                .sub(held_out.clone())
+                .powi_scalar(2)
+                .mean()
+                .into_scalar::<f32>()
+        })
+        .collect();
+    assert!(errors.windows(2).all(|w| w[1] < w[0]), "{errors:?}");
+    // Eval forwards use every level.
+    assert_eq!(eval.forward(held_out).indices.len(), 4);
+}
+
+#[test]
+fn without_options_the_step_counter_costs_nothing_and_counts_updates() {
+    let device = device();
+    let rvq = EmaResidualVectorQuantizerConfig::new(1, 8.into(), 4).init(&device);
+    for _ in 0..3 {
+        let _ = rvq.forward(Tensor::<2>::random([16, 4], Distribution::Default, &device));
+    }
+    let _ = rvq.valid().forward(Tensor::<2>::random(
+        [16, 4],
+        Distribution::Default,
+        &Device::flex(),
+    ));
+    assert_eq!(floats(rvq.steps.value_sync())[0], 3.0);
+}
