@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::config::Config;
 use burn::tensor::Device;
 use vqvae_demo::data::Mnist;
 use vqvae_demo::training::{EpochRecord, RunOptions, TrainingConfig, train};

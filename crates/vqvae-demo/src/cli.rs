@@ -22,6 +22,10 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --levels N           residual quantizer levels                (default 4)
   --codebook-size N    codes per level                          (default 64)
   --seed N             seed of weights, codebooks, data order   (default 42)
+  --kmeans-init        initialize the codebooks by k-means on the first batch
+  --dead-code-threshold F  restart codes whose EMA count falls below F x uniform usage
+                       (e.g. 0.1; default 0 = off)
+  --quantize-dropout P train each batch at a random depth with probability P (default 0)
   --train-limit N      train on the first N training digits only
   --valid-limit N      validate on the first N validation digits only
   --data-dir DIR       read train-/t10k- MNIST IDX files (raw or .gz) from DIR
@@ -89,6 +93,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
             "--levels" => cli_levels = Some(value::<usize>(&flag, iter.next())?),
             "--codebook-size" => cli_size = Some(value::<usize>(&flag, iter.next())?),
             "--seed" => config.seed = value(&flag, iter.next())?,
+            "--kmeans-init" => config.model.quantizer.kmeans_init = true,
+            "--dead-code-threshold" => {
+                config.model.quantizer.threshold_ema_dead_code = value(&flag, iter.next())?
+            }
+            "--quantize-dropout" => {
+                config.model.quantizer.quantize_dropout = value(&flag, iter.next())?
+            }
             "--train-limit" => config.train_limit = Some(value(&flag, iter.next())?),
             "--valid-limit" => config.valid_limit = Some(value(&flag, iter.next())?),
             "--data-dir" => data_dir = Some(PathBuf::from(value::<String>(&flag, iter.next())?)),
@@ -116,6 +127,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
     if let Some(size) = cli_size {
         quantizer.num_embeddings = CodebookSizes::Uniform(size);
     }
+    config.model.quantizer.validate()?;
     if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
         return Err(DemoError::Config(format!(
             "--lr must be > 0, got {}",
@@ -181,6 +193,17 @@ mod tests {
         assert_eq!(cli.config.seed, 7);
         assert_eq!(cli.out, PathBuf::from("x"));
         assert!(cli.resume);
+        let cli = parse(args(&[
+            "--kmeans-init",
+            "--dead-code-threshold",
+            "0.1",
+            "--quantize-dropout",
+            "0.5",
+        ]))
+        .unwrap();
+        let q = &cli.config.model.quantizer;
+        assert!(q.kmeans_init);
+        assert_eq!((q.threshold_ema_dead_code, q.quantize_dropout), (0.1, 0.5));
     }
 
     #[test]

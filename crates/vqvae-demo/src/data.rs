@@ -286,12 +286,13 @@ pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
 
 /// Checks the magic number and returns the header's dimensions.
 fn header(file: &str, bytes: &[u8], magic: u32, size: usize) -> Result<Vec<usize>, DataError> {
-    if bytes.len() < size {
-        return Err(DataError::Truncated {
-            file: file.into(),
-            expected: size,
-            got: bytes.len(),
-        });
+    let truncated = |expected: usize| DataError::Truncated {
+        file: file.into(),
+        expected,
+        got: bytes.len(),
+    };
+    if bytes.len() < 4 {
+        return Err(truncated(size));
     }
     let word = |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
     if word(0) != magic {
@@ -300,6 +301,9 @@ fn header(file: &str, bytes: &[u8], magic: u32, size: usize) -> Result<Vec<usize
             expected: magic,
             got: word(0),
         });
+    }
+    if bytes.len() < size {
+        return Err(truncated(size));
     }
     Ok((1..size / 4).map(|i| word(i) as usize).collect())
 }

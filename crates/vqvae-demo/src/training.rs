@@ -61,6 +61,12 @@ pub struct EpochRecord {
     pub train_commitment: f64,
     /// Mean over steps of the per-batch mean perplexity over levels.
     pub train_perplexity_mean: f64,
+    /// Codes restarted by the dead-code check during the epoch, per level.
+    pub train_restarted_codes: Vec<usize>,
+    /// After the epoch, per level: entropy of the EMA counts / log K (batch-independent).
+    pub ema_entropy: Vec<f64>,
+    /// After the epoch, per level: share of codes alive by their EMA counts.
+    pub ema_active_share: Vec<f64>,
     /// Wall time of the epoch's training steps.
     pub train_seconds: f64,
     /// Training images per second.
@@ -188,6 +194,7 @@ pub fn train(
         let (mut loss_sum, mut mse_sum, mut commit_sum, mut perplexity_sum) = (0.0, 0.0, 0.0, 0.0);
         let started = Instant::now();
         let mut images_seen = 0;
+        let mut restarted = vec![0; config.model.quantizer.num_levels];
         for batch in &batches {
             let images = train_set.batch(batch, &device);
             let output = model.forward(images, &ForwardOptions::default());
@@ -210,6 +217,9 @@ pub fn train(
             commit_sum += values[1];
             loss_sum += values[0] + values[1];
             perplexity_sum += metrics.perplexity_mean();
+            for (total, level) in restarted.iter_mut().zip(&output.quantizer.restarted_codes) {
+                *total += level;
+            }
             images_seen += batch.len();
             progress.step(
                 values[0] + values[1],
@@ -222,12 +232,16 @@ pub fn train(
         let steps = batches.len() as f64;
 
         let validation = evaluate(&model, &valid_set, config.batch_size, &device);
+        let health = model.quantizer.codebook_health();
         let record = EpochRecord {
             epoch,
             train_loss: loss_sum / steps,
             train_mse: mse_sum / steps,
             train_commitment: commit_sum / steps,
             train_perplexity_mean: perplexity_sum / steps,
+            train_restarted_codes: restarted,
+            ema_entropy: health.iter().map(|h| h.ema_entropy).collect(),
+            ema_active_share: health.iter().map(|h| h.active_share).collect(),
             train_seconds,
             images_per_second: images_seen as f64 / train_seconds.max(1e-9),
             validation,
