@@ -242,6 +242,8 @@ impl EmaCodebook {
             .powi_scalar(2)
             .sum_dim(1)
             .reshape([n]); // [N]
+        // A non-finite batch is discarded by the caller; keep the sort well defined meanwhile.
+        let errors = errors.clone().mask_fill(errors.is_nan(), -1.0);
         let take = dead.len().min(n);
         let (_, worst) = errors.topk_with_indices(take, 0); // [take]
         let worst: Vec<i64> = worst.into_data().iter::<i64>().collect();

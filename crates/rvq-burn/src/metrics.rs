@@ -105,6 +105,8 @@ impl CodebookHealth {
 pub struct RvqMetrics {
     /// One entry per level that ran, in order.
     pub levels: Vec<LevelMetrics>,
+    /// The step's EMA update was skipped because the input held a NaN or an infinity.
+    pub update_skipped: bool,
 }
 
 impl RvqMetrics {
@@ -137,6 +139,10 @@ impl RvqMetrics {
         named.insert("rvq_perplexity_mean".into(), self.perplexity_mean());
         named.insert("rvq_usage_mean".into(), self.usage_mean());
         named.insert("rvq_bits_per_index_sum".into(), self.bits_per_index_sum());
+        named.insert(
+            "rvq_update_skipped".into(),
+            if self.update_skipped { 1.0 } else { 0.0 },
+        );
         named
     }
 
@@ -189,11 +195,12 @@ mod tests {
                 LevelMetrics::from_counts(&[1.0, 1.0]),
                 LevelMetrics::from_counts(&[1.0, 0.0]),
             ],
+            update_skipped: false,
         };
         let named = metrics.named();
         assert!((named["rvq_perplexity_mean"] - 1.5).abs() < 1e-6);
         assert!((named["rvq_usage_mean"] - 0.75).abs() < 1e-12);
         assert!((named["rvq_bits_per_index_sum"] - 1.0).abs() < 1e-6);
-        assert_eq!(named.len(), 2 * 3 + 3);
+        assert_eq!(named.len(), 2 * 3 + 4);
     }
 }

@@ -1,6 +1,6 @@
 //! What a forward pass returns.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::metrics::{LevelMetrics, RvqMetrics};
 
@@ -24,6 +24,10 @@ pub struct RvqOutput<const R: usize> {
     /// Per level that ran, how many dead codes this step restarted (0 unless
     /// `threshold_ema_dead_code` is set and this was a checked training step).
     pub restarted_codes: Vec<usize>,
+    /// In a training step that would update the EMA statistics: `[1]`, true when the input
+    /// held a NaN or an infinity and the update was skipped (the state is unchanged).
+    /// `None` when no update was attempted (evaluation, frozen, `update_ema = false`).
+    pub update_skipped: Option<Tensor<1, Bool>>,
 }
 
 impl<const R: usize> RvqOutput<R> {
@@ -33,13 +37,18 @@ impl<const R: usize> RvqOutput<R> {
     /// Reads the code histograms back to the host once (one synchronization on a GPU).
     pub fn metrics(&self) -> RvqMetrics {
         if self.code_counts.is_empty() {
-            return RvqMetrics { levels: Vec::new() };
+            return RvqMetrics {
+                levels: Vec::new(),
+                update_skipped: false,
+            };
         }
         let sizes: Vec<usize> = self.code_counts.iter().map(|c| c.dims()[0]).collect();
-        let all: Vec<f32> = Tensor::cat(self.code_counts.clone(), 0)
-            .into_data()
-            .iter::<f32>()
-            .collect();
+        let mut parts = self.code_counts.clone();
+        if let Some(skipped) = &self.update_skipped {
+            parts.push(skipped.clone().float());
+        }
+        // One read back: the histograms, then the skip flag.
+        let all: Vec<f32> = Tensor::cat(parts, 0).into_data().iter::<f32>().collect();
         let mut offset = 0;
         let levels = sizes
             .iter()
@@ -49,6 +58,10 @@ impl<const R: usize> RvqOutput<R> {
                 level
             })
             .collect();
-        RvqMetrics { levels }
+        let update_skipped = self.update_skipped.is_some() && all[offset] != 0.0;
+        RvqMetrics {
+            levels,
+            update_skipped,
+        }
     }
 }

@@ -17,7 +17,7 @@
 //! vector-quantize-pytorch issue 33).
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::codebook::{EmaCodebook, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
@@ -128,6 +128,9 @@ struct LevelPass {
 
 /// What a training step does to the state besides the EMA update.
 struct UpdatePlan {
+    /// `[1]`, true when the batch holds a NaN or an infinity: then every state change of
+    /// the step is discarded on the device (no read back), and the output reports it.
+    non_finite: Tensor<1, Bool>,
     /// Initialize the codebooks by k-means first (first training step).
     kmeans: bool,
     /// Restart dead codes at this threshold after the update.
@@ -263,23 +266,26 @@ impl EmaResidualVectorQuantizer {
         if training && options.num_levels.is_none() && self.quantize_dropout > 0.0 {
             num_levels = self.dropout_depth(step.unwrap_or(0));
         }
+        let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
+        let flat_plain = flat.clone().without_autodiff(); // [N, D]
         let plan = update.then(|| UpdatePlan {
+            non_finite: flat_plain.clone().is_finite().all().bool_not(),
             kmeans: self.kmeans_init && step == Some(0),
             restart_threshold: (self.threshold_ema_dead_code > 0.0
                 && step.is_none_or(|s| (s + 1) % self.dead_code_check_every as u64 == 0))
             .then_some(self.threshold_ema_dead_code),
         });
 
-        let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
-        let flat_plain = flat.clone().without_autodiff(); // [N, D]
         let passes = self.run_levels(flat_plain.clone(), num_levels, plan.as_ref(), &device);
-        if update {
+        let update_skipped = plan.map(|plan| plan.non_finite);
+        if let Some(skipped) = &update_skipped {
             let steps = self
                 .steps
                 .value_sync()
                 .without_autodiff()
                 .to_device(&device);
-            self.steps.update(steps.add_scalar(1.0));
+            self.steps
+                .update(steps.add(skipped.clone().bool_not().float()));
         }
 
         // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
@@ -328,6 +334,7 @@ impl EmaResidualVectorQuantizer {
             level_losses,
             code_counts,
             restarted_codes,
+            update_skipped,
         })
     }
 
@@ -425,7 +432,8 @@ impl EmaResidualVectorQuantizer {
         let [num_vectors, _] = residual.dims();
         let mut passes = Vec::with_capacity(num_levels);
         for level in &self.levels[..num_levels] {
-            let (mut count, mut weight) = level.statistics(device);
+            let (old_count, old_weight) = level.statistics(device);
+            let (mut count, mut weight) = (old_count.clone(), old_weight.clone());
             if plan.is_some_and(|plan| plan.kmeans) {
                 // Level by level: this level's residuals come from the initialized levels
                 // before it.
@@ -465,6 +473,11 @@ impl EmaResidualVectorQuantizer {
                     }
                     None => (count, weight),
                 };
+                // A batch with NaN or infinity never enters the statistics.
+                let [k, d] = weight.dims();
+                let skip = plan.non_finite.clone();
+                let count = count.mask_where(skip.clone().expand([k]), old_count);
+                let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
                 level.store(count, weight);
             }
             let next_residual = residual.sub(assignment.quantized.clone());
