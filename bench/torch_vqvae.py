@@ -9,7 +9,7 @@ loss (pixel MSE + commitment), Adam 1e-3, batch 64, same epochs. Prints one JSON
 epoch with the fields the demo writes to metrics.jsonl.
 
     python3 -m venv .venv && .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/torch_vqvae.py --epochs 5 --threads 2
+    .venv/bin/python bench/torch_vqvae.py --threads 2
 """
 
 import argparse
@@ -130,7 +130,7 @@ def evaluate(model, images, batch):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--levels", type=int, default=4)

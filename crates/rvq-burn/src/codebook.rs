@@ -367,15 +367,14 @@ fn nearest_indices(
 ) -> Tensor<1, Int> {
     let [n, _] = residual.dims();
     let [k, _] = codebook.dims();
-    let codebook_t = codebook.clone().transpose(); // [D, K]
+    // -2 e^T, [D, K]: scaling by a power of two is exact, so folding it into the (small)
+    // codebook gives the same distances as scaling the [N, K] product, one pass cheaper.
+    let codebook_t = codebook.clone().transpose().mul_scalar(-2.0);
     let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]); // [1, K]
     let search = |rows: Tensor<2>| -> Tensor<1, Int> {
         let [m, _] = rows.dims();
         // ||e||^2 - 2 r.e : [m, D] x [D, K] -> [m, K]
-        let distances = rows
-            .matmul(codebook_t.clone())
-            .mul_scalar(-2.0)
-            .add(norms.clone());
+        let distances = rows.matmul(codebook_t.clone()).add(norms.clone());
         distances.argmin(1).reshape([m])
     };
     let rows_per_chunk = (max_elements / k.max(1)).max(1);

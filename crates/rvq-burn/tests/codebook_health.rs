@@ -14,6 +14,9 @@ fn device() -> Device {
 
 /// `n` vectors of dimension `d` around `centres` fixed, well-separated centres (`spread` the
 /// standard deviation), far from the initial codebook (which lies within 1/K of zero).
+///
+/// Drawn on the host from `seed` (the device RNG is shared with the tests running beside
+/// this one, so it is not reproducible under `cargo test`'s threads).
 fn clustered(
     n: usize,
     d: usize,
@@ -22,20 +25,28 @@ fn clustered(
     seed: u64,
     device: &Device,
 ) -> Tensor<2> {
-    device.seed(seed);
-    let noise = Tensor::<2>::random([n, d], Distribution::Normal(0.0, spread), device);
-    let mut centre_values = Vec::with_capacity(n * d);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut values = Vec::with_capacity(n * d);
     for i in 0..n {
         let c = i % centres;
         for j in 0..d {
             // Centre c: +-3 on a pattern of coordinates, distinct for every c.
             let sign = if (c >> (j % 3)) & 1 == 1 { 1.0 } else { -1.0 };
-            centre_values.push(3.0 * sign + c as f32 * 0.5 * (j == 0) as i32 as f32);
+            let centre = 3.0 * sign + if j == 0 { c as f64 * 0.5 } else { 0.0 };
+            // Box-Muller.
+            let (u1, u2) = (uniform().max(1e-12), uniform());
+            let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            values.push((centre + spread * normal) as f32);
         }
     }
-    let centre_tensor: Tensor<2> =
-        Tensor::from_data(TensorData::new(centre_values, [n, d]), device);
-    centre_tensor.add(noise)
+    Tensor::from_data(TensorData::new(values, [n, d]), device)
 }
 
 fn batch_usage(rvq: &EmaResidualVectorQuantizer, x: Tensor<2>) -> f64 {
@@ -108,14 +119,20 @@ fn dead_code_restart_is_deterministic() {
     let device = device();
     let config =
         EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8).with_threshold_ema_dead_code(0.2);
+    let template = config.init(&device);
+    let plain = Device::flex();
     let run = || {
-        device.seed(5);
+        // The same initial state (copied, not re-drawn: the device RNG is shared).
         let rvq = config.init(&device);
+        for level in 0..2 {
+            let (count, weight) = template.levels[level].statistics(&plain);
+            rvq.try_set_statistics(level, count, weight).unwrap();
+        }
         for step in 0..5 {
             let _ = rvq.forward(clustered(64, 8, 3, 0.2, step, &device));
         }
         (0..2)
-            .map(|l| floats(rvq.codebook(l, &Device::flex())))
+            .map(|l| floats(rvq.codebook(l, &plain)))
             .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());

@@ -16,7 +16,7 @@ Train a VQ-VAE with rvq-burn's residual quantizer on MNIST.
 USAGE: cargo run --release --example train -- [FLAGS]
 
   --config FILE        start from this TrainingConfig (e.g. an earlier OUT/config.json)
-  --epochs N           passes over the training set            (default 5)
+  --epochs N           passes over the training set            (default 20)
   --batch-size N       images per step                          (default 64)
   --lr F               Adam learning rate                       (default 1e-3)
   --levels N           residual quantizer levels                (default 4)

@@ -375,6 +375,33 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_of_standard_files_loads_raw_or_gzip() {
+        let dir = std::env::temp_dir().join(format!("vqvae-idx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Training files gzip (the embedded ones), validation files raw.
+        std::fs::write(dir.join("train-images-idx3-ubyte.gz"), EMBEDDED_IMAGES).unwrap();
+        std::fs::write(dir.join("train-labels-idx1-ubyte.gz"), EMBEDDED_LABELS).unwrap();
+        std::fs::write(
+            dir.join("t10k-images-idx3-ubyte"),
+            idx_images(3, 28, 28, 3 * IMAGE_PIXELS),
+        )
+        .unwrap();
+        std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(3, 3)).unwrap();
+        let mnist = Mnist::from_dir(&dir).unwrap();
+        assert_eq!(mnist.train.len(), 10_000);
+        assert_eq!(mnist.valid.len(), 3);
+        assert_eq!(mnist.valid.labels, vec![3, 3, 3]);
+        // A label file that disagrees is named in the error.
+        std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(2, 2)).unwrap();
+        let error = Mnist::from_dir(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains("t10k-labels-idx1-ubyte holds 2 labels"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn raw_and_gzip_parse_alike() {
         let raw = idx_images(2, 28, 28, 2 * IMAGE_PIXELS);
         let mut gz = Vec::new();

@@ -28,8 +28,8 @@ pub struct TrainingConfig {
     /// The optimizer (Adam, default settings).
     #[config(default = "AdamConfig::new()")]
     pub optimizer: AdamConfig,
-    /// Passes over the training set. Default: 5.
-    #[config(default = 5)]
+    /// Passes over the training set. Default: 20 (about 5 minutes on 2 CPU cores).
+    #[config(default = 20)]
     pub epochs: usize,
     /// Images per step. Default: 64.
     #[config(default = 64)]
@@ -156,19 +156,23 @@ pub fn train(
         ));
     }
 
+    // Before anything draws from the device's random generator.
+    let resume_from = match options.resume {
+        true => Some(last_checkpoint(out)?.ok_or_else(|| {
+            DemoError::Checkpoint(format!(
+                "--resume: no checkpoint in {}",
+                checkpoint_dir(out).display()
+            ))
+        })?),
+        false => None,
+    };
     let device = options.device.clone().autodiff();
     device.seed(config.seed);
     let mut model = config.model.try_init(&device)?;
     let mut optimizer = config.optimizer.init();
     let mut first_epoch = 1;
     let config_path = out.join("config.json");
-    if options.resume {
-        let epoch = last_checkpoint(out)?.ok_or_else(|| {
-            DemoError::Checkpoint(format!(
-                "--resume: no checkpoint in {}",
-                checkpoint_dir(out).display()
-            ))
-        })?;
+    if let Some(epoch) = resume_from {
         let dir = checkpoint_dir(out);
         model = model
             .try_load_file(dir.join(format!("model-{epoch}.bpk")))
