@@ -1,0 +1,140 @@
+//! Property tests over random configurations and input shapes.
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use common::*;
+use proptest::prelude::*;
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+
+/// A configuration, an input shape `[..., D]` (rank 1 to 3, leading dimensions 0 to 5) and
+/// the input's values.
+fn case() -> impl Strategy<Value = (Vec<usize>, usize, Vec<usize>, Vec<f32>, usize)> {
+    (
+        prop::collection::vec(1usize..12, 1..4),
+        1usize..6,
+        prop::collection::vec(0usize..6, 0..3),
+        1usize..64,
+    )
+        .prop_flat_map(|(sizes, dim, leading, chunk)| {
+            let n: usize = leading.iter().product();
+            let values = prop::collection::vec(-2.0f32..2.0, n * dim);
+            (Just(sizes), Just(dim), Just(leading), values, Just(chunk))
+        })
+}
+
+fn quantizer(sizes: &[usize], dim: usize, chunk: usize, device: &Device) -> EmaResidualVectorQuantizer {
+    EmaResidualVectorQuantizerConfig::new(sizes.len(), sizes.to_vec().into(), dim)
+        .with_max_distance_elements(chunk)
+        .init(device)
+}
+
+fn state(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
+    let plain = Device::flex();
+    rvq.levels
+        .iter()
+        .flat_map(|level| {
+            let (count, weight) = level.statistics(&plain);
+            [floats(count), floats(weight)]
+        })
+        .map(|values| values.iter().map(|v| v.to_bits()).collect())
+        .collect()
+}
+
+/// The residual search on the host, in f64: per level, the nearest code's index, and the
+/// gap between the best and second-best squared distances (to tell real ties).
+fn host_encode(codebooks: &[Vec<f32>], x: &[f32], dim: usize) -> Vec<Vec<(usize, f64)>> {
+    let mut residual: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    codebooks
+        .iter()
+        .map(|codebook| {
+            let codes: Vec<&[f32]> = codebook.chunks(dim).collect();
+            residual
+                .chunks_mut(dim)
+                .map(|row| {
+                    let mut distances: Vec<(f64, usize)> = codes
+                        .iter()
+                        .enumerate()
+                        .map(|(k, code)| {
+                            let d = row.iter().zip(*code).map(|(a, &b)| (a - b as f64).powi(2)).sum();
+                            (d, k)
+                        })
+                        .collect();
+                    distances.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let (best, index) = distances[0];
+                    let gap = distances.get(1).map_or(f64::INFINITY, |second| second.0 - best);
+                    for (r, &c) in row.iter_mut().zip(codes[index]) {
+                        *r -= c as f64;
+                    }
+                    (index, gap)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn invariants_hold_for_any_configuration_and_shape(
+        (sizes, dim, leading, values, chunk) in case()
+    ) {
+        let plain = Device::flex();
+        let autodiff = plain.clone().autodiff();
+        let rvq = quantizer(&sizes, dim, chunk, &autodiff);
+        let mut shape = leading.clone();
+        shape.push(dim);
+        let n: usize = leading.iter().product();
+        let flat: Tensor<2> = Tensor::from_data(TensorData::new(values.clone(), [n, dim]), &plain);
+
+        // A training step first, so the codebooks are not the initial ones.
+        let _ = rvq.forward(flat.clone().autodiff());
+        let before = state(&rvq);
+
+        // Eval: shape kept, codes in range, state untouched.
+        let eval = rvq.valid();
+        let out = eval.forward(flat.clone());
+        prop_assert_eq!(out.quantized.dims(), [n, dim]);
+        prop_assert_eq!(out.indices.len(), sizes.len());
+        for (level, indices) in out.indices.iter().enumerate() {
+            let codes = ints(indices.clone());
+            prop_assert_eq!(codes.len(), n);
+            prop_assert!(codes.iter().all(|&c| c >= 0 && (c as usize) < sizes[level]));
+        }
+        prop_assert_eq!(state(&rvq), before.clone());
+
+        // The same through the rank of the caller's shape.
+        match shape.len() {
+            1 => prop_assert_eq!(eval.forward(flat.clone().reshape([dim])).quantized.dims().to_vec(), shape.clone()),
+            2 => prop_assert_eq!(eval.forward(flat.clone().reshape([shape[0], dim])).quantized.dims().to_vec(), shape.clone()),
+            _ => prop_assert_eq!(eval.forward(flat.clone().reshape([shape[0], shape[1], dim])).quantized.dims().to_vec(), shape.clone()),
+        }
+
+        // decode(encode(x)) is the eval output, up to the rounding of x + (q - x).
+        let codes = eval.encode(flat.clone());
+        let decoded = floats(eval.decode(&codes, [n, dim]));
+        let quantized = floats(out.quantized);
+        for (d, q) in decoded.iter().zip(&quantized) {
+            prop_assert!((d - q).abs() <= 1e-5 * q.abs().max(1.0), "{} vs {}", d, q);
+        }
+
+        // The chunked, matrix-product search equals a plain search on the host (up to
+        // near-ties of the f32 distances).
+        let codebooks: Vec<Vec<f32>> = (0..sizes.len()).map(|l| floats(rvq.codebook(l, &plain))).collect();
+        let host = host_encode(&codebooks, &values, dim);
+        // A row that took the other side of a near-tie follows another residual afterwards.
+        let mut diverged = vec![false; n];
+        for (level, (device_codes, host_codes)) in codes.iter().zip(&host).enumerate() {
+            for (row, (&got, &(want, gap))) in ints(device_codes.clone()).iter().zip(host_codes).enumerate() {
+                if diverged[row] || got as usize == want {
+                    continue;
+                }
+                prop_assert!(gap < 1e-4, "level {} row {}: {} vs host {} (gap {})", level, row, got, want, gap);
+                diverged[row] = true;
+            }
+        }
+        prop_assert_eq!(state(&rvq), before);
+    }
+}
