@@ -251,6 +251,9 @@ impl EmaResidualVectorQuantizer {
         let shape = x.dims();
         let num_vectors = self.check_input(&shape)?;
         let mut num_levels = self.check_num_levels(options.num_levels)?;
+        if num_vectors == 0 {
+            return Ok(self.empty_output(x, num_levels));
+        }
         let autodiff = x.is_autodiff();
         let training = autodiff && self.training.is_enabled();
         let update = training && options.update_ema && num_vectors > 0;
@@ -360,6 +363,9 @@ impl EmaResidualVectorQuantizer {
         let num_vectors = self.check_input(&shape)?;
         let num_levels = self.check_num_levels(Some(num_levels))?;
         let device = x.device().without_autodiff();
+        if num_vectors == 0 {
+            return Ok(vec![Tensor::<1, Int>::zeros([0], &device); num_levels]);
+        }
         let flat = x
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim]);
@@ -529,6 +535,33 @@ impl EmaResidualVectorQuantizer {
                 CodebookHealth::from_ema_counts(&counts, threshold)
             })
             .collect()
+    }
+
+    /// The output for a batch of no vectors: the (empty) input itself, empty indices, zero
+    /// losses and histograms, no update. Built without reshapes: Burn reads a 0 in a reshape
+    /// target as "keep this dimension".
+    fn empty_output<const R: usize>(&self, x: Tensor<R>, num_levels: usize) -> RvqOutput<R> {
+        let device = x.device().without_autodiff();
+        let zero = || Tensor::<1>::zeros([1], &device);
+        let loss = if x.is_autodiff() {
+            // Zero, on the input's graph.
+            x.clone().sum().mul_scalar(0.0)
+        } else {
+            zero()
+        };
+        let levels = &self.levels[..num_levels];
+        RvqOutput {
+            quantized: x,
+            indices: vec![Tensor::<1, Int>::zeros([0], &device); num_levels],
+            loss,
+            level_losses: vec![zero(); num_levels],
+            code_counts: levels
+                .iter()
+                .map(|level| Tensor::zeros([level.num_embeddings], &device))
+                .collect(),
+            restarted_codes: vec![0; num_levels],
+            update_skipped: None,
+        }
     }
 
     /// Checks `[..., D]` and returns `N`.

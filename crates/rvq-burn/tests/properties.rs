@@ -24,7 +24,12 @@ fn case() -> impl Strategy<Value = (Vec<usize>, usize, Vec<usize>, Vec<f32>, usi
         })
 }
 
-fn quantizer(sizes: &[usize], dim: usize, chunk: usize, device: &Device) -> EmaResidualVectorQuantizer {
+fn quantizer(
+    sizes: &[usize],
+    dim: usize,
+    chunk: usize,
+    device: &Device,
+) -> EmaResidualVectorQuantizer {
     EmaResidualVectorQuantizerConfig::new(sizes.len(), sizes.to_vec().into(), dim)
         .with_max_distance_elements(chunk)
         .init(device)
@@ -57,13 +62,19 @@ fn host_encode(codebooks: &[Vec<f32>], x: &[f32], dim: usize) -> Vec<Vec<(usize,
                         .iter()
                         .enumerate()
                         .map(|(k, code)| {
-                            let d = row.iter().zip(*code).map(|(a, &b)| (a - b as f64).powi(2)).sum();
+                            let d = row
+                                .iter()
+                                .zip(*code)
+                                .map(|(a, &b)| (a - b as f64).powi(2))
+                                .sum();
                             (d, k)
                         })
                         .collect();
                     distances.sort_by(|a, b| a.0.total_cmp(&b.0));
                     let (best, index) = distances[0];
-                    let gap = distances.get(1).map_or(f64::INFINITY, |second| second.0 - best);
+                    let gap = distances
+                        .get(1)
+                        .map_or(f64::INFINITY, |second| second.0 - best);
                     for (r, &c) in row.iter_mut().zip(codes[index]) {
                         *r -= c as f64;
                     }
@@ -75,7 +86,7 @@ fn host_encode(codebooks: &[Vec<f32>], x: &[f32], dim: usize) -> Vec<Vec<(usize,
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_for_any_configuration_and_shape(
@@ -105,11 +116,18 @@ proptest! {
         }
         prop_assert_eq!(state(&rvq), before.clone());
 
-        // The same through the rank of the caller's shape.
-        match shape.len() {
-            1 => prop_assert_eq!(eval.forward(flat.clone().reshape([dim])).quantized.dims().to_vec(), shape.clone()),
-            2 => prop_assert_eq!(eval.forward(flat.clone().reshape([shape[0], dim])).quantized.dims().to_vec(), shape.clone()),
-            _ => prop_assert_eq!(eval.forward(flat.clone().reshape([shape[0], shape[1], dim])).quantized.dims().to_vec(), shape.clone()),
+        // The same through the rank of the caller's shape (empty dimensions anywhere).
+        let dims = match shape.len() {
+            1 => eval.forward(Tensor::<1>::from_data(TensorData::new(values.clone(), [dim]), &plain)).quantized.dims().to_vec(),
+            2 => eval.forward(Tensor::<2>::from_data(TensorData::new(values.clone(), [shape[0], dim]), &plain)).quantized.dims().to_vec(),
+            _ => eval.forward(Tensor::<3>::from_data(TensorData::new(values.clone(), [shape[0], shape[1], dim]), &plain)).quantized.dims().to_vec(),
+        };
+        prop_assert_eq!(dims, shape.clone());
+        if shape.len() == 3 {
+            let x3 = Tensor::<3>::from_data(TensorData::new(values.clone(), [shape[0], shape[1], dim]), &autodiff);
+            let out3 = rvq.forward_with(x3, &rvq_burn::ForwardOptions::new().with_update_ema(false));
+            prop_assert_eq!(out3.quantized.dims().to_vec(), shape.clone());
+            prop_assert!(rvq.try_decode(&rvq.encode(flat.clone()), [shape[0], shape[1], dim]).is_ok());
         }
 
         // decode(encode(x)) is the eval output, up to the rounding of x + (q - x).
