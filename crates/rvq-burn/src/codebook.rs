@@ -21,6 +21,7 @@ use burn::module::{Module, RunningState};
 use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::error::RvqError;
+use crate::hash::SplitMix64;
 
 /// One EMA codebook of `num_embeddings` vectors of dimension `embedding_dim`.
 ///
@@ -318,14 +319,9 @@ impl EmaCodebook {
 /// `count` row indices in `0..n` from a fixed hash of `(round, i)`: distinct while
 /// `count <= n`.
 fn sample_rows(n: usize, count: usize, round: u64) -> Vec<i64> {
-    let mut state = round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut hash =
+        SplitMix64::new(round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
+    let mut next = move || hash.next_u64();
     // A partial Fisher-Yates shuffle of 0..n gives distinct rows; past n, rows repeat.
     let mut rows: Vec<usize> = (0..n).collect();
     (0..count)

@@ -50,6 +50,7 @@
 pub mod codebook;
 pub mod config;
 pub mod error;
+mod hash;
 pub mod metrics;
 pub mod options;
 pub mod output;

@@ -22,6 +22,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use crate::codebook::{EmaCodebook, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
+use crate::hash::SplitMix64;
 use crate::metrics::CodebookHealth;
 use crate::options::ForwardOptions;
 use crate::output::RvqOutput;
@@ -503,15 +504,13 @@ impl EmaResidualVectorQuantizer {
     fn dropout_depth(&self, step: u64) -> usize {
         let num_levels = self.levels.len();
         let min = self.quantize_dropout_min_levels.clamp(1, num_levels);
-        let mut z = step.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let uniform = (z >> 11) as f64 / (1u64 << 53) as f64;
+        // One draw: its top 53 bits decide whether to drop, its low 32 bits the depth.
+        let draw = SplitMix64::new(step).next_u64();
+        let uniform = (draw >> 11) as f64 / (1u64 << 53) as f64;
         if uniform >= self.quantize_dropout {
             return num_levels;
         }
-        min + ((z & 0xFFFF_FFFF) as usize) % (num_levels - min + 1)
+        min + ((draw & 0xFFFF_FFFF) % (num_levels - min + 1) as u64) as usize
     }
 
     /// Batch-independent health of every level from its EMA counts: normalized entropy and

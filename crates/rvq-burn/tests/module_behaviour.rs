@@ -24,19 +24,6 @@ fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 0.3), device)
 }
 
-/// Every state value, bit for bit.
-fn state_bits(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
-    let device = device();
-    rvq.levels
-        .iter()
-        .flat_map(|level| {
-            let (count, weight) = level.statistics(&device);
-            [floats(count), floats(weight)]
-        })
-        .map(|values| values.iter().map(|v| v.to_bits()).collect())
-        .collect()
-}
-
 fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rvq-burn-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -12,17 +12,9 @@ fn device() -> Device {
     Device::flex().autodiff()
 }
 
+/// The EMA statistics and the step counter, bit for bit.
 fn state(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
-    let plain = Device::flex();
-    let mut all: Vec<Vec<u32>> = rvq
-        .levels
-        .iter()
-        .flat_map(|level| {
-            let (count, weight) = level.statistics(&plain);
-            [floats(count), floats(weight)]
-        })
-        .map(|values| values.iter().map(|v| v.to_bits()).collect())
-        .collect();
+    let mut all = state_bits(rvq);
     all.push(
         floats(rvq.steps.value_sync())
             .iter()

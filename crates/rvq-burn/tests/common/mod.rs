@@ -43,6 +43,19 @@ pub fn compare(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
     Ok(())
 }
 
+/// Every EMA statistic of `rvq` (per level: counts, then sums), bit for bit.
+pub fn state_bits(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
+    let plain = Device::flex();
+    rvq.levels
+        .iter()
+        .flat_map(|level| {
+            let (count, weight) = level.statistics(&plain);
+            [floats(count), floats(weight)]
+        })
+        .map(|values| values.iter().map(|v| v.to_bits()).collect())
+        .collect()
+}
+
 pub fn floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
     tensor.into_data().iter::<f32>().collect()
 }

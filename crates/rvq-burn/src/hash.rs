@@ -1,0 +1,23 @@
+//! SplitMix64 (Steele, Lea and Flood 2014): the fixed hash behind every "random" choice the
+//! quantizer makes itself (k-means seeds, quantizer dropout depth). Deterministic from its
+//! seed, so a choice is reproducible and the same on every device, and independent of the
+//! device random generator the rest of a model shares.
+
+/// A SplitMix64 stream.
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// The stream for `seed`.
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
