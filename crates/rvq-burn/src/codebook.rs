@@ -381,6 +381,7 @@ fn nearest_indices(
         .step_by(rows_per_chunk)
         .map(|start| {
             let end = (start + rows_per_chunk).min(n);
+            #[allow(clippy::single_range_in_vec_init)] // rows start..end of [N, D]
             search(residual.clone().slice([start..end]))
         })
         .collect();

@@ -280,7 +280,7 @@ pub fn parse_images(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
 pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
     let bytes = gunzip_if_needed(file, bytes)?;
     let header = header(file, &bytes, LABELS_MAGIC, 8)?;
-    let expected = header[0].checked_add(8).unwrap_or(usize::MAX);
+    let expected = header[0].saturating_add(8);
     payload(file, bytes, 8, expected)
 }
 
