@@ -53,37 +53,6 @@ fn batch_usage(rvq: &EmaResidualVectorQuantizer, x: Tensor<2>) -> f64 {
     rvq.valid().forward(x.without_autodiff()).metrics().levels[0].usage
 }
 
-fn assert_finite_and_consistent(rvq: &EmaResidualVectorQuantizer) {
-    let plain = Device::flex();
-    for (level, codebook) in rvq.levels.iter().enumerate() {
-        let (count, weight) = codebook.statistics(&plain);
-        let counts = floats(count.clone());
-        let weights = floats(weight.clone());
-        assert!(
-            counts.iter().all(|c| c.is_finite() && *c >= 0.0),
-            "level {level}: counts"
-        );
-        assert!(weights.iter().all(|w| w.is_finite()), "level {level}: sums");
-        // codebook = sums / smoothed counts, recomputed here in f64.
-        let k = counts.len();
-        let d = weights.len() / k;
-        let total: f64 = counts.iter().map(|&c| c as f64).sum();
-        let eps = codebook.epsilon;
-        let got = floats(rvq.codebook(level, &plain));
-        for code in 0..k {
-            let smoothed = (counts[code] as f64 + eps) / (total + k as f64 * eps) * total;
-            for j in 0..d {
-                let want = weights[code * d + j] as f64 / smoothed;
-                let g = got[code * d + j] as f64;
-                assert!(
-                    (g - want).abs() <= 1e-6 * want.abs().max(1.0),
-                    "level {level} code {code}: codebook {g} vs sums / smoothed counts {want}"
-                );
-            }
-        }
-    }
-}
-
 #[test]
 fn dead_code_restart_brings_every_code_into_use() {
     let device = device();

@@ -56,6 +56,44 @@ pub fn state_bits(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Every state value is finite, counts are >= 0, and the codebook equals sums / smoothed
+/// counts within 1e-6 (recomputed here in f64). Returns each level's total EMA count.
+pub fn assert_finite_and_consistent(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<f64> {
+    let plain = Device::flex();
+    let mut totals = Vec::new();
+    for (level, codebook) in rvq.levels.iter().enumerate() {
+        let (count, weight) = codebook.statistics(&plain);
+        let counts = floats(count);
+        let weights = floats(weight);
+        assert!(
+            counts.iter().all(|c| c.is_finite() && *c >= 0.0),
+            "level {level}: counts not finite and >= 0"
+        );
+        assert!(
+            weights.iter().all(|w| w.is_finite()),
+            "level {level}: sums not finite"
+        );
+        let k = counts.len();
+        let d = weights.len() / k;
+        let total: f64 = counts.iter().map(|&c| c as f64).sum();
+        let eps = codebook.epsilon;
+        let got = floats(rvq.codebook(level, &plain));
+        for code in 0..k {
+            let smoothed = (counts[code] as f64 + eps) / (total + k as f64 * eps) * total;
+            for j in 0..d {
+                let want = weights[code * d + j] as f64 / smoothed;
+                let g = got[code * d + j] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "level {level} code {code}: codebook {g} vs sums / smoothed counts {want}"
+                );
+            }
+        }
+        totals.push(total);
+    }
+    totals
+}
+
 pub fn floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
     tensor.into_data().iter::<f32>().collect()
 }
