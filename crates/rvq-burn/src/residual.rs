@@ -257,7 +257,7 @@ impl EmaResidualVectorQuantizer {
         }
         let autodiff = x.is_autodiff();
         let training = autodiff && self.training.is_enabled();
-        let update = training && options.update_ema && num_vectors > 0;
+        let update = training && options.update_ema;
         let device = x.device().without_autodiff();
         let d = self.embedding_dim;
 
@@ -296,7 +296,10 @@ impl EmaResidualVectorQuantizer {
         let level_losses: Vec<Tensor<1>> = passes
             .iter()
             .map(|pass| {
-                mean_or_zero(pass.next_residual.clone().powi_scalar(2), &device)
+                pass.next_residual
+                    .clone()
+                    .powi_scalar(2)
+                    .mean()
                     .mul_scalar(self.beta)
             })
             .collect();
@@ -427,7 +430,7 @@ impl EmaResidualVectorQuantizer {
         Ok(sum.reshape(shape))
     }
 
-    /// Runs the first `num_levels` levels on `residual` `[N, D]` (no autodiff); with a plan,
+    /// Runs the first `num_levels` levels on `residual` `[N, D]` (`N > 0`, no autodiff); with a plan,
     /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
     fn run_levels(
         &self,
@@ -436,7 +439,6 @@ impl EmaResidualVectorQuantizer {
         plan: Option<&UpdatePlan>,
         device: &Device,
     ) -> Vec<LevelPass> {
-        let [num_vectors, _] = residual.dims();
         let mut passes = Vec::with_capacity(num_levels);
         for level in &self.levels[..num_levels] {
             let (old_count, old_weight) = level.statistics(device);
@@ -452,11 +454,8 @@ impl EmaResidualVectorQuantizer {
                 );
             }
             let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
-            let assignment = if num_vectors == 0 {
-                empty_assignment(level.num_embeddings, self.embedding_dim, device)
-            } else {
-                EmaCodebook::assign(&codebook, residual.clone(), self.max_distance_elements)
-            };
+            let assignment =
+                EmaCodebook::assign(&codebook, residual.clone(), self.max_distance_elements);
             let mut restarted = 0;
             if let Some(plan) = plan {
                 let (count, weight) = EmaCodebook::ema_step(
@@ -623,10 +622,6 @@ fn commitment_loss_autodiff(
     beta: f64,
 ) -> Tensor<1> {
     let num_levels = passes.len();
-    let [num_vectors, _] = flat.dims();
-    if num_levels == 0 || num_vectors == 0 {
-        return total_loss.autodiff();
-    }
     // c_l = x - r_{l+1}; mean_l c_l = x - mean_l r_{l+1}
     let flat_plain = flat.clone().without_autodiff();
     let mean_residual = passes
@@ -645,26 +640,6 @@ fn commitment_loss_autodiff(
         .sub(surrogate.clone().without_autodiff())
         .autodiff();
     surrogate.add(correction)
-}
-
-fn mean_or_zero(values: Tensor<2>, device: &Device) -> Tensor<1> {
-    if values.dims().contains(&0) {
-        Tensor::zeros([1], device)
-    } else {
-        values.mean()
-    }
-}
-
-fn empty_assignment(
-    num_embeddings: usize,
-    embedding_dim: usize,
-    device: &Device,
-) -> crate::codebook::Assignment {
-    crate::codebook::Assignment {
-        indices: Tensor::<1, Int>::zeros([0], device),
-        quantized: Tensor::zeros([0, embedding_dim], device),
-        counts: Tensor::zeros([num_embeddings], device),
-    }
 }
 
 impl ModuleDisplay for EmaResidualVectorQuantizer {
