@@ -135,8 +135,7 @@ impl EmaCodebook {
                 reason: "must hold finite values".into(),
             });
         }
-        self.ema_count.update(ema_count.without_autodiff());
-        self.ema_weight.update(ema_weight.without_autodiff());
+        self.store(ema_count.without_autodiff(), ema_weight.without_autodiff());
         Ok(())
     }
 
