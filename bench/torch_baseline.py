@@ -10,6 +10,7 @@ and a float32 matrix product to measure the machine's GEMM rate. Prints one JSON
 (implementation, shape, operation), like the Rust bench.
 
     .venv/bin/python bench/torch_baseline.py --threads 2 --shapes small,medium
+    python3 bench/torch_baseline.py --device cuda          # GPU figures
 """
 
 import argparse
@@ -30,11 +31,12 @@ SHAPES = {
 class PlainRvq:
     """The reference algorithm in plain PyTorch."""
 
-    def __init__(self, n_levels, k, d, beta=0.25, decay=0.99, eps=1e-5):
+    def __init__(self, n_levels, k, d, beta=0.25, decay=0.99, eps=1e-5, device="cpu"):
         limit = 1.0 / k
         self.k, self.beta, self.decay, self.eps = k, beta, decay, eps
-        self.counts = [torch.ones(k) for _ in range(n_levels)]
-        self.weights = [torch.empty(k, d).uniform_(-limit, limit) for _ in range(n_levels)]
+        self.counts = [torch.ones(k, device=device) for _ in range(n_levels)]
+        self.weights = [torch.empty(k, d, device=device).uniform_(-limit, limit)
+                        for _ in range(n_levels)]
 
     def codebook(self, l):
         c = self.counts[l]
@@ -53,7 +55,8 @@ class PlainRvq:
             q = cb[idx]
             loss = loss + self.beta * ((q - residual) ** 2).mean()
             with torch.no_grad():
-                counts = torch.zeros(self.k).index_add_(0, idx, torch.ones(len(idx)))
+                counts = torch.zeros_like(self.counts[l]).index_add_(
+                    0, idx, torch.ones(len(idx), device=idx.device))
                 sums = torch.zeros_like(cb).index_add_(0, idx, residual.detach())
                 self.counts[l].mul_(self.decay).add_(counts, alpha=1 - self.decay)
                 self.weights[l].mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -77,12 +80,20 @@ class PlainRvq:
         return sum(self.codebook(l)[idx] for l, idx in enumerate(codes))
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(repeats, run):
+    """Median wall time of `repeats` runs after one warm-up, waiting for the GPU after each."""
     run()
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -99,11 +110,16 @@ def main():
     parser.add_argument("--shapes", default="small,medium,large,codec")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-vqp", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
+    # Plain float32 everywhere, as the Rust side (no TF32 on the GPU).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
-    a, b = torch.randn(4096, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(4096, 1024, device=dev), torch.randn(1024, 1024, device=dev)
     gemm = median_seconds(5, lambda: a @ b)
     print(json.dumps(dict(implementation="torch", operation="gemm_4096x1024x1024",
                           median_seconds=round(gemm, 6),
@@ -112,8 +128,8 @@ def main():
     for shape in args.shapes.split(","):
         n, d, k, m = SHAPES[shape]
         repeats = min(args.repeats, 3) if n >= 65536 else args.repeats
-        x = torch.randn(n, d)
-        plain = PlainRvq(m, k, d)
+        x = torch.randn(n, d, device=dev)
+        plain = PlainRvq(m, k, d, device=dev)
         for _ in range(2):
             plain.train_step(x)
 
@@ -126,7 +142,7 @@ def main():
         report("plain", shape, n, d, k, m, "encode", median_seconds(repeats, lambda: plain.encode(x)))
         codes = plain.encode(x)
         report("plain", shape, n, d, k, m, "decode", median_seconds(repeats, lambda: plain.decode(codes)))
-        cb = torch.randn(k, d)
+        cb = torch.randn(k, d, device=dev)
         products = median_seconds(repeats, lambda: [x @ cb.t() for _ in range(m)])
         print(json.dumps(dict(implementation="torch", shape=shape, operation="gemm",
                               median_seconds=round(products, 6),
@@ -136,7 +152,7 @@ def main():
             continue
         from vector_quantize_pytorch import ResidualVQ
         vqp = ResidualVQ(dim=d, num_quantizers=m, codebook_size=k, decay=0.99,
-                         commitment_weight=0.25)
+                         commitment_weight=0.25).to(dev)
         vqp.train()
         xb = x[None]
 

@@ -1,6 +1,8 @@
 //! Throughput of the quantizer: training step (forward + EMA update + backward of the
 //! commitment loss through the input), `encode` and `decode`, on four shapes and every
-//! backend compiled in. One JSON object per (backend, shape, operation) on standard output.
+//! backend compiled in, and the entropy coding of the codes on the host (`entropy_encode`,
+//! `entropy_decode`, in codes per second). One JSON object per (backend, shape, operation)
+//! on standard output.
 //!
 //! ```sh
 //! cargo bench -p rvq-burn --bench throughput                         # CPU backends, all shapes
@@ -10,7 +12,11 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
+use rvq_burn::EmaCodebook;
+use rvq_burn::codebook::codebook_from_statistics;
+use rvq_burn::stream::indices_to_host;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
 /// `(name, N, D, K, M)`.
@@ -25,6 +31,7 @@ struct Args {
     backends: Vec<String>,
     shapes: Vec<String>,
     repeats: usize,
+    parts: bool,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +39,7 @@ fn parse_args() -> Args {
         backends: vec!["flex".into(), "ndarray".into()],
         shapes: SHAPES.iter().map(|s| s.0.to_string()).collect(),
         repeats: 5,
+        parts: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -46,8 +54,9 @@ fn parse_args() -> Args {
             "--backends" => args.backends = list(iter.next()),
             "--shapes" => args.shapes = list(iter.next()),
             "--repeats" => args.repeats = iter.next().and_then(|v| v.parse().ok()).unwrap_or(5),
+            "--parts" => args.parts = true,
             "--bench" => {}
-            other => panic!("unknown flag {other:?}: use --backends, --shapes, --repeats"),
+            other => panic!("unknown flag {other:?}: use --backends, --shapes, --repeats, --parts"),
         }
     }
     args
@@ -99,6 +108,107 @@ fn report(
     );
 }
 
+/// The primitives of one level of a training step, timed apart (`--parts`): where a backend
+/// spends the step.
+fn parts(
+    backend: &str,
+    shape: &str,
+    n: usize,
+    d: usize,
+    k: usize,
+    repeats: usize,
+    device: &Device,
+) {
+    let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    let count = Tensor::<1>::random([k], Distribution::Uniform(1.0, 2.0), device);
+    let weight = Tensor::<2>::random([k, d], Distribution::Normal(0.0, 1.0), device);
+    let codebook = codebook_from_statistics(count.clone(), weight.clone(), 1e-5);
+    let indices = Tensor::<2>::random([n, 1], Distribution::Uniform(0.0, k as f64), device)
+        .int()
+        .reshape([n]);
+    let mut timings: Vec<(&str, f64)> = Vec::new();
+    timings.push((
+        "codebook_from_statistics",
+        median_seconds(repeats, device, || {
+            let _ = codebook_from_statistics(count.clone(), weight.clone(), 1e-5);
+        }),
+    ));
+    timings.push((
+        "assign (search, gather, counts)",
+        median_seconds(repeats, device, || {
+            let _ = EmaCodebook::assign(&codebook, x.clone(), 1 << 24);
+        }),
+    ));
+    let codebook_t = codebook.clone().transpose();
+    timings.push((
+        "matmul [N,D]x[D,K]",
+        median_seconds(repeats, device, || {
+            let _ = x.clone().matmul(codebook_t.clone());
+        }),
+    ));
+    let distances = x.clone().matmul(codebook_t.clone());
+    timings.push((
+        "argmin [N,K]",
+        median_seconds(repeats, device, || {
+            let _ = distances.clone().argmin(1);
+        }),
+    ));
+    timings.push((
+        "gather select [K,D] -> [N,D]",
+        median_seconds(repeats, device, || {
+            let _ = codebook.clone().select(0, indices.clone());
+        }),
+    ));
+    timings.push((
+        "scatter-add counts [K] <- N",
+        median_seconds(repeats, device, || {
+            let _ = Tensor::<1>::zeros([k], device).select_assign(
+                0,
+                indices.clone(),
+                Tensor::ones([n], device),
+                IndexingUpdateOp::Add,
+            );
+        }),
+    ));
+    timings.push((
+        "scatter-add integer counts [K] <- N",
+        median_seconds(repeats, device, || {
+            let _ = Tensor::<1, Int>::zeros([k], device)
+                .select_assign(
+                    0,
+                    indices.clone(),
+                    Tensor::<1, Int>::ones([n], device),
+                    IndexingUpdateOp::Add,
+                )
+                .float();
+        }),
+    ));
+    timings.push((
+        "scatter-add sums [K,D] <- [N,D]",
+        median_seconds(repeats, device, || {
+            let _ = Tensor::<2>::zeros([k, d], device).select_assign(
+                0,
+                indices.clone(),
+                x.clone(),
+                IndexingUpdateOp::Add,
+            );
+        }),
+    ));
+    let one_hot_t = indices.clone().one_hot(k).float().transpose();
+    timings.push((
+        "one-hot sums [K,N]x[N,D]",
+        median_seconds(repeats, device, || {
+            let _ = one_hot_t.clone().matmul(x.clone());
+        }),
+    ));
+    for (part, seconds) in timings {
+        println!(
+            "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"part\",\
+             \"part\":\"{part}\",\"median_seconds\":{seconds:.6}}}"
+        );
+    }
+}
+
 fn main() {
     let args = parse_args();
     for backend in &args.backends {
@@ -109,6 +219,38 @@ fn main() {
             .filter(|s| args.shapes.iter().any(|a| a == s.0))
         {
             plain.seed(0);
+            if args.parts {
+                parts(backend, shape, n, d, k, args.repeats, &plain);
+                let rvq = EmaResidualVectorQuantizerConfig::new(m, k.into(), d).init(&plain);
+                let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
+                for (part, seconds) in [
+                    (
+                        "forward, training, no backward",
+                        median_seconds(args.repeats, &plain, || {
+                            let _ = rvq.forward(x.clone().autodiff()).loss.into_data();
+                        }),
+                    ),
+                    (
+                        "forward + sync_state",
+                        median_seconds(args.repeats, &plain, || {
+                            let _ = rvq.forward(x.clone().autodiff()).loss.into_data();
+                            rvq.sync_state();
+                        }),
+                    ),
+                    (
+                        "forward, eval",
+                        median_seconds(args.repeats, &plain, || {
+                            let _ = rvq.valid().forward(x.clone()).loss.into_data();
+                        }),
+                    ),
+                ] {
+                    println!(
+                        "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"part\",\
+                         \"part\":\"{part}\",\"median_seconds\":{seconds:.6}}}"
+                    );
+                }
+                continue;
+            }
             let rvq: EmaResidualVectorQuantizer =
                 EmaResidualVectorQuantizerConfig::new(m, k.into(), d).init(&plain);
             let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
@@ -144,6 +286,28 @@ fn main() {
                 let _ = eval.decode(&codes, [n, d]).into_data();
             });
             report(backend, shape, n, d, k, m, "decode", decode);
+
+            // Entropy coding of the codes on the host, with the EMA counts as the prior.
+            let models = eval
+                .entropy_models()
+                .expect("codebooks small enough to code");
+            let host = indices_to_host(codes.clone());
+            let mut stream = Vec::new();
+            let compress = median_seconds(repeats, &plain, || {
+                stream = models.compress(&host, &[n, d]).expect("valid codes");
+            });
+            let decompress = median_seconds(repeats, &plain, || {
+                let _ = models.decompress(&stream).expect("own stream");
+            });
+            for (op, seconds) in [("entropy_encode", compress), ("entropy_decode", decompress)] {
+                println!(
+                    "{{\"backend\":\"host\",\"shape\":\"{shape}\",\"n\":{n},\"k\":{k},\"m\":{m},\
+                     \"operation\":\"{op}\",\"median_seconds\":{seconds:.6},\
+                     \"codes_per_second\":{:.1},\"bits_per_code\":{:.3}}}",
+                    (n * m) as f64 / seconds,
+                    (8 * stream.len()) as f64 / (n * m) as f64
+                );
+            }
 
             // The distance products alone: M matrix products [N, D] x [D, K], the bound the
             // search cannot beat.

@@ -149,13 +149,17 @@ impl EmaCodebook {
         let indices = nearest_indices(codebook, residual, max_elements);
         let quantized = codebook.clone().select(0, indices.clone());
         let device = codebook.device();
-        // Per-code counts by scatter-add: [K] <- N ones.
-        let counts = Tensor::<1>::zeros([k], &device).select_assign(
-            0,
-            indices.clone(),
-            Tensor::ones([n], &device),
-            IndexingUpdateOp::Add,
-        );
+        // Per-code counts by scatter-add of integer ones, [K] <- N: exact, and GPUs add
+        // integers atomically in hardware where float adds are emulated by compare-and-swap
+        // loops (WGPU: 3.3 ms for float against the search's 0.9 ms, medium shape on an H200).
+        let counts = Tensor::<1, Int>::zeros([k], &device)
+            .select_assign(
+                0,
+                indices.clone(),
+                Tensor::<1, Int>::ones([n], &device),
+                IndexingUpdateOp::Add,
+            )
+            .float();
         Assignment {
             indices,
             quantized,

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+pub use crate::stream::StreamError;
+
 /// What went wrong in a fallible (`try_*`) call.
 ///
 /// A call that returns an error has left the quantizer's state exactly as it was.
@@ -71,6 +73,8 @@ pub enum RvqError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A compressed stream could not be written or read (see [`StreamError`]).
+    Stream(StreamError),
 }
 
 impl fmt::Display for RvqError {
@@ -122,6 +126,7 @@ impl fmt::Display for RvqError {
                 "state `{field}` has shape {got:?}, expected {expected:?}"
             ),
             Self::InvalidState { field, reason } => write!(f, "state `{field}` {reason}"),
+            Self::Stream(error) => error.fmt(f),
         }
     }
 }

@@ -1,7 +1,7 @@
-//! SplitMix64 (Steele, Lea and Flood 2014): the fixed hash behind every "random" choice the
-//! quantizer makes itself (k-means seeds, quantizer dropout depth). Deterministic from its
-//! seed, so a choice is reproducible and the same on every device, and independent of the
-//! device random generator the rest of a model shares.
+//! The crate's fixed hashes. SplitMix64 (Steele, Lea and Flood 2014) is behind every "random"
+//! choice the quantizer makes itself (k-means seeds, quantizer dropout depth): deterministic
+//! from its seed, so a choice is reproducible and the same on every device, and independent of
+//! the device random generator the rest of a model shares. FNV-1a checks compressed streams.
 
 /// A SplitMix64 stream.
 pub(crate) struct SplitMix64(u64);
@@ -20,4 +20,13 @@ impl SplitMix64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+}
+
+/// FNV-1a, 64 bits: the checksum of compressed streams and the fingerprint of their
+/// probability tables. Each step (xor a byte, multiply by an odd prime) is a bijection of the
+/// state, so any change confined to one byte always changes the result.
+pub(crate) fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xCBF2_9CE4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }

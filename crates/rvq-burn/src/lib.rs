@@ -44,22 +44,29 @@
 //!   search, EMA step.
 //! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode.
 //! - [`options`], [`output`], [`metrics`]: what a forward takes and returns.
+//! - [`entropy`], [`stream`]: codes to bytes. [`EntropyModels`] built from the EMA counts,
+//!   and the self-describing, checksummed ANS stream ([`EmaResidualVectorQuantizer::try_compress`],
+//!   [`EmaResidualVectorQuantizer::try_decompress`]).
 //! - [`error`]: [`RvqError`], returned by every `try_*` call.
 #![warn(missing_docs)]
 
 pub mod codebook;
 pub mod config;
+pub mod entropy;
 pub mod error;
 mod hash;
 pub mod metrics;
 pub mod options;
 pub mod output;
 pub mod residual;
+pub mod stream;
 
 pub use codebook::EmaCodebook;
 pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig};
+pub use entropy::{EntropyModels, LevelModel};
 pub use error::RvqError;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
 pub use options::ForwardOptions;
 pub use output::RvqOutput;
 pub use residual::EmaResidualVectorQuantizer;
+pub use stream::{CodeStream, StreamError};
