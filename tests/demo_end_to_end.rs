@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::config::Config;
 use burn::tensor::Device;
+use vqvae_demo::codec::{CompressOptions, compress, decompress};
 use vqvae_demo::data::Mnist;
 use vqvae_demo::training::{EpochRecord, RunOptions, TrainingConfig, train};
 
@@ -97,6 +98,7 @@ fn trains_writes_outputs_and_resumes_exactly() {
     let config = TrainingConfig::load(full.join("config.json")).expect("config.json loads");
     assert_eq!(config.epochs, 3);
     assert_eq!(config.model.quantizer.num_levels, 2);
+    compress_and_decompress(&full, last.validation.val_psnr_db);
 
     // Interrupted after epoch 1, then resumed to 3: the same metrics, bit for bit.
     let resumed = out_dir("resumed");
@@ -118,4 +120,52 @@ fn resume_without_a_checkpoint_is_a_clear_error() {
         error.to_string().contains("--resume: no checkpoint in"),
         "{error}"
     );
+}
+
+/// The trained run as a codec: the stream round-trips (checked inside `compress`), its payload
+/// is at the cross-entropy bound, its PSNR is the validation PSNR (8-bit rounding aside), and
+/// a damaged file is an error.
+fn compress_and_decompress(run: &Path, val_psnr_db: f64) {
+    let device = Device::flex();
+    for levels in [1, 2] {
+        let options = CompressOptions {
+            run: run.to_path_buf(),
+            idx: None,
+            images: Some(64),
+            levels: Some(levels),
+            output: run.join(format!("digits-{levels}.rvqz")),
+            picture: run.join(format!("compressed-{levels}.png")),
+        };
+        let report = compress(&options, &device).expect("compress runs");
+        assert_eq!((report.images, report.levels), (64, levels));
+        assert!(
+            report.payload_overhead_percent().abs() < 1.0,
+            "{}",
+            report.summary()
+        );
+        assert!(report.ratio_to_raw() > 10.0, "{}", report.summary());
+        if levels == 2 {
+            // The validation PSNR is on the same 64 digits, before 8-bit rounding.
+            assert!(
+                (report.psnr_db - val_psnr_db).abs() < 0.3,
+                "{} against {val_psnr_db}",
+                report.summary()
+            );
+        }
+        let picture = run.join(format!("decompressed-{levels}.png"));
+        let (images, bits) = decompress(run, &options.output, &picture, &device).unwrap();
+        assert_eq!(images, 64);
+        assert!((bits - report.bits_per_image()).abs() < 1e-9);
+        assert!(std::fs::read(&picture).unwrap().starts_with(b"\x89PNG"));
+
+        let mut damaged = std::fs::read(&options.output).unwrap();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0x10;
+        let bad = run.join("damaged.rvqz");
+        std::fs::write(&bad, damaged).unwrap();
+        let error = decompress(run, &bad, &picture, &device).unwrap_err();
+        assert!(error.to_string().contains("corrupted"), "{error}");
+    }
+    let error = vqvae_demo::run(["decompress".to_string()]).unwrap_err();
+    assert!(error.to_string().contains("needs --in"), "{error}");
 }

@@ -6,6 +6,7 @@ use burn::config::Config;
 use rvq_burn::CodebookSizes;
 
 use crate::backend::Backend;
+use crate::codec::CompressOptions;
 use crate::error::DemoError;
 use crate::training::TrainingConfig;
 
@@ -14,6 +15,7 @@ pub const USAGE: &str = "\
 Train a VQ-VAE with rvq-burn's residual quantizer on MNIST.
 
 USAGE: cargo run --release --example train -- [FLAGS]
+       cargo run --release --example train -- compress|decompress [FLAGS]   (see compress --help)
 
   --config FILE        start from this TrainingConfig (e.g. an earlier OUT/config.json)
   --epochs N           passes over the training set            (default 20)
@@ -36,6 +38,123 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --quiet              no progress bar or epoch lines
   --help               this text
 ";
+
+/// Usage text of the codec commands.
+pub const CODEC_USAGE: &str = "\
+Use a trained run as an image codec: digits -> entropy-coded codes -> digits.
+
+USAGE: cargo run --release --example train -- compress [FLAGS]
+       cargo run --release --example train -- decompress --in FILE [FLAGS]
+
+  --run DIR            the training run to use (config.json, checkpoint/)  (default runs/vqvae)
+compress:
+  --idx FILE           digits of this IDX images file (raw or .gz)
+                       instead of the 1,000 validation digits
+  --images N           only the first N digits
+  --levels N           code the first N quantizer levels only (lower bitrate)
+  --out FILE           the stream                               (default RUN/digits.rvqz)
+  --png FILE           originals above their reconstructions    (default RUN/compressed.png)
+decompress:
+  --in FILE            the stream to decode                     (required)
+  --png FILE           the decoded digits                       (default RUN/decompressed.png)
+both:
+  --backend NAME       flex | ndarray | wgpu (with --features wgpu)
+  --help               this text
+";
+
+/// A parsed codec command.
+#[derive(Debug)]
+pub enum CodecCommand {
+    /// `compress`.
+    Compress(CompressOptions),
+    /// `decompress`.
+    Decompress {
+        /// The training run.
+        run: PathBuf,
+        /// The stream file.
+        input: PathBuf,
+        /// The PNG to write.
+        picture: PathBuf,
+    },
+}
+
+/// Parsed command line of `compress`/`decompress`.
+#[derive(Debug)]
+pub struct CodecCli {
+    /// What to do.
+    pub command: CodecCommand,
+    /// `--backend`.
+    pub backend: Backend,
+    /// `--help` was given.
+    pub help: bool,
+}
+
+/// Parses the arguments after `compress` or `decompress` (`command`).
+pub fn parse_codec(
+    command: &str,
+    args: impl IntoIterator<Item = String>,
+) -> Result<CodecCli, DemoError> {
+    let (mut run, mut idx, mut images, mut levels) =
+        (PathBuf::from("runs/vqvae"), None, None, None);
+    let (mut out, mut input, mut png, mut backend, mut help) =
+        (None, None, None, Backend::default(), false);
+    let compress = command == "compress";
+    let mut iter = args.into_iter();
+    while let Some(flag) = iter.next() {
+        let path = |raw: Option<String>| value::<String>(&flag, raw).map(PathBuf::from);
+        match flag.as_str() {
+            "--run" => run = path(iter.next())?,
+            "--png" => png = Some(path(iter.next())?),
+            "--backend" => backend = value::<String>(&flag, iter.next())?.parse()?,
+            "--help" | "-h" => help = true,
+            "--idx" if compress => idx = Some(path(iter.next())?),
+            "--images" if compress => images = Some(value::<usize>(&flag, iter.next())?),
+            "--levels" if compress => levels = Some(value::<usize>(&flag, iter.next())?),
+            "--out" if compress => out = Some(path(iter.next())?),
+            "--in" if !compress => input = Some(path(iter.next())?),
+            other => {
+                return Err(DemoError::Config(format!(
+                    "{command}: unknown flag {other:?} (see {command} --help)"
+                )));
+            }
+        }
+    }
+    let command = if compress {
+        if images == Some(0) || levels == Some(0) {
+            return Err(DemoError::Config(
+                "compress: --images and --levels must be >= 1".into(),
+            ));
+        }
+        CodecCommand::Compress(CompressOptions {
+            output: out.unwrap_or_else(|| run.join("digits.rvqz")),
+            picture: png.unwrap_or_else(|| run.join("compressed.png")),
+            run,
+            idx,
+            images,
+            levels,
+        })
+    } else {
+        let input = match (input, help) {
+            (Some(input), _) => input,
+            (None, true) => PathBuf::new(),
+            (None, false) => {
+                return Err(DemoError::Config(
+                    "decompress needs --in FILE (a stream written by compress)".into(),
+                ));
+            }
+        };
+        CodecCommand::Decompress {
+            picture: png.unwrap_or_else(|| run.join("decompressed.png")),
+            run,
+            input,
+        }
+    };
+    Ok(CodecCli {
+        command,
+        backend,
+        help,
+    })
+}
 
 /// Parsed command line.
 #[derive(Debug)]
@@ -218,5 +337,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("/nonexistent.json"), "{error}");
+    }
+
+    #[test]
+    fn codec_commands_parse_with_defaults_under_the_run() {
+        let cli = parse_codec("compress", args(&["--run", "r", "--levels", "2"])).unwrap();
+        match cli.command {
+            CodecCommand::Compress(options) => {
+                assert_eq!(options.levels, Some(2));
+                assert_eq!(options.output, PathBuf::from("r/digits.rvqz"));
+                assert_eq!(options.picture, PathBuf::from("r/compressed.png"));
+                assert_eq!((options.images, options.idx), (None, None));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse_codec("decompress", args(&["--in", "s.rvqz"])).unwrap();
+        match cli.command {
+            CodecCommand::Decompress {
+                run,
+                input,
+                picture,
+            } => {
+                assert_eq!(run, PathBuf::from("runs/vqvae"));
+                assert_eq!(input, PathBuf::from("s.rvqz"));
+                assert_eq!(picture, PathBuf::from("runs/vqvae/decompressed.png"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let error = parse_codec("decompress", args(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs --in FILE"), "{error}");
+        let error = parse_codec("decompress", args(&["--levels", "2"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("decompress: unknown flag \"--levels\""),
+            "{error}"
+        );
+        let error = parse_codec("compress", args(&["--levels", "0"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must be >= 1"), "{error}");
     }
 }

@@ -8,11 +8,13 @@
 //! - [`training`]: [`TrainingConfig`](training::TrainingConfig), the loop, checkpoints.
 //! - [`evaluation`]: validation PSNR and codebook health.
 //! - [`report`]: the PNG pictures; [`progress`]: the progress bar.
+//! - [`codec`]: the trained model as an image codec (`compress`, `decompress`).
 //! - [`cli`], [`backend`]: command line and device.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod cli;
+pub mod codec;
 pub mod data;
 pub mod error;
 pub mod evaluation;
@@ -25,8 +27,16 @@ use data::Mnist;
 use error::DemoError;
 use training::{RunOptions, TrainingSummary};
 
-/// Runs the demo for the command-line `args` (without the program name).
+/// Runs the demo for the command-line `args` (without the program name): training, or the
+/// `compress`/`decompress` commands.
 pub fn run(args: impl IntoIterator<Item = String>) -> Result<Option<TrainingSummary>, DemoError> {
+    let mut args: Vec<String> = args.into_iter().collect();
+    if let Some(command @ ("compress" | "decompress")) = args.first().map(String::as_str) {
+        let command = command.to_string();
+        args.remove(0);
+        run_codec(&command, args)?;
+        return Ok(None);
+    }
     let cli = cli::parse(args)?;
     if cli.help {
         print!("{}", cli::USAGE);
@@ -63,4 +73,37 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<Option<TrainingSumm
         println!("outputs in {}", cli.out.display());
     }
     Ok(Some(summary))
+}
+
+fn run_codec(command: &str, args: Vec<String>) -> Result<(), DemoError> {
+    let cli = cli::parse_codec(command, args)?;
+    if cli.help {
+        print!("{}", cli::CODEC_USAGE);
+        return Ok(());
+    }
+    let device = cli.backend.device();
+    match cli.command {
+        cli::CodecCommand::Compress(options) => {
+            let report = codec::compress(&options, &device)?;
+            println!("{}", report.summary());
+            println!(
+                "wrote {} and {}",
+                options.output.display(),
+                options.picture.display()
+            );
+        }
+        cli::CodecCommand::Decompress {
+            run,
+            input,
+            picture,
+        } => {
+            let (images, bits) = codec::decompress(&run, &input, &picture, &device)?;
+            println!(
+                "{images} digits from {} ({bits:.1} bits per digit); wrote {}",
+                input.display(),
+                picture.display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -10,10 +10,10 @@ use crate::data::{Digits, IMAGE_PIXELS, IMAGE_SIDE};
 use crate::error::DemoError;
 use crate::model::VqVae;
 
-/// Digits per row of `reconstructions.png`.
-const COLUMNS: usize = 8;
-/// Pairs of rows (originals above reconstructions).
-const ROW_PAIRS: usize = 4;
+/// Digits per row of every picture.
+pub const COLUMNS: usize = 8;
+/// Pairs of rows (originals above reconstructions) in `reconstructions.png`.
+pub const ROW_PAIRS: usize = 4;
 /// Pixel scale.
 const SCALE: usize = 2;
 const GAP: usize = 2;
@@ -75,15 +75,23 @@ pub fn write_reconstructions(
         .iter::<f32>()
         .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
         .collect();
+    let mut rows: Vec<&[u8]> = Vec::new();
+    for start in (0..count).step_by(COLUMNS) {
+        let end = (start + COLUMNS).min(count);
+        rows.push(&digits.pixels[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
+        rows.push(&reconstructed[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
+    }
+    write_digit_rows(path, &rows)
+}
+
+/// Draws rows of digits one under another, `COLUMNS` (8) to a row: each entry of `rows` holds
+/// up to 8 images of 784 bytes.
+pub fn write_digit_rows(path: &Path, rows: &[&[u8]]) -> Result<(), DemoError> {
     let cell = IMAGE_SIDE * SCALE + GAP;
-    let mut canvas = Canvas::new(COLUMNS * cell + GAP, 2 * ROW_PAIRS * cell + GAP, 128);
-    for index in 0..count {
-        let (row_pair, column) = (index / COLUMNS, index % COLUMNS);
-        let original = &digits.pixels[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS];
-        let rebuilt = &reconstructed[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS];
-        for (row_offset, image) in [(0, original), (1, rebuilt)] {
-            let top = (2 * row_pair + row_offset) * cell + GAP;
-            let left = column * cell + GAP;
+    let mut canvas = Canvas::new(COLUMNS * cell + GAP, rows.len().max(1) * cell + GAP, 128);
+    for (row, images) in rows.iter().enumerate() {
+        for (column, image) in images.chunks_exact(IMAGE_PIXELS).take(COLUMNS).enumerate() {
+            let (top, left) = (row * cell + GAP, column * cell + GAP);
             for (p, &value) in image.iter().enumerate() {
                 let (y, x) = (p / IMAGE_SIDE, p % IMAGE_SIDE);
                 for dy in 0..SCALE {

@@ -117,12 +117,12 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-fn checkpoint_dir(out: &Path) -> PathBuf {
+pub(crate) fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
 }
 
 /// The last epoch whose checkpoint is complete, from `OUT/checkpoint/last_epoch`.
-fn last_checkpoint(out: &Path) -> Result<Option<usize>, DemoError> {
+pub(crate) fn last_checkpoint(out: &Path) -> Result<Option<usize>, DemoError> {
     let marker = checkpoint_dir(out).join("last_epoch");
     if !marker.exists() {
         return Ok(None);
