@@ -7,7 +7,8 @@
 //! ```sh
 //! cargo bench -p rvq-burn --bench throughput                         # CPU backends, all shapes
 //! cargo bench -p rvq-burn --bench throughput -- --shapes small,medium --backends flex
-//! cargo bench -p rvq-burn --features wgpu --bench throughput -- --backends wgpu
+//! cargo bench -p rvq-burn --features wgpu --bench throughput -- --backends wgpu,wgpu-dense
+//! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --parts
 //! ```
 
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 use rvq_burn::EmaCodebook;
-use rvq_burn::codebook::codebook_from_statistics;
+use rvq_burn::codebook::{Search, codebook_from_statistics};
 use rvq_burn::stream::indices_to_host;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
@@ -133,10 +134,24 @@ fn parts(
             let _ = codebook_from_statistics(count.clone(), weight.clone(), 1e-5);
         }),
     ));
+    let scatter = Search {
+        max_elements: 1 << 24,
+        dense: false,
+    };
+    timings.push((
+        "assign, dense counts",
+        median_seconds(repeats, device, || {
+            let dense = Search {
+                dense: true,
+                ..scatter
+            };
+            let _ = EmaCodebook::assign(&codebook, x.clone(), dense);
+        }),
+    ));
     timings.push((
         "assign (search, gather, counts)",
         median_seconds(repeats, device, || {
-            let _ = EmaCodebook::assign(&codebook, x.clone(), 1 << 24);
+            let _ = EmaCodebook::assign(&codebook, x.clone(), scatter);
         }),
     ));
     let codebook_t = codebook.clone().transpose();
@@ -194,13 +209,49 @@ fn parts(
             );
         }),
     ));
-    let one_hot_t = indices.clone().one_hot(k).float().transpose();
+    // Dense alternatives to the float scatter-add: a 0/1 matrix [K, N] built contiguous by
+    // comparison, times the rows; and the same split into B blocks of rows (a batched product,
+    // summed over the blocks) for more parallelism in the long reduction.
+    let codes = Tensor::<1, Int>::arange(0..k as i64, device)
+        .float()
+        .reshape([k, 1]);
+    let rows = indices.clone().float().reshape([1, n]);
     timings.push((
-        "one-hot sums [K,N]x[N,D]",
+        "dense sums [K,N]x[N,D] (one-hot built)",
         median_seconds(repeats, device, || {
-            let _ = one_hot_t.clone().matmul(x.clone());
+            let one_hot = codes
+                .clone()
+                .expand([k, n])
+                .equal(rows.clone().expand([k, n]))
+                .float(); // [K, N]
+            let _ = one_hot.matmul(x.clone());
         }),
     ));
+    for blocks in [8usize, 32] {
+        if n % blocks != 0 {
+            continue;
+        }
+        let label: &'static str = if blocks == 8 {
+            "dense sums, 8 blocks [8,K,N/8]x[8,N/8,D]"
+        } else {
+            "dense sums, 32 blocks [32,K,N/32]x[32,N/32,D]"
+        };
+        let rows3 = indices.clone().float().reshape([blocks, 1, n / blocks]);
+        let codes3 = codes.clone().reshape([1, k, 1]);
+        let x3 = x.clone().reshape([blocks, n / blocks, d]);
+        timings.push((
+            label,
+            median_seconds(repeats, device, || {
+                let shape = [blocks, k, n / blocks];
+                let one_hot = codes3
+                    .clone()
+                    .expand(shape)
+                    .equal(rows3.clone().expand(shape))
+                    .float(); // [B, K, N/B]
+                let _ = one_hot.matmul(x3.clone()).sum_dim(0);
+            }),
+        ));
+    }
     for (part, seconds) in timings {
         println!(
             "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"part\",\
@@ -212,7 +263,9 @@ fn parts(
 fn main() {
     let args = parse_args();
     for backend in &args.backends {
-        let plain = device(backend);
+        // `NAME-dense`: the same backend with `dense_statistics` on.
+        let dense = backend.ends_with("-dense");
+        let plain = device(backend.trim_end_matches("-dense"));
         let autodiff = plain.clone().autodiff();
         for &(shape, n, d, k, m) in SHAPES
             .iter()
@@ -221,7 +274,9 @@ fn main() {
             plain.seed(0);
             if args.parts {
                 parts(backend, shape, n, d, k, args.repeats, &plain);
-                let rvq = EmaResidualVectorQuantizerConfig::new(m, k.into(), d).init(&plain);
+                let rvq = EmaResidualVectorQuantizerConfig::new(m, k.into(), d)
+                    .with_dense_statistics(dense)
+                    .init(&plain);
                 let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
                 for (part, seconds) in [
                     (
@@ -252,7 +307,9 @@ fn main() {
                 continue;
             }
             let rvq: EmaResidualVectorQuantizer =
-                EmaResidualVectorQuantizerConfig::new(m, k.into(), d).init(&plain);
+                EmaResidualVectorQuantizerConfig::new(m, k.into(), d)
+                    .with_dense_statistics(dense)
+                    .init(&plain);
             let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
             // A few training steps first, so that the codebooks are spread like in training.
             for _ in 0..2 {

@@ -19,7 +19,7 @@
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-use crate::codebook::{EmaCodebook, codebook_from_statistics};
+use crate::codebook::{EmaCodebook, Search, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
@@ -62,6 +62,8 @@ pub struct EmaResidualVectorQuantizer {
     pub ema_decay: f64,
     /// Largest distance matrix formed at once (rows x codes).
     pub max_distance_elements: usize,
+    /// See [`EmaResidualVectorQuantizerConfig::dense_statistics`].
+    pub dense_statistics: bool,
     /// Number of EMA steps taken so far, `[1]` (0 until the first training step; k-means
     /// init runs on that step, dead-code checks and quantizer dropout are keyed to it).
     pub steps: RunningState<Tensor<1>>,
@@ -107,6 +109,7 @@ impl EmaResidualVectorQuantizerConfig {
             beta: self.beta,
             ema_decay: self.ema_decay,
             max_distance_elements: self.max_distance_elements,
+            dense_statistics: self.dense_statistics,
             steps: RunningState::new(Tensor::zeros([1], &device.clone().without_autodiff())),
             kmeans_init: self.kmeans_init,
             kmeans_iterations: self.kmeans_iterations,
@@ -440,6 +443,10 @@ impl EmaResidualVectorQuantizer {
         device: &Device,
     ) -> Vec<LevelPass> {
         let mut passes = Vec::with_capacity(num_levels);
+        let search = Search {
+            max_elements: self.max_distance_elements,
+            dense: self.dense_statistics,
+        };
         for level in &self.levels[..num_levels] {
             let (old_count, old_weight) = level.statistics(device);
             let (mut count, mut weight) = (old_count.clone(), old_weight.clone());
@@ -450,12 +457,11 @@ impl EmaResidualVectorQuantizer {
                     residual.clone(),
                     level.num_embeddings,
                     self.kmeans_iterations,
-                    self.max_distance_elements,
+                    search,
                 );
             }
             let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
-            let assignment =
-                EmaCodebook::assign(&codebook, residual.clone(), self.max_distance_elements);
+            let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
             let mut restarted = 0;
             if let Some(plan) = plan {
                 let (count, weight) = EmaCodebook::ema_step(
@@ -464,6 +470,7 @@ impl EmaResidualVectorQuantizer {
                     residual.clone(),
                     &assignment,
                     self.ema_decay,
+                    search,
                 );
                 let (count, weight) = match plan.restart_threshold {
                     Some(threshold) => {

@@ -41,9 +41,10 @@ use crate::residual::EmaResidualVectorQuantizer;
 pub const MAGIC: [u8; 4] = *b"RVQZ";
 /// The format version this crate writes and reads.
 pub const FORMAT_VERSION: u8 = 1;
-/// Streams may declare at most this many codes (levels x vectors), so that a forged header
-/// cannot make the decoder run without end.
-pub const MAX_CODES: u64 = 1 << 32;
+/// Streams may declare at most this many codes (levels x vectors, 1 GiB of indices), so that
+/// a forged header cannot make the decoder run without end or exhaust memory. (A code can cost
+/// next to nothing, e.g. at a level of one code, so the payload's size cannot bound it.)
+pub const MAX_CODES: u64 = 1 << 28;
 
 /// Why a stream could not be written or read.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,11 +338,12 @@ impl EntropyModels {
         let mut indices = Vec::with_capacity(header.num_levels);
         for model in &self.levels[..header.num_levels] {
             let model: &DefaultContiguousCategoricalEntropyModel = model.coder_model();
-            let codes = coder
-                .decode_iid_symbols(num_vectors, model)
-                .map(|symbol| symbol.map(|s| s as u32))
-                .collect::<Result<Vec<u32>, _>>()
-                .map_err(|_| malformed("the payload cannot be decoded"))?;
+            // Grown as decoded, not reserved from the header's claim.
+            let mut codes = Vec::with_capacity(num_vectors.min(1 << 20));
+            for symbol in coder.decode_iid_symbols(num_vectors, model) {
+                let symbol = symbol.map_err(|_| malformed("the payload cannot be decoded"))?;
+                codes.push(symbol as u32);
+            }
             indices.push(codes);
         }
         if !coder.is_empty() {

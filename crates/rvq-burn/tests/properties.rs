@@ -143,4 +143,39 @@ proptest! {
         }
         prop_assert_eq!(state_bits(&rvq), before);
     }
+
+    #[test]
+    fn dense_statistics_equal_the_scatter_adds(
+        (sizes, dim, leading, values, chunk) in case()
+    ) {
+        let autodiff = Device::flex().autodiff();
+        let n: usize = leading.iter().product();
+        let scatter = quantizer(&sizes, dim, chunk, &autodiff);
+        let dense = EmaResidualVectorQuantizerConfig::new(sizes.len(), sizes.clone().into(), dim)
+            .with_max_distance_elements(chunk)
+            .with_dense_statistics(true)
+            .init(&autodiff);
+        for level in 0..sizes.len() {
+            let (count, weight) = scatter.levels[level].statistics(&autodiff);
+            dense.try_set_statistics(level, count, weight).unwrap();
+        }
+        let x: Tensor<2> = Tensor::from_data(TensorData::new(values.clone(), [n, dim]), &autodiff);
+        let a = scatter.forward(x.clone());
+        let b = dense.forward(x);
+        for (ia, ib) in a.indices.iter().zip(&b.indices) {
+            prop_assert_eq!(ints(ia.clone()), ints(ib.clone()));
+        }
+        for (ca, cb) in a.code_counts.iter().zip(&b.code_counts) {
+            prop_assert_eq!(floats(ca.clone()), floats(cb.clone()));
+        }
+        scatter.sync_state();
+        dense.sync_state();
+        let (sa, sb) = (state_bits(&scatter), state_bits(&dense));
+        for (level_a, level_b) in sa.iter().zip(&sb) {
+            for (&x, &y) in level_a.iter().zip(level_b) {
+                let (x, y) = (f32::from_bits(x), f32::from_bits(y));
+                prop_assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{} vs {}", x, y);
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use common::*;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
 /// The quantizer of `case`, with the case's initial state, on `device`.
-fn quantizer(case: &Case, device: &Device) -> EmaResidualVectorQuantizer {
+fn quantizer(case: &Case, device: &Device, dense: bool) -> EmaResidualVectorQuantizer {
     let c = &case.config;
     let rvq = EmaResidualVectorQuantizerConfig::new(
         c.num_levels,
@@ -23,6 +23,7 @@ fn quantizer(case: &Case, device: &Device) -> EmaResidualVectorQuantizer {
     .with_beta(c.beta)
     .with_ema_decay(c.ema_decay)
     .with_epsilon(c.epsilon)
+    .with_dense_statistics(dense)
     .init(device);
     for (level, &k) in c.num_embeddings.iter().enumerate() {
         rvq.try_set_statistics(
@@ -134,8 +135,8 @@ fn replay_step<const R: usize>(
     compare_state(&after, &step.state_after, "state_after")
 }
 
-fn replay_case(case: &Case, device: &Device) -> Result<(), String> {
-    let rvq = quantizer(case, device);
+fn replay_case(case: &Case, device: &Device, dense: bool) -> Result<(), String> {
+    let rvq = quantizer(case, device, dense);
     compare_state(&host_state(&rvq, device), &case.init, "init")
         .map_err(|e| format!("initial state: {e}"))?;
     for (index, step) in case.steps.iter().enumerate() {
@@ -172,15 +173,24 @@ fn replay_case(case: &Case, device: &Device) -> Result<(), String> {
     compare("encode_decode: decoded", &floats(decoded), &ed.decoded)
 }
 
-fn replay_all(backend: &str, device: &Device, filter: impl Fn(&Case) -> bool) -> usize {
+fn replay_all(
+    backend: &str,
+    device: &Device,
+    dense: bool,
+    filter: impl Fn(&Case) -> bool,
+) -> usize {
     let mut replayed = 0;
     for path in reference_case_paths() {
         let case = load_case(&path);
         if !filter(&case) {
             continue;
         }
-        if let Err(error) = replay_case(&case, device) {
-            panic!("case {} ({path:?}) on {backend}: {error}", case.name);
+        if let Err(error) = replay_case(&case, device, dense) {
+            let mode = if dense { "dense" } else { "scatter" };
+            panic!(
+                "case {} ({path:?}) on {backend}, {mode} statistics: {error}",
+                case.name
+            );
         }
         replayed += 1;
     }
@@ -190,9 +200,16 @@ fn replay_all(backend: &str, device: &Device, filter: impl Fn(&Case) -> bool) ->
 #[test]
 fn reference_cases_replay_on_cpu_backends() {
     for (backend, device) in cpu_devices() {
-        let replayed = replay_all(backend, &device, |_| true);
+        let replayed = replay_all(backend, &device, false, |_| true);
         assert!(replayed >= 4, "{backend}: only {replayed} cases replayed");
     }
+}
+
+/// The dense accumulation of counts and sums (`dense_statistics`) replays the same cases.
+#[test]
+fn reference_cases_replay_with_dense_statistics() {
+    let replayed = replay_all("flex", &Device::flex(), true, |_| true);
+    assert!(replayed >= 4, "only {replayed} cases replayed");
 }
 
 /// WGPU on Mesa's software Vulkan in CI (`cargo test --all-features`; set `RVQ_SKIP_WGPU=1` on
@@ -204,6 +221,12 @@ fn reference_multi_level_cases_replay_on_wgpu() {
         eprintln!("RVQ_SKIP_WGPU set: WGPU replay skipped");
         return;
     }
-    let replayed = replay_all("wgpu", &wgpu_device(), |case| case.config.num_levels > 1);
+    let replayed = replay_all("wgpu", &wgpu_device(), false, |case| {
+        case.config.num_levels > 1
+    });
+    assert!(replayed >= 1, "no multi-level case replayed on wgpu");
+    let replayed = replay_all("wgpu", &wgpu_device(), true, |case| {
+        case.config.num_levels > 1
+    });
     assert!(replayed >= 1, "no multi-level case replayed on wgpu");
 }
