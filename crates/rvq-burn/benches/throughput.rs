@@ -228,7 +228,7 @@ fn parts(
         }),
     ));
     for blocks in [8usize, 32] {
-        if n % blocks != 0 {
+        if !n.is_multiple_of(blocks) {
             continue;
         }
         let label: &'static str = if blocks == 8 {
