@@ -1,5 +1,5 @@
-//! Compressed streams from arbitrary bytes: an error, never a panic; a stream that decodes
-//! is exactly what compressing its codes again writes.
+//! Compressed streams from arbitrary bytes: an error, never a panic or a hang; what decodes
+//! round-trips.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -17,10 +17,15 @@ fn models() -> &'static EntropyModels {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(stream) = models().decompress(data) {
+    // rvq-burn skips the checksum under `cfg(fuzzing)`, so forged headers and payloads reach
+    // the decoder. Whatever decodes must code again and decode to the same indices.
+    // At most 2^16 codes per input, so that each run stays short.
+    if let Ok(stream) = models().decompress_limited(data, 1 << 16) {
         let again = models()
             .compress(&stream.indices, &stream.shape)
             .expect("decoded codes compress");
-        assert_eq!(again, data);
+        let decoded = models().decompress(&again).expect("own stream decodes");
+        assert_eq!(decoded.indices, stream.indices);
+        assert_eq!(decoded.shape, stream.shape);
     }
 });

@@ -312,6 +312,11 @@ fn every_bad_stream_is_a_clear_error() {
     forged[shape_at..shape_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     let error = stream_error(decompress(&reseal(forged)));
     assert!(error.to_string().contains("more than"), "{error}");
+    // A caller's own, lower limit on the declared codes (40 vectors x 3 levels here).
+    let models = rvq.entropy_models().unwrap();
+    assert!(models.decompress_limited(&bytes, 120).is_ok());
+    let error = stream_error(models.decompress_limited(&bytes, 119));
+    assert!(error.to_string().contains("more than 119 codes"), "{error}");
     let mut forged = bytes.clone();
     forged[shape_at..shape_at + 8].copy_from_slice(&41u64.to_le_bytes());
     let error = stream_error(decompress(&reseal(forged)));
