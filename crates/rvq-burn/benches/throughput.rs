@@ -33,6 +33,10 @@ struct Args {
     shapes: Vec<String>,
     repeats: usize,
     parts: bool,
+    /// `max_distance_elements` of the quantizers (memory bound of the search).
+    max_distance_elements: usize,
+    /// Time the training step only (for peak-memory measurements of it).
+    train_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +45,8 @@ fn parse_args() -> Args {
         shapes: SHAPES.iter().map(|s| s.0.to_string()).collect(),
         repeats: 5,
         parts: false,
+        max_distance_elements: 1 << 24,
+        train_only: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -56,8 +62,17 @@ fn parse_args() -> Args {
             "--shapes" => args.shapes = list(iter.next()),
             "--repeats" => args.repeats = iter.next().and_then(|v| v.parse().ok()).unwrap_or(5),
             "--parts" => args.parts = true,
+            "--train-only" => args.train_only = true,
+            "--max-distance-elements" => {
+                args.max_distance_elements = iter
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--max-distance-elements needs a number")
+            }
             "--bench" => {}
-            other => panic!("unknown flag {other:?}: use --backends, --shapes, --repeats, --parts"),
+            other => panic!(
+                "unknown flag {other:?}: use --backends, --shapes, --repeats, --parts, --max-distance-elements, --train-only"
+            ),
         }
     }
     args
@@ -329,6 +344,9 @@ fn main() {
                 rvq.sync_state();
             });
             report(backend, shape, n, d, k, m, "train_step", train);
+            if args.train_only {
+                continue;
+            }
             let _ = &autodiff;
 
             let eval = rvq.clone();
