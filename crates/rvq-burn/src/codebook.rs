@@ -312,7 +312,7 @@ fn sample_rows(n: usize, count: usize, round: u64) -> Vec<i64> {
         .collect()
 }
 
-fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+pub(crate) fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
     Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
 }

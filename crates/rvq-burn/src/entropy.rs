@@ -3,15 +3,15 @@
 //! The EMA counts of a level are a running histogram of its codes; Laplace-smoothed as the
 //! layer smooths them (`p_k = (c_k + eps) / (n + K eps)`), they are the level's categorical
 //! model. [`EntropyModels`] turns them into fixed-point tables of `2^24` (every code gets at
-//! least one unit, so any index can be coded) by integer arithmetic on the saved `f32`
-//! counts, so the tables, and the streams coded with them, are bit-identical on every
-//! machine that loaded the same checkpoint. The coding itself is `constriction`'s ANS coder,
+//! least one unit, so any index can be coded) by IEEE `f64` arithmetic in a fixed order on
+//! the saved `f32` counts, so the tables, and the streams coded with them, are bit-identical
+//! on every machine that loaded the same checkpoint. The coding itself is `constriction`'s ANS coder,
 //! see [`crate::stream`].
 
 use constriction::stream::model::DefaultContiguousCategoricalEntropyModel;
 
 use crate::error::RvqError;
-use crate::hash::fnv1a64;
+use crate::hash::{fnv1a64, fnv1a64_continue};
 use crate::residual::EmaResidualVectorQuantizer;
 use crate::stream::StreamError;
 
@@ -102,6 +102,9 @@ impl LevelModel {
 pub struct EntropyModels {
     pub(crate) levels: Vec<LevelModel>,
     pub(crate) embedding_dim: usize,
+    /// `fingerprints[n - 1]`: the fingerprint of the first `n` tables, hashed once here
+    /// rather than on every stream.
+    fingerprints: Vec<u64>,
 }
 
 impl EntropyModels {
@@ -112,14 +115,25 @@ impl EntropyModels {
         epsilon: f64,
         embedding_dim: usize,
     ) -> Result<Self, RvqError> {
-        let levels = counts
+        let levels: Vec<LevelModel> = counts
             .iter()
             .enumerate()
             .map(|(level, counts)| LevelModel::from_counts(level, counts, epsilon))
             .collect::<Result<_, _>>()?;
+        // One pass over the tables: the hash after level n is the fingerprint of n levels.
+        let fingerprints = levels
+            .iter()
+            .scan(fnv1a64([]), |hash, level| {
+                let bytes = (level.size() as u64).to_le_bytes().into_iter();
+                let table = level.fixed_point.iter().flat_map(|p| p.to_le_bytes());
+                *hash = fnv1a64_continue(*hash, bytes.chain(table));
+                Some(*hash)
+            })
+            .collect();
         Ok(Self {
             levels,
             embedding_dim,
+            fingerprints,
         })
     }
 
@@ -138,15 +152,14 @@ impl EntropyModels {
         self.levels.iter().map(LevelModel::size).collect()
     }
 
-    /// A 64-bit fingerprint of the fixed-point tables of the first `num_levels` levels: a
-    /// stream records it, and decoding with other tables is refused.
+    /// A 64-bit fingerprint (FNV-1a) of the fixed-point tables of the first `num_levels`
+    /// levels (`1..=M`): a stream records it, and decoding with other tables is refused.
+    ///
+    /// # Panics
+    ///
+    /// If `num_levels` is 0 or more than the number of levels.
     pub fn fingerprint(&self, num_levels: usize) -> u64 {
-        fnv1a64(self.levels[..num_levels].iter().flat_map(|level| {
-            (level.size() as u64)
-                .to_le_bytes()
-                .into_iter()
-                .chain(level.fixed_point.iter().flat_map(|p| p.to_le_bytes()))
-        }))
+        self.fingerprints[num_levels - 1]
     }
 
     /// Cross-entropy in bits of `indices` (the first `indices.len()` levels) under the

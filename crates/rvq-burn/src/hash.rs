@@ -26,7 +26,13 @@ impl SplitMix64 {
 /// probability tables. Each step (xor a byte, multiply by an odd prime) is a bijection of the
 /// state, so any change confined to one byte always changes the result.
 pub(crate) fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    bytes.into_iter().fold(0xCBF2_9CE4_8422_2325, |hash, byte| {
+    fnv1a64_continue(0xCBF2_9CE4_8422_2325, bytes)
+}
+
+/// FNV-1a over `bytes` from the state `hash` an earlier call returned: hashing `a` then
+/// continuing with `b` equals hashing `a` followed by `b`.
+pub(crate) fn fnv1a64_continue(hash: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(hash, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
     })
 }

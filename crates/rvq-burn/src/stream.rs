@@ -28,10 +28,11 @@
 
 use std::fmt;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
+use constriction::stream::Decode;
 use constriction::stream::stack::DefaultAnsCoder;
-use constriction::stream::{Decode, model::DefaultContiguousCategoricalEntropyModel};
 
+use crate::codebook::int_tensor;
 use crate::entropy::EntropyModels;
 use crate::error::RvqError;
 use crate::hash::fnv1a64;
@@ -347,7 +348,7 @@ impl EntropyModels {
             .map_err(|_| malformed("the payload ends in a zero word"))?;
         let mut indices = Vec::with_capacity(header.num_levels);
         for model in &self.levels[..header.num_levels] {
-            let model: &DefaultContiguousCategoricalEntropyModel = model.coder_model();
+            let model = model.coder_model();
             // Grown as decoded, not reserved from the header's claim.
             let mut codes = Vec::with_capacity(num_vectors.min(1 << 20));
             for symbol in coder.decode_iid_symbols(num_vectors, model) {
@@ -528,10 +529,6 @@ pub fn indices_to_host(indices: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
 pub fn indices_to_device(indices: &[Vec<u32>], device: &Device) -> Vec<Tensor<1, Int>> {
     indices
         .iter()
-        .map(|codes| {
-            let values: Vec<i64> = codes.iter().map(|&c| i64::from(c)).collect();
-            let len = values.len();
-            Tensor::<1, Int>::from_data(TensorData::new(values, [len]), device)
-        })
+        .map(|codes| int_tensor(codes.iter().map(|&c| i64::from(c)).collect(), device))
         .collect()
 }
