@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Device;
+use rvq_burn::LevelMetrics;
 use rvq_burn::stream::{indices_to_device, indices_to_host};
 
 use crate::data::{Digits, IMAGE_PIXELS, Mnist, parse_images};
 use crate::error::DemoError;
 use crate::evaluation::psnr_db;
 use crate::model::VqVae;
-use crate::report::{COLUMNS, write_digit_rows};
+use crate::report::{COLUMNS, to_pixels, write_digit_rows, write_pairs};
 use crate::training::{TrainingConfig, checkpoint_dir, last_checkpoint};
 
 /// Latent positions per image (7 x 7).
@@ -167,13 +168,7 @@ fn decode_digits(model: &VqVae, indices: &[Vec<u32>], device: &Device) -> Vec<u8
             .map(|level| level[start * POSITIONS..end * POSITIONS].to_vec())
             .collect();
         let codes = indices_to_device(&batch, device);
-        let decoded = model.decode_codes(&codes, end - start);
-        pixels.extend(
-            decoded
-                .into_data()
-                .iter::<f32>()
-                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8),
-        );
+        pixels.extend(to_pixels(model.decode_codes(&codes, end - start)));
     }
     pixels
 }
@@ -218,13 +213,7 @@ pub fn compress(options: &CompressOptions, device: &Device) -> Result<CompressRe
         .sum::<f64>()
         / pixels.len() as f64;
     let shown = (PICTURE_ROWS * COLUMNS).min(images);
-    let mut rows: Vec<&[u8]> = Vec::new();
-    for start in (0..shown).step_by(COLUMNS) {
-        let end = (start + COLUMNS).min(shown);
-        rows.push(&digits.pixels[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
-        rows.push(&pixels[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
-    }
-    write_digit_rows(&options.picture, &rows)?;
+    write_pairs(&options.picture, &digits.pixels, &pixels, shown)?;
 
     Ok(CompressReport {
         images,
@@ -243,18 +232,14 @@ pub fn compress(options: &CompressOptions, device: &Device) -> Result<CompressRe
     })
 }
 
-/// `len * H` of the histogram of `codes` over `0..size`.
+/// `len * H` of the histogram of `codes` over `0..size` (`H` as the quantizer's metrics
+/// compute it).
 fn empirical_entropy_bits(codes: &[u32], size: usize) -> f64 {
-    let mut histogram = vec![0usize; size];
+    let mut histogram = vec![0f32; size];
     for &code in codes {
-        histogram[code as usize] += 1;
+        histogram[code as usize] += 1.0;
     }
-    let total = codes.len() as f64;
-    histogram
-        .iter()
-        .filter(|&&count| count > 0)
-        .map(|&count| -(count as f64) * (count as f64 / total).log2())
-        .sum()
+    codes.len() as f64 * LevelMetrics::from_counts(&histogram).bits_per_index
 }
 
 /// Decodes the stream file `input` with the run's checkpoint and draws the digits into

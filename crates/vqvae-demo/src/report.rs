@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use rvq_burn::ForwardOptions;
 
 use crate::data::{Digits, IMAGE_PIXELS, IMAGE_SIDE};
@@ -70,16 +70,32 @@ pub fn write_reconstructions(
     let reconstruction = model
         .forward(digits.batch(&indices, &device), &ForwardOptions::default())
         .reconstruction;
-    let reconstructed: Vec<u8> = reconstruction
+    let reconstructed = to_pixels(reconstruction);
+    write_pairs(path, &digits.pixels, &reconstructed, count)
+}
+
+/// Images in `[0, 1]` (any shape) as 8-bit pixels.
+pub fn to_pixels(images: Tensor<4>) -> Vec<u8> {
+    images
         .into_data()
         .iter::<f32>()
         .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
+        .collect()
+}
+
+/// Draws the first `count` digits of `originals`, each row of them above the same digits of
+/// `reconstructions` (both 784 bytes per digit).
+pub fn write_pairs(
+    path: &Path,
+    originals: &[u8],
+    reconstructions: &[u8],
+    count: usize,
+) -> Result<(), DemoError> {
     let mut rows: Vec<&[u8]> = Vec::new();
     for start in (0..count).step_by(COLUMNS) {
         let end = (start + COLUMNS).min(count);
-        rows.push(&digits.pixels[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
-        rows.push(&reconstructed[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
+        rows.push(&originals[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
+        rows.push(&reconstructions[start * IMAGE_PIXELS..end * IMAGE_PIXELS]);
     }
     write_digit_rows(path, &rows)
 }
