@@ -72,6 +72,16 @@ fn stream_error(result: Result<impl std::fmt::Debug, RvqError>) -> StreamError {
     }
 }
 
+/// The stream error of `result`, which must say `fragment`.
+fn stream_error_saying(
+    result: Result<impl std::fmt::Debug, RvqError>,
+    fragment: &str,
+) -> StreamError {
+    let error = stream_error(result);
+    assert!(error.to_string().contains(fragment), "{error}");
+    error
+}
+
 /// FNV-1a 64, to forge streams whose checksum is valid.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| {
@@ -261,62 +271,48 @@ fn every_bad_stream_is_a_clear_error() {
 
     // Another configuration: other D, other K, fewer levels.
     let other_dim = trained(3, vec![16, 16, 8], 5, 3);
-    let error = stream_error(other_dim.try_decompress::<2>(&bytes, &device));
-    assert!(
-        error
-            .to_string()
-            .contains("D is 4 in the stream, expected 5"),
-        "{error}"
+    stream_error_saying(
+        other_dim.try_decompress::<2>(&bytes, &device),
+        "D is 4 in the stream, expected 5",
     );
     let other_size = trained(3, vec![16, 32, 8], 4, 3);
-    let error = stream_error(other_size.try_decompress::<2>(&bytes, &device));
-    assert!(
-        error
-            .to_string()
-            .contains("K of level 1 is 16 in the stream, expected 32"),
-        "{error}"
+    stream_error_saying(
+        other_size.try_decompress::<2>(&bytes, &device),
+        "K of level 1 is 16 in the stream, expected 32",
     );
     let fewer = trained(2, vec![16, 16], 4, 3);
-    let error = stream_error(fewer.try_decompress::<2>(&bytes, &device));
-    assert!(
-        error
-            .to_string()
-            .contains("levels is 3 in the stream, expected 2"),
-        "{error}"
+    stream_error_saying(
+        fewer.try_decompress::<2>(&bytes, &device),
+        "levels is 3 in the stream, expected 2",
     );
 
     // Same configuration, other counts (one more training step): the tables differ.
     let further = trained(3, vec![16, 16, 8], 4, 4);
-    let error = stream_error(further.try_decompress::<2>(&bytes, &device));
+    let error = stream_error_saying(further.try_decompress::<2>(&bytes, &device), "checkpoint");
     assert!(
         matches!(error, StreamError::ModelMismatch { .. }),
         "{error:?}"
     );
-    assert!(error.to_string().contains("checkpoint"), "{error}");
 
     // Wrong rank asked for.
-    let error = stream_error(rvq.try_decompress::<3>(&bytes, &device));
-    assert!(error.to_string().contains("expected rank 3"), "{error}");
+    stream_error_saying(rvq.try_decompress::<3>(&bytes, &device), "expected rank 3");
 
     // Forged with a valid checksum: a shape that does not end in D, a shape too large, no
     // levels, a payload that does not hold the declared codes.
     let shape_at = 8 + 4 + 4 * 3;
     let mut forged = bytes.clone();
     forged[shape_at + 8..shape_at + 16].copy_from_slice(&5u64.to_le_bytes());
-    let error = stream_error(decompress(&reseal(forged)));
-    assert!(
-        error.to_string().contains("does not end in D = 4"),
-        "{error}"
-    );
+    stream_error_saying(decompress(&reseal(forged)), "does not end in D = 4");
     let mut forged = bytes.clone();
     forged[shape_at..shape_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-    let error = stream_error(decompress(&reseal(forged)));
-    assert!(error.to_string().contains("more than"), "{error}");
+    stream_error_saying(decompress(&reseal(forged)), "more than");
     // A caller's own, lower limit on the declared codes (40 vectors x 3 levels here).
     let models = rvq.entropy_models().unwrap();
     assert!(models.decompress_limited(&bytes, 120).is_ok());
-    let error = stream_error(models.decompress_limited(&bytes, 119));
-    assert!(error.to_string().contains("more than 119 codes"), "{error}");
+    stream_error_saying(
+        models.decompress_limited(&bytes, 119),
+        "more than 119 codes",
+    );
     let mut forged = bytes.clone();
     forged[shape_at..shape_at + 8].copy_from_slice(&41u64.to_le_bytes());
     let error = stream_error(decompress(&reseal(forged)));
