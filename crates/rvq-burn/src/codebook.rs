@@ -136,6 +136,10 @@ impl EmaCodebook {
             });
         }
         self.store(ema_count.without_autodiff(), ema_weight.without_autodiff());
+        // Apply it now: left pending under this thread, it would be averaged with the first
+        // updates of other threads (Burn's multi-device workers) instead of replacing the state.
+        let _ = self.ema_count.valid();
+        let _ = self.ema_weight.valid();
         Ok(())
     }
 
@@ -248,6 +252,123 @@ impl EmaCodebook {
         let count = count.mask_where(dead_mask.clone(), uniform.expand([k]));
         let weight = weight.mask_where(dead_mask.reshape([k, 1]).expand([k, d]), replacement);
         (count, weight, dead.len())
+    }
+
+    /// The data-parallel init step: the batch's per-code counts and sums *replace* the
+    /// state (a Lloyd step from the codebook the assignment was made with). Averaged over
+    /// devices, a code becomes exactly the mean of the vectors that chose it on any device; a
+    /// code no vector chose gets count 0 and the zero vector (the initial codebook lies within
+    /// 1/K of zero), and is split off a busy code at the next init step or restarted.
+    pub fn replace_step(
+        residual: Tensor<2>,
+        assignment: &Assignment,
+        search: Search,
+    ) -> (Tensor<1>, Tensor<2>) {
+        let [k] = assignment.counts.dims();
+        let sums = per_code_sums(&assignment.indices, residual, k, search);
+        (assignment.counts.clone(), sums)
+    }
+
+    /// Splits the busiest codes into the codes whose count is below
+    /// `absolute + rate * n / K` (`n` the total count; LBG splitting), deciding everything from `(count, weight)` alone, so that every device
+    /// holding the same synchronized state makes the same change.
+    ///
+    /// The dead codes, in index order, are paired with the live codes in order of decreasing
+    /// count (cycling when there are more dead codes than live ones). A live code split into
+    /// `m` dead codes shares its count and sum equally among itself and them: its vector
+    /// stays, and each dead code becomes that vector plus a fixed offset of 1 % of the
+    /// codebook's RMS norm along a direction hashed from `(salt, code)`. The next assignment
+    /// divides the busy code's vectors between the copies. Returns the new statistics and
+    /// the number of codes restarted. Reads the counts back to the host once.
+    pub fn split_codes(
+        count: Tensor<1>,
+        weight: Tensor<2>,
+        epsilon: f64,
+        (absolute, rate): (f64, f64),
+        salt: u64,
+    ) -> (Tensor<1>, Tensor<2>, usize) {
+        let [k, d] = weight.dims();
+        let device = weight.device();
+        let counts: Vec<f32> = count.to_data().iter::<f32>().collect();
+        let total: f64 = counts.iter().map(|&c| c as f64).sum();
+        let threshold = absolute + rate * total / k as f64;
+        let dead: Vec<usize> = (0..k).filter(|&c| (counts[c] as f64) < threshold).collect();
+        let mut live: Vec<usize> = (0..k)
+            .filter(|&c| (counts[c] as f64) >= threshold)
+            .collect();
+        if dead.is_empty() || live.is_empty() {
+            return (count, weight, 0);
+        }
+        // Busiest first; ties by index, so the order is a function of the counts alone.
+        live.sort_by(|&a, &b| counts[b].total_cmp(&counts[a]).then(a.cmp(&b)));
+        let parents: Vec<usize> = (0..dead.len()).map(|i| live[i % live.len()]).collect();
+        let mut shares = vec![1usize; k];
+        for &parent in &parents {
+            shares[parent] += 1;
+        }
+        let mut new_counts = counts.clone();
+        let mut scale = vec![1.0f32; k];
+        for &parent in &parents {
+            new_counts[parent] = counts[parent] / shares[parent] as f32;
+            scale[parent] = 1.0 / shares[parent] as f32;
+        }
+        let mut dead_mask = vec![0i64; k];
+        for (&code, &parent) in dead.iter().zip(&parents) {
+            new_counts[code] = new_counts[parent];
+            dead_mask[code] = 1;
+        }
+        // Offsets: random signs / sqrt(D), from a fixed hash of (salt, code).
+        let mut offsets = Vec::with_capacity(dead.len() * d);
+        for &code in &dead {
+            let mut hash =
+                SplitMix64::new(salt ^ (code as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            for _ in 0..d {
+                let sign = if hash.next_u64() >> 63 == 1 {
+                    1.0
+                } else {
+                    -1.0
+                };
+                offsets.push(sign / (d as f32).sqrt());
+            }
+        }
+        let codebook = codebook_from_statistics(count, weight.clone(), epsilon);
+        let rms = codebook
+            .clone()
+            .powi_scalar(2)
+            .sum()
+            .div_scalar(k as f64)
+            .sqrt()
+            .add_scalar(1e-12)
+            .mul_scalar(0.01); // [1]
+        let dead_len = dead.len();
+        let float = |values: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<2>::from_data(burn::tensor::TensorData::new(values, shape), &device)
+        };
+        let offsets = float(offsets, [dead_len, d]).mul(rms.reshape([1, 1]));
+        let child_counts: Vec<f32> = dead.iter().map(|&code| new_counts[code]).collect();
+        let parent_rows = codebook.select(
+            0,
+            int_tensor(parents.iter().map(|&p| p as i64).collect(), &device),
+        );
+        let child_sums = parent_rows
+            .add(offsets)
+            .mul(float(child_counts, [dead_len, 1]));
+        let dead_codes = int_tensor(dead.iter().map(|&c| c as i64).collect(), &device);
+        let replacement = Tensor::<2>::zeros([k, d], &device).select_assign(
+            0,
+            dead_codes,
+            child_sums,
+            IndexingUpdateOp::Add,
+        );
+        let dead_rows = int_tensor(dead_mask, &device)
+            .equal_elem(1)
+            .reshape([k, 1])
+            .expand([k, d]);
+        let weight = weight
+            .mul(float(scale, [k, 1]))
+            .mask_where(dead_rows, replacement);
+        let count = Tensor::<1>::from_data(burn::tensor::TensorData::new(new_counts, [k]), &device);
+        (count, weight, dead_len)
     }
 
     /// k-means (Lloyd, `iterations` steps) of the rows of `data` `[N, D]` into `K` clusters,

@@ -111,6 +111,26 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// The fewest levels quantizer dropout draws, in `1..=num_levels`. Default: 1.
     #[config(default = 1)]
     pub quantize_dropout_min_levels: usize,
+    /// Data-parallel mode, for training on several devices at once (Burn's
+    /// `ExecutionStrategy::multi`, or `ddp`). Every state change is then a function of the
+    /// synchronized state and of per-code counts and sums of the batch, which is what makes
+    /// Burn's averaging of the devices' updates give the state one device would reach on the
+    /// union of their batches (README, "Several devices"):
+    ///
+    /// - the first training step *replaces* the initial statistics by the batch's per-code
+    ///   counts and sums (a Lloyd step from the initial codebook; a code no vector chose
+    ///   becomes the zero vector with count 0), so the initial state, which averaging would
+    ///   not scale with the batch statistics, leaves no trace;
+    /// - with `kmeans_init`, the k-means init is that Lloyd step repeated over the first
+    ///   `kmeans_iterations` training steps (one iteration per step, on the union of the
+    ///   devices' batches), codes left empty being split off the busiest codes;
+    /// - dead-code restarts split the busiest codes of the synchronized state (LBG
+    ///   splitting: the dead code takes half of the busiest code's counts and sums and a
+    ///   small deterministic offset) instead of taking vectors of one device's batch.
+    ///
+    /// Leave off on one device to keep the reference's behaviour. Default: false.
+    #[config(default = false)]
+    pub data_parallel: bool,
 }
 
 impl EmaResidualVectorQuantizerConfig {

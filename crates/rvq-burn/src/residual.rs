@@ -79,6 +79,8 @@ pub struct EmaResidualVectorQuantizer {
     pub quantize_dropout: f64,
     /// See [`EmaResidualVectorQuantizerConfig::quantize_dropout_min_levels`].
     pub quantize_dropout_min_levels: usize,
+    /// See [`EmaResidualVectorQuantizerConfig::data_parallel`].
+    pub data_parallel: bool,
 }
 
 impl EmaResidualVectorQuantizerConfig {
@@ -117,9 +119,14 @@ impl EmaResidualVectorQuantizerConfig {
             dead_code_check_every: self.dead_code_check_every,
             quantize_dropout: self.quantize_dropout,
             quantize_dropout_min_levels: self.quantize_dropout_min_levels,
+            data_parallel: self.data_parallel,
         })
     }
 }
+
+/// Below this count a code counts as empty during the data-parallel init (counts there are
+/// numbers of vectors, averaged over devices: 0, or at least 1 / devices).
+const EMPTY_CODE_COUNT: f64 = 1e-6;
 
 /// One level's pass over a batch: its assignment and the residual it leaves.
 struct LevelPass {
@@ -139,6 +146,9 @@ struct UpdatePlan {
     kmeans: bool,
     /// Restart dead codes at this threshold after the update.
     restart_threshold: Option<f64>,
+    /// Data-parallel mode: `Some(step)` while the batch statistics replace the state (the
+    /// first step, or the first `kmeans_iterations` steps with k-means init), `None` after.
+    replace: Option<u64>,
 }
 
 impl EmaResidualVectorQuantizer {
@@ -197,13 +207,17 @@ impl EmaResidualVectorQuantizer {
     ///
     /// `RunningState` keeps each thread's latest update apart until the state is read, then
     /// averages them (one thread: the update itself; several devices: the mean over devices,
-    /// which for counts and sums is the statistic of the union of their batches up to a
-    /// common factor that cancels in the codebook).
+    /// which for counts and sums is the statistic of the union of their batches divided by
+    /// the number of devices, a factor that cancels in the codebook; see
+    /// [`EmaResidualVectorQuantizerConfig::data_parallel`]). Call it too before handing a
+    /// model that ran a training forward on this thread to Burn's multi-device learner, or
+    /// that update would be averaged into the devices' first one.
     pub fn sync_state(&self) {
         for level in &self.levels {
             let _ = level.ema_count.valid();
             let _ = level.ema_weight.valid();
         }
+        let _ = self.steps.valid();
     }
 
     /// Quantizes `x` `[..., D]` (reference behaviour, all levels).
@@ -267,6 +281,7 @@ impl EmaResidualVectorQuantizer {
         // The step counter is read back only when an option is keyed to it.
         let needs_step = training
             && (self.kmeans_init
+                || self.data_parallel
                 || self.quantize_dropout > 0.0
                 || (self.threshold_ema_dead_code > 0.0 && self.dead_code_check_every > 1));
         let step = needs_step.then(|| self.steps.value_sync().into_scalar::<f64>() as u64);
@@ -275,12 +290,17 @@ impl EmaResidualVectorQuantizer {
         }
         let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
         let flat_plain = flat.clone().without_autodiff(); // [N, D]
+        let replace_steps = match self.kmeans_init {
+            true => self.kmeans_iterations as u64,
+            false => 1,
+        };
         let plan = update.then(|| UpdatePlan {
             non_finite: flat_plain.clone().is_finite().all().bool_not(),
-            kmeans: self.kmeans_init && step == Some(0),
+            kmeans: !self.data_parallel && self.kmeans_init && step == Some(0),
             restart_threshold: (self.threshold_ema_dead_code > 0.0
                 && step.is_none_or(|s| (s + 1) % self.dead_code_check_every as u64 == 0))
             .then_some(self.threshold_ema_dead_code),
+            replace: step.filter(|&s| self.data_parallel && s < replace_steps),
         });
 
         let passes = self.run_levels(flat_plain.clone(), num_levels, plan.as_ref(), &device);
@@ -447,8 +467,22 @@ impl EmaResidualVectorQuantizer {
             max_elements: self.max_distance_elements,
             dense: self.dense_statistics,
         };
-        for level in &self.levels[..num_levels] {
+        for (index, level) in self.levels[..num_levels].iter().enumerate() {
             let (old_count, old_weight) = level.statistics(device);
+            if let Some(plan) = plan.filter(|_| self.data_parallel) {
+                let pass = self.data_parallel_pass(
+                    level,
+                    index,
+                    old_count,
+                    old_weight,
+                    residual.clone(),
+                    plan,
+                    search,
+                );
+                residual = pass.next_residual.clone();
+                passes.push(pass);
+                continue;
+            }
             let (mut count, mut weight) = (old_count.clone(), old_weight.clone());
             if plan.is_some_and(|plan| plan.kmeans) {
                 // Level by level: this level's residuals come from the initialized levels
@@ -502,6 +536,67 @@ impl EmaResidualVectorQuantizer {
             });
         }
         passes
+    }
+
+    /// One level's training pass in data-parallel mode: every decision from the synchronized
+    /// state `(old_count, old_weight)`, every batch contribution a per-code count or sum
+    /// (see [`EmaResidualVectorQuantizerConfig::data_parallel`]).
+    #[allow(clippy::too_many_arguments)]
+    fn data_parallel_pass(
+        &self,
+        level: &EmaCodebook,
+        index: usize,
+        old_count: Tensor<1>,
+        old_weight: Tensor<2>,
+        residual: Tensor<2>,
+        plan: &UpdatePlan,
+        search: Search,
+    ) -> LevelPass {
+        let k = level.num_embeddings;
+        let step = plan.replace.unwrap_or(0);
+        // Which codes to split off the busiest ones, from the synchronized counts: during the
+        // init, those no vector chose on the last step (count 0; a code chosen by one vector
+        // on one of k devices has 1/k); after, the dead codes by the restart threshold.
+        let split_below = match plan.replace {
+            Some(0) => None,
+            Some(_) => Some((EMPTY_CODE_COUNT, 0.0)),
+            None => plan.restart_threshold.map(|rate| (0.0, rate)),
+        };
+        let salt = SplitMix64::new(step ^ ((index as u64) << 48)).next_u64();
+        let (count, weight, restarted) = match split_below {
+            Some(below) => EmaCodebook::split_codes(
+                old_count.clone(),
+                old_weight.clone(),
+                level.epsilon,
+                below,
+                salt,
+            ),
+            None => (old_count.clone(), old_weight.clone(), 0),
+        };
+        let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
+        let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
+        let (count, weight) = match plan.replace {
+            Some(_) => EmaCodebook::replace_step(residual.clone(), &assignment, search),
+            None => EmaCodebook::ema_step(
+                count,
+                weight,
+                residual.clone(),
+                &assignment,
+                self.ema_decay,
+                search,
+            ),
+        };
+        let [_, d] = weight.dims();
+        let skip = plan.non_finite.clone();
+        let count = count.mask_where(skip.clone().expand([k]), old_count);
+        let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
+        level.store(count, weight);
+        let next_residual = residual.sub(assignment.quantized.clone());
+        LevelPass {
+            assignment,
+            next_residual,
+            restarted,
+        }
     }
 
     /// The depth quantizer dropout draws for training step `step`: with probability

@@ -154,6 +154,67 @@ fn kmeans_init_fits_the_first_batch_with_a_consistent_state() {
 }
 
 #[test]
+fn data_parallel_restarts_split_the_busiest_codes_until_every_code_is_used() {
+    let device = device();
+    // The same setting as the batch-vector restarts above, in data-parallel mode: dead codes
+    // are split off the busiest codes of the state instead of taking batch vectors.
+    let config = EmaResidualVectorQuantizerConfig::new(1, 32.into(), 8)
+        .with_ema_decay(0.9)
+        .with_data_parallel(true)
+        .with_threshold_ema_dead_code(0.1);
+    let rvq = config.init(&device);
+    let mut restarted = 0;
+    for step in 0..60 {
+        restarted += rvq
+            .forward(clustered(256, 8, 4, 0.3, step, &device))
+            .restarted_codes[0];
+    }
+    let health = rvq.codebook_health()[0];
+    assert!(health.active_share >= 0.95, "{health:?}");
+    assert!(batch_usage(&rvq, clustered(512, 8, 4, 0.3, 1000, &device)) >= 0.9);
+    assert!(restarted >= 28, "only {restarted} restarts");
+    assert_finite_and_consistent(&rvq);
+}
+
+#[test]
+fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
+    let device = device();
+    let config = EmaResidualVectorQuantizerConfig::new(1, 16.into(), 8)
+        .with_data_parallel(true)
+        .with_kmeans_init(true)
+        .with_kmeans_iterations(8);
+    let rvq = config.init(&device);
+    let plain = Device::flex();
+    let loss = |out: &rvq_burn::RvqOutput<2>| floats(out.loss.clone().without_autodiff())[0];
+    let mut losses = Vec::new();
+    for step in 0..8 {
+        let x = clustered(512, 8, 16, 0.1, step, &device);
+        let output = rvq.forward(x);
+        losses.push(loss(&output));
+        // Each init step replaces the statistics by the batch's: the counts are the numbers
+        // of vectors per code and sum to the batch size.
+        let total: f32 = floats(rvq.levels[0].statistics(&plain).0).iter().sum();
+        assert!(
+            (total - 512.0).abs() < 1e-2,
+            "step {step}: total count {total}"
+        );
+    }
+    // From the initial codebook (a few codes take everything) to every code in use: the
+    // splits fill the empty codes (doubling the live ones each step), Lloyd moves them to
+    // the means of what they take (a local optimum: 16 clusters in 8 close pairs here).
+    assert!(
+        losses[7] < 0.05 * losses[0],
+        "loss over the init steps: {losses:?}"
+    );
+    assert!(batch_usage(&rvq, clustered(512, 8, 16, 0.1, 99, &device)) >= 0.9);
+    assert_finite_and_consistent(&rvq);
+    // After the init the EMA takes over: the total count stays at the batch size.
+    let _ = rvq.forward(clustered(512, 8, 16, 0.1, 8, &device));
+    let total: f32 = floats(rvq.levels[0].statistics(&plain).0).iter().sum();
+    assert!((total - 512.0).abs() < 1e-2, "total count {total}");
+}
+
+#[test]
 fn quantizer_dropout_trains_every_depth_and_the_error_falls_with_levels() {
     let device = device();
     device.seed(11);
