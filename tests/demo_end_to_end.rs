@@ -7,6 +7,7 @@ use burn::config::Config;
 use burn::tensor::Device;
 use vqvae_demo::codec::{CompressOptions, compress, decompress};
 use vqvae_demo::data::Mnist;
+use vqvae_demo::parallel::{DevicesEpochRecord, train_on_devices};
 use vqvae_demo::training::{EpochRecord, RunOptions, TrainingConfig, train};
 
 fn out_dir(name: &str) -> PathBuf {
@@ -168,4 +169,70 @@ fn compress_and_decompress(run: &Path, val_psnr_db: f64) {
     }
     let error = vqvae_demo::run(["decompress".to_string()]).unwrap_err();
     assert!(error.to_string().contains("needs --in"), "{error}");
+}
+
+#[test]
+fn trains_on_two_devices_with_burns_multi_device_strategy() {
+    let data = Mnist::embedded();
+    let out = out_dir("devices");
+    let config = small_config(2);
+    let devices = vec![Device::flex(); 2];
+    let summary = train_on_devices(&config, &data, &out, &devices, false).expect("training runs");
+
+    // One record per epoch, with the throughput of both devices together.
+    let records: Vec<DevicesEpochRecord> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .expect("metrics.jsonl written")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(records.len(), 2);
+    for (read, kept) in records.iter().zip(&summary.epochs) {
+        assert_eq!((read.epoch, read.devices), (kept.epoch, kept.devices));
+        // JSON keeps 17 significant digits; parsing may round the last one.
+        assert!((read.train_loss - kept.train_loss).abs() <= 1e-12 * kept.train_loss.abs());
+    }
+    for record in &records {
+        assert_eq!(record.devices, 2);
+        assert!(
+            record.train_loss.is_finite() && record.valid_loss.is_finite(),
+            "{record:?}"
+        );
+        assert!(
+            record.images_per_second > 0.0 && record.train_seconds > 0.0,
+            "{record:?}"
+        );
+    }
+    // The quantizer ran in data-parallel mode, and the run is usable like a one-device run:
+    // its checkpoint loads and codes digits.
+    let saved = TrainingConfig::load(out.join("config.json")).expect("config.json written");
+    assert!(saved.model.quantizer.data_parallel);
+    assert!(summary.validation.val_psnr_db.is_finite());
+    for file in [
+        "validation.json",
+        "reconstructions.png",
+        "codebook_usage.png",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let options = CompressOptions {
+        run: out.clone(),
+        idx: None,
+        images: Some(8),
+        levels: None,
+        output: out.join("digits.rvqz"),
+        picture: out.join("compressed.png"),
+    };
+    let report = compress(&options, &Device::flex()).expect("the run's checkpoint codes digits");
+    assert_eq!(report.images, 8);
+
+    // Resuming is for the one-device loop only, and says so.
+    let args = ["--devices", "2", "--resume", "--out"].map(String::from);
+    let error = vqvae_demo::run(args.into_iter().chain([out.display().to_string()]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("--resume works on one device only"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }

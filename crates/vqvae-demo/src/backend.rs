@@ -58,6 +58,22 @@ impl Backend {
         }
     }
 
+    /// `count` devices for data-parallel training: the CPU device `count` times (the
+    /// workers then share the cores), or the first `count` discrete GPUs.
+    #[allow(deprecated)]
+    pub fn devices(self, count: usize) -> Vec<Device> {
+        (0..count)
+            .map(|index| match self {
+                #[cfg(feature = "wgpu")]
+                Self::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(index)),
+                _ => {
+                    let _ = index;
+                    self.device()
+                }
+            })
+            .collect()
+    }
+
     /// Its name.
     pub fn name(self) -> &'static str {
         match self {

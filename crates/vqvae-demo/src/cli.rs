@@ -35,6 +35,10 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --out DIR            outputs: config.json, metrics.jsonl, checkpoint/, PNGs (default runs/vqvae)
   --resume             continue from the last checkpoint in OUT
   --backend NAME       flex | ndarray | wgpu (with --features wgpu)   (default: see README)
+  --devices N          train on N devices with Burn's ExecutionStrategy::multi: N copies
+                       of the CPU device, or the first N discrete GPUs with wgpu; the
+                       quantizer runs in data-parallel mode, --batch-size is per device
+                       (default 1: the demo's own loop)
   --quiet              no progress bar or epoch lines
   --help               this text
 ";
@@ -169,6 +173,8 @@ pub struct Cli {
     pub data_dir: Option<PathBuf>,
     /// `--backend`.
     pub backend: Backend,
+    /// `--devices`: 1, or train on several with Burn's `ExecutionStrategy::multi`.
+    pub devices: usize,
     /// Not `--quiet`.
     pub verbose: bool,
     /// `--help` was given.
@@ -198,6 +204,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
     let mut cli_levels = None;
     let mut cli_size = None;
     let mut out = PathBuf::from("runs/vqvae");
+    let mut devices = 1;
     let (mut resume, mut data_dir, mut backend, mut verbose, mut help) =
         (false, None, Backend::default(), true, false);
     let mut iter = args.into_iter();
@@ -225,6 +232,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
             "--out" => out = PathBuf::from(value::<String>(&flag, iter.next())?),
             "--resume" => resume = true,
             "--backend" => backend = value::<String>(&flag, iter.next())?.parse()?,
+            "--devices" => devices = value(&flag, iter.next())?,
             "--quiet" => verbose = false,
             "--help" | "-h" => help = true,
             other => {
@@ -247,6 +255,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
         quantizer.num_embeddings = CodebookSizes::Uniform(size);
     }
     config.model.quantizer.validate()?;
+    if devices < 1 {
+        return Err(DemoError::Config("--devices must be >= 1, got 0".into()));
+    }
     if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
         return Err(DemoError::Config(format!(
             "--lr must be > 0, got {}",
@@ -259,6 +270,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
         resume,
         data_dir,
         backend,
+        devices,
         verbose,
         help,
     })
@@ -323,6 +335,10 @@ mod tests {
         let q = &cli.config.model.quantizer;
         assert!(q.kmeans_init);
         assert_eq!((q.threshold_ema_dead_code, q.quantize_dropout), (0.1, 0.5));
+        assert_eq!(cli.devices, 1);
+        assert_eq!(parse(args(&["--devices", "3"])).unwrap().devices, 3);
+        let error = parse(args(&["--devices", "0"])).unwrap_err().to_string();
+        assert!(error.contains("--devices must be >= 1, got 0"), "{error}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`data`]: the embedded 10,000 digits and the IDX loader for the full set.
 //! - [`model`]: encoder, quantizer, decoder.
 //! - [`training`]: [`TrainingConfig`](training::TrainingConfig), the loop, checkpoints.
+//! - [`parallel`]: training on several devices with Burn's `ExecutionStrategy::multi`.
 //! - [`evaluation`]: validation PSNR and codebook health.
 //! - [`report`]: the PNG pictures; [`progress`]: the progress bar.
 //! - [`codec`]: the trained model as an image codec (`compress`, `decompress`).
@@ -19,28 +20,28 @@ pub mod data;
 pub mod error;
 pub mod evaluation;
 pub mod model;
+pub mod parallel;
 pub mod progress;
 pub mod report;
 pub mod training;
 
 use data::Mnist;
 use error::DemoError;
-use training::{RunOptions, TrainingSummary};
+use training::RunOptions;
 
-/// Runs the demo for the command-line `args` (without the program name): training, or the
-/// `compress`/`decompress` commands.
-pub fn run(args: impl IntoIterator<Item = String>) -> Result<Option<TrainingSummary>, DemoError> {
+/// Runs the demo for the command-line `args` (without the program name): training (on one
+/// device, or on several with `--devices N`), or the `compress`/`decompress` commands.
+pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
     let mut args: Vec<String> = args.into_iter().collect();
     if let Some(command @ ("compress" | "decompress")) = args.first().map(String::as_str) {
         let command = command.to_string();
         args.remove(0);
-        run_codec(&command, args)?;
-        return Ok(None);
+        return run_codec(&command, args);
     }
     let cli = cli::parse(args)?;
     if cli.help {
         print!("{}", cli::USAGE);
-        return Ok(None);
+        return Ok(());
     }
     let data = match &cli.data_dir {
         Some(dir) => Mnist::from_dir(dir)?,
@@ -49,8 +50,12 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<Option<TrainingSumm
     let device = cli.backend.device();
     if cli.verbose {
         println!(
-            "device: {} ({device:?}) | train {} / validation {} digits | {} levels x {:?} codes, D = {}",
+            "device: {} ({device:?}{}) | train {} / validation {} digits | {} levels x {:?} codes, D = {}",
             cli.backend.name(),
+            match cli.devices {
+                1 => String::new(),
+                n => format!(", {n} devices"),
+            },
             data.train
                 .len()
                 .min(cli.config.train_limit.unwrap_or(usize::MAX)),
@@ -62,17 +67,27 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<Option<TrainingSumm
             cli.config.model.quantizer.embedding_dim,
         );
     }
-    let options = RunOptions {
-        out: cli.out.clone(),
-        resume: cli.resume,
-        device,
-        verbose: cli.verbose,
-    };
-    let summary = training::train(&cli.config, &data, &options)?;
+    if cli.devices > 1 {
+        if cli.resume {
+            return Err(DemoError::Config(
+                "--resume works on one device only (--devices 1)".into(),
+            ));
+        }
+        let devices = cli.backend.devices(cli.devices);
+        parallel::train_on_devices(&cli.config, &data, &cli.out, &devices, cli.verbose)?;
+    } else {
+        let options = RunOptions {
+            out: cli.out.clone(),
+            resume: cli.resume,
+            device,
+            verbose: cli.verbose,
+        };
+        training::train(&cli.config, &data, &options)?;
+    }
     if cli.verbose {
         println!("outputs in {}", cli.out.display());
     }
-    Ok(Some(summary))
+    Ok(())
 }
 
 fn run_codec(command: &str, args: Vec<String>) -> Result<(), DemoError> {
