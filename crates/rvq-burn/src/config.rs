@@ -128,7 +128,9 @@ pub struct EmaResidualVectorQuantizerConfig {
     ///   splitting: the dead code takes half of the busiest code's counts and sums and a
     ///   small deterministic offset) instead of taking vectors of one device's batch.
     ///
-    /// Leave off on one device to keep the reference's behaviour. Default: false.
+    /// Costs one read of the step counter back to the host per training step (and one of
+    /// the counts on the steps that split codes). Leave off on one device to keep the
+    /// reference's behaviour. Default: false.
     #[config(default = false)]
     pub data_parallel: bool,
 }
