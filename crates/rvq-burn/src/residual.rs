@@ -520,12 +520,7 @@ impl EmaResidualVectorQuantizer {
                     }
                     None => (count, weight),
                 };
-                // A batch with NaN or infinity never enters the statistics.
-                let [k, d] = weight.dims();
-                let skip = plan.non_finite.clone();
-                let count = count.mask_where(skip.clone().expand([k]), old_count);
-                let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
-                level.store(count, weight);
+                store_if_finite(level, (count, weight), (old_count, old_weight), plan);
             }
             let next_residual = residual.sub(assignment.quantized.clone());
             residual = next_residual.clone();
@@ -552,7 +547,6 @@ impl EmaResidualVectorQuantizer {
         plan: &UpdatePlan,
         search: Search,
     ) -> LevelPass {
-        let k = level.num_embeddings;
         let step = plan.replace.unwrap_or(0);
         // Which codes to split off the busiest ones, from the synchronized counts: during the
         // init, those no vector chose on the last step (count 0; a code chosen by one vector
@@ -586,11 +580,7 @@ impl EmaResidualVectorQuantizer {
                 search,
             ),
         };
-        let [_, d] = weight.dims();
-        let skip = plan.non_finite.clone();
-        let count = count.mask_where(skip.clone().expand([k]), old_count);
-        let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
-        level.store(count, weight);
+        store_if_finite(level, (count, weight), (old_count, old_weight), plan);
         let next_residual = residual.sub(assignment.quantized.clone());
         LevelPass {
             assignment,
@@ -709,6 +699,21 @@ impl EmaResidualVectorQuantizer {
         }
         Ok(())
     }
+}
+
+/// Stores a level's new statistics, or keeps the old ones when the batch held a NaN or an
+/// infinity (decided on the device: no read back), so such a batch never enters the state.
+fn store_if_finite(
+    level: &EmaCodebook,
+    (count, weight): (Tensor<1>, Tensor<2>),
+    (old_count, old_weight): (Tensor<1>, Tensor<2>),
+    plan: &UpdatePlan,
+) {
+    let [k, d] = weight.dims();
+    let skip = plan.non_finite.clone();
+    let count = count.mask_where(skip.clone().expand([k]), old_count);
+    let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
+    level.store(count, weight);
 }
 
 /// The total commitment loss on the autodiff device, with the gradient of every level's term.
