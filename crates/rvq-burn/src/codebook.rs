@@ -567,6 +567,106 @@ fn nearest_indices(
     residual: Tensor<2>,
     max_elements: usize,
 ) -> Tensor<1, Int> {
+    if in_host_memory(&residual.device()) {
+        return host_nearest_indices(codebook, residual, max_elements);
+    }
+    tensor_nearest_indices(codebook, residual, max_elements)
+}
+
+/// Whether `device` is one of Burn's CPU backends (`flex`, `ndarray`), whose tensors live in
+/// host memory: reading them back is a copy, not a transfer. Burn 0.22's dispatch enum is
+/// only visible with the backend features on, so the device's `Debug` name tells
+/// (`Device<Flex(Cpu)>`; `tests::cpu_devices_are_recognized` guards the names).
+pub(crate) fn in_host_memory(device: &Device) -> bool {
+    let name = format!("{:?}", device.clone().without_autodiff());
+    name.starts_with("Device<Flex") || name.starts_with("Device<NdArray")
+}
+
+/// The search on a CPU device: per chunk of rows, one product `-2 R E^T` by the gemm crate
+/// into a reused buffer, then one fused pass that adds `||e||^2` and takes each row's
+/// first minimum (in parallel over rows). The tensor version forms the product, then a
+/// second `[N, K]` tensor with the norms added, then reduces it: twice the memory traffic
+/// of the product itself, which on a 2-core machine cost as much as the product.
+fn host_nearest_indices(
+    codebook: &Tensor<2>,
+    residual: Tensor<2>,
+    max_elements: usize,
+) -> Tensor<1, Int> {
+    use rayon::prelude::*;
+
+    let [n, d] = residual.dims();
+    let [k, _] = codebook.dims();
+    let device = residual.device();
+    let codes = host_floats(codebook.clone());
+    let rows = host_floats(residual);
+    let norms: Vec<f32> = codes
+        .chunks_exact(d)
+        .map(|code| code.iter().map(|v| v * v).sum())
+        .collect();
+    let rows_per_chunk = (max_elements / k.max(1)).clamp(1, n);
+    let mut products = vec![0.0f32; rows_per_chunk * k];
+    let mut indices: Vec<i64> = Vec::with_capacity(n);
+    for start in (0..n).step_by(rows_per_chunk) {
+        let m = (n - start).min(rows_per_chunk);
+        let out = &mut products[..m * k];
+        let lhs = &rows[start * d..(start + m) * d];
+        // SAFETY: `out` holds m x k values (row stride k), `lhs` m x d (row stride d), and
+        // `codes` k x d read as its transpose d x k (column stride d, row stride 1); the
+        // three do not overlap.
+        unsafe {
+            gemm::gemm(
+                m,
+                k,
+                d,
+                out.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                d as isize,
+                codes.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                -2.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        indices.par_extend(out.par_chunks_exact(k).map(|row| {
+            let mut best = 0;
+            let mut best_distance = f32::INFINITY;
+            for (code, (product, norm)) in row.iter().zip(&norms).enumerate() {
+                let distance = norm + product;
+                if distance < best_distance {
+                    best_distance = distance;
+                    best = code;
+                }
+            }
+            best as i64
+        }));
+    }
+    int_tensor(indices, &device)
+}
+
+/// The values of a float tensor, row-major, on the host.
+fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    let data = tensor.into_data();
+    match data.as_slice::<f32>() {
+        Ok(values) => values.to_vec(),
+        Err(_) => data.iter::<f32>().collect(),
+    }
+}
+
+/// The search with Burn tensor operations (GPU backends): a product and an argmin per chunk.
+fn tensor_nearest_indices(
+    codebook: &Tensor<2>,
+    residual: Tensor<2>,
+    max_elements: usize,
+) -> Tensor<1, Int> {
     let [n, _] = residual.dims();
     let [k, _] = codebook.dims();
     // -2 e^T, [D, K]: scaling by a power of two is exact, so folding it into the (small)
@@ -608,5 +708,62 @@ fn check_shape(
             expected: expected.to_vec(),
             got: got.to_vec(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
+    fn cpu_devices_are_recognized() {
+        assert!(in_host_memory(&Device::flex()));
+        assert!(in_host_memory(&Device::flex().autodiff()));
+        assert!(in_host_memory(&Device::ndarray()));
+    }
+
+    /// The fused host search picks the nearest code of the tensor search: the same index,
+    /// or, where float rounding orders two codes differently, one at the same distance.
+    #[test]
+    fn host_search_equals_tensor_search() {
+        let device = Device::flex();
+        let mut hash = SplitMix64::new(5);
+        let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        for (n, d, k, max_elements) in [
+            (1, 3, 1, 1),
+            (37, 5, 7, 16),
+            (500, 16, 64, 1 << 24),
+            (500, 16, 64, 640),
+            (300, 64, 256, 1000),
+        ] {
+            let rows: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
+            let codes: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
+            let residual = Tensor::<2>::from_data(TensorData::new(rows.clone(), [n, d]), &device);
+            let codebook = Tensor::<2>::from_data(TensorData::new(codes.clone(), [k, d]), &device);
+            let host: Vec<i64> = host_nearest_indices(&codebook, residual.clone(), max_elements)
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            let tensor: Vec<i64> = tensor_nearest_indices(&codebook, residual, max_elements)
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            let distance = |row: usize, code: i64| -> f64 {
+                (0..d)
+                    .map(|j| {
+                        (rows[row * d + j] as f64 - codes[code as usize * d + j] as f64).powi(2)
+                    })
+                    .sum()
+            };
+            for (row, (h, t)) in host.iter().zip(&tensor).enumerate() {
+                let (dh, dt) = (distance(row, *h), distance(row, *t));
+                assert!(
+                    h == t || (dh - dt).abs() <= 1e-5 * dt.max(1.0),
+                    "shape {n}x{d}, K = {k}: row {row}: host code {h} at {dh}, tensor code {t} at {dt}"
+                );
+            }
+        }
     }
 }
