@@ -61,11 +61,19 @@ def main():
             print(f"| {shape} | {op} | {fmt(ours)} | {fmt(plain)} | {fmt(vqp)} "
                   f"| {ratio(plain)} | {ratio(vqp)} |")
     print()
-    print("| shape | distance GEMM, rvq-burn | distance GEMM, PyTorch |")
-    print("|---|---|---|")
+    print("| shape | nearest-code search, rvq-burn (products' rate) | distance GEMM, Burn "
+          "matmul | distance GEMM, PyTorch | search / PyTorch GEMM |")
+    print("|---|---|---|---|---|")
     for shape in args.shapes.split(","):
-        print(f"| {shape} | {gflops(rust, 'backend', args.backend, shape)} GFLOP/s "
-              f"| {gflops(torch, 'implementation', 'torch', shape)} GFLOP/s |")
+        search = None
+        for row in rust:
+            if row.get("backend") == args.backend and row.get("shape") == shape \
+                    and row["operation"] == "search":
+                search = row["gflops"]
+        torch_gemm = gflops(torch, 'implementation', 'torch', shape)
+        share = f"{search / torch_gemm:.0%}" if search and torch_gemm else "-"
+        print(f"| {shape} | {search} GFLOP/s | {gflops(rust, 'backend', args.backend, shape)} "
+              f"GFLOP/s | {torch_gemm} GFLOP/s | {share} |")
     for row in torch:
         if row["operation"].startswith("gemm_"):
             print(f"\nPyTorch {row['operation']}: {row['gflops']} GFLOP/s")

@@ -407,6 +407,25 @@ fn main() {
                  \"median_seconds\":{products:.6},\"gflops\":{:.1}}}",
                 2.0 * (n * d * k * m) as f64 / products / 1e9
             );
+            // The layer's own search, M levels' worth: nearest codes, the chosen vectors and
+            // the per-code counts (`EmaCodebook::assign`), at the rate of its products.
+            let codes = codebook.clone().transpose();
+            let search = Search {
+                max_elements: args.max_distance_elements,
+                dense: false,
+            };
+            let searching = median_seconds(repeats, &plain, || {
+                for _ in 0..m {
+                    let _ = EmaCodebook::assign(&codes, x.clone(), search)
+                        .indices
+                        .into_data();
+                }
+            });
+            println!(
+                "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"search\",\
+                 \"median_seconds\":{searching:.6},\"gflops\":{:.1}}}",
+                2.0 * (n * d * k * m) as f64 / searching / 1e9
+            );
         }
     }
 }

@@ -603,7 +603,9 @@ fn host_nearest_indices(
         .chunks_exact(d)
         .map(|code| code.iter().map(|v| v * v).sum())
         .collect();
-    let rows_per_chunk = (max_elements / k.max(1)).clamp(1, n);
+    // Chunks of at most HOST_CHUNK_ELEMENTS products (and within `max_elements`): the
+    // buffer stays in cache between the product and the argmin pass.
+    let rows_per_chunk = (max_elements.min(HOST_CHUNK_ELEMENTS) / k.max(1)).clamp(1, n);
     let mut products = vec![0.0f32; rows_per_chunk * k];
     let mut indices: Vec<i64> = Vec::with_capacity(n);
     for start in (0..n).step_by(rows_per_chunk) {
@@ -651,6 +653,10 @@ fn host_nearest_indices(
     }
     int_tensor(indices, &device)
 }
+
+/// Products per chunk of the host search: 4 MiB of f32, about what the caches of one
+/// core hold.
+const HOST_CHUNK_ELEMENTS: usize = 1 << 20;
 
 /// The values of a float tensor, row-major, on the host.
 fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
