@@ -164,15 +164,30 @@ fn data_parallel_restarts_split_the_busiest_codes_until_every_code_is_used() {
         .with_threshold_ema_dead_code(0.1);
     let rvq = config.init(&device);
     let mut restarted = 0;
+    let mut empty_after_first_step = 0;
     for step in 0..60 {
         restarted += rvq
             .forward(clustered(256, 8, 4, 0.3, step, &device))
             .restarted_codes[0];
+        if step == 0 {
+            // The first step replaces the initial state: the codes no vector chose have count
+            // 0. How many depends on the initial codebook (the device's random generator,
+            // shared with the tests beside this one), so it is counted, not assumed.
+            empty_after_first_step = floats(rvq.levels[0].statistics(&Device::flex()).0)
+                .iter()
+                .filter(|&&c| c == 0.0)
+                .count();
+        }
     }
     let health = rvq.codebook_health()[0];
     assert!(health.active_share >= 0.95, "{health:?}");
     assert!(batch_usage(&rvq, clustered(512, 8, 4, 0.3, 1000, &device)) >= 0.9);
-    assert!(restarted >= 28, "only {restarted} restarts");
+    // Every code left empty by the first step was split off a busy code at least once.
+    assert!(empty_after_first_step > 0);
+    assert!(
+        restarted >= empty_after_first_step,
+        "only {restarted} restarts for {empty_after_first_step} empty codes"
+    );
     assert_finite_and_consistent(&rvq);
 }
 
