@@ -18,10 +18,11 @@
 //! which cancels in the ratio, while averaging codebooks would not.
 
 use burn::module::{Module, RunningState};
-use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
+use crate::host::{self, HostCodebook, SearchOutputs, host_floats, in_host_memory};
 
 /// One EMA codebook of `num_embeddings` vectors of dimension `embedding_dim`.
 ///
@@ -148,6 +149,11 @@ impl EmaCodebook {
     /// `codebook` `[K, D]` and `residual` must be on the same plain (non-autodiff) device.
     /// The distance matrix is formed in row chunks of at most `max_elements` entries.
     pub fn assign(codebook: &Tensor<2>, residual: Tensor<2>, search: Search) -> Assignment {
+        let device = residual.device();
+        if in_host_memory(&device) {
+            let mut rows = host_floats(residual);
+            return host_assignment(codebook, &mut rows, false, search, &device);
+        }
         let [k, _] = codebook.dims();
         let indices = nearest_indices(codebook, residual, search.max_elements);
         let quantized = codebook.clone().select(0, indices.clone());
@@ -157,6 +163,39 @@ impl EmaCodebook {
             quantized,
             counts,
         }
+    }
+
+    /// [`EmaCodebook::assign`] on a CPU device for rows already on the host, `[N, D]`
+    /// row-major, which it replaces by their residuals `r - q` (the next level's input).
+    /// Returns the assignment and the residuals as a tensor. One pass over tiles of rows
+    /// instead of a search, a gather, a subtraction and a scatter-add (see [`crate::host`]);
+    /// the same counts, codes and residuals as the tensor operations.
+    pub(crate) fn assign_on_host(
+        codebook: &Tensor<2>,
+        rows: &mut [f32],
+        search: Search,
+        device: &Device,
+    ) -> (Assignment, Tensor<2>) {
+        let [_, d] = codebook.dims();
+        let assignment = host_assignment(codebook, rows, true, search, device);
+        let next = Tensor::from_data(TensorData::new(rows.to_vec(), [rows.len() / d, d]), device);
+        (assignment, next)
+    }
+
+    /// The nearest codes of rows already on the host (CPU devices), `[N, D]` row-major,
+    /// which it replaces by their residuals: one level of `encode` in one pass.
+    pub(crate) fn encode_on_host(
+        codebook: &Tensor<2>,
+        rows: &mut [f32],
+        search: Search,
+    ) -> Tensor<1, Int> {
+        let outputs = SearchOutputs {
+            subtract: true,
+            quantized: None,
+        };
+        let host_codebook = HostCodebook::new(codebook);
+        let indices = host::search(&host_codebook, rows, outputs, search.max_elements);
+        int_tensor(indices, &codebook.device())
     }
 
     /// One EMA step with this batch's assignment (the reference's `_ema_update`):
@@ -342,7 +381,7 @@ impl EmaCodebook {
             .mul_scalar(0.01); // [1]
         let dead_len = dead.len();
         let float = |values: Vec<f32>, shape: [usize; 2]| {
-            Tensor::<2>::from_data(burn::tensor::TensorData::new(values, shape), &device)
+            Tensor::<2>::from_data(TensorData::new(values, shape), &device)
         };
         let offsets = float(offsets, [dead_len, d]).mul(rms.reshape([1, 1]));
         let child_counts: Vec<f32> = dead.iter().map(|&code| new_counts[code]).collect();
@@ -367,7 +406,7 @@ impl EmaCodebook {
         let weight = weight
             .mul(float(scale, [k, 1]))
             .mask_where(dead_rows, replacement);
-        let count = Tensor::<1>::from_data(burn::tensor::TensorData::new(new_counts, [k]), &device);
+        let count = Tensor::<1>::from_data(TensorData::new(new_counts, [k]), &device);
         (count, weight, dead_len)
     }
 
@@ -433,9 +472,39 @@ fn sample_rows(n: usize, count: usize, round: u64) -> Vec<i64> {
         .collect()
 }
 
+/// The assignment of `rows` `[N, D]` (host, row-major) on a CPU device; with `subtract`,
+/// `rows` become the residuals.
+fn host_assignment(
+    codebook: &Tensor<2>,
+    rows: &mut [f32],
+    subtract: bool,
+    search: Search,
+    device: &Device,
+) -> Assignment {
+    let [k, d] = codebook.dims();
+    let n = rows.len() / d.max(1);
+    let mut quantized = vec![0.0f32; rows.len()];
+    let outputs = SearchOutputs {
+        subtract,
+        quantized: Some(&mut quantized),
+    };
+    let indices = host::search(
+        &HostCodebook::new(codebook),
+        rows,
+        outputs,
+        search.max_elements,
+    );
+    let counts = host::counts(&indices, k);
+    Assignment {
+        counts: Tensor::from_data(TensorData::new(counts, [k]), device),
+        quantized: Tensor::from_data(TensorData::new(quantized, [n, d]), device),
+        indices: int_tensor(indices, device),
+    }
+}
+
 pub(crate) fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
-    Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
+    Tensor::from_data(TensorData::new(values, [len]), device)
 }
 
 /// `e_k = m_k / c^_k` with the Laplace-smoothed counts `c^_k = (c_k + eps) / (n + K eps) * n`.
@@ -567,104 +636,22 @@ fn nearest_indices(
     residual: Tensor<2>,
     max_elements: usize,
 ) -> Tensor<1, Int> {
-    if in_host_memory(&residual.device()) {
-        return host_nearest_indices(codebook, residual, max_elements);
+    let device = residual.device();
+    if in_host_memory(&device) {
+        let mut rows = host_floats(residual);
+        let outputs = SearchOutputs {
+            subtract: false,
+            quantized: None,
+        };
+        let indices = host::search(
+            &HostCodebook::new(codebook),
+            &mut rows,
+            outputs,
+            max_elements,
+        );
+        return int_tensor(indices, &device);
     }
     tensor_nearest_indices(codebook, residual, max_elements)
-}
-
-/// Whether `device` is one of Burn's CPU backends (`flex`, `ndarray`), whose tensors live in
-/// host memory: reading them back is a copy, not a transfer. Burn 0.22's dispatch enum is
-/// only visible with the backend features on, so the device's `Debug` name tells
-/// (`Device<Flex(Cpu)>`; `tests::cpu_devices_are_recognized` guards the names).
-pub(crate) fn in_host_memory(device: &Device) -> bool {
-    let name = format!("{:?}", device.clone().without_autodiff());
-    name.starts_with("Device<Flex") || name.starts_with("Device<NdArray")
-}
-
-/// The search on a CPU device: per chunk of rows, one product `-2 R E^T` by the gemm crate
-/// into a reused buffer, then one fused pass that adds `||e||^2` and takes each row's
-/// first minimum (in parallel over rows). The tensor version forms the product, then a
-/// second `[N, K]` tensor with the norms added, then reduces it: twice the memory traffic
-/// of the product itself, which on a 2-core machine cost as much as the product.
-fn host_nearest_indices(
-    codebook: &Tensor<2>,
-    residual: Tensor<2>,
-    max_elements: usize,
-) -> Tensor<1, Int> {
-    use rayon::prelude::*;
-
-    let [n, d] = residual.dims();
-    let [k, _] = codebook.dims();
-    let device = residual.device();
-    let codes = host_floats(codebook.clone());
-    let rows = host_floats(residual);
-    let norms: Vec<f32> = codes
-        .chunks_exact(d)
-        .map(|code| code.iter().map(|v| v * v).sum())
-        .collect();
-    // Chunks of at most HOST_CHUNK_ELEMENTS products (and within `max_elements`): the
-    // buffer stays in cache between the product and the argmin pass.
-    let rows_per_chunk = (max_elements.min(HOST_CHUNK_ELEMENTS) / k.max(1)).clamp(1, n);
-    let mut products = vec![0.0f32; rows_per_chunk * k];
-    let mut indices: Vec<i64> = Vec::with_capacity(n);
-    for start in (0..n).step_by(rows_per_chunk) {
-        let m = (n - start).min(rows_per_chunk);
-        let out = &mut products[..m * k];
-        let lhs = &rows[start * d..(start + m) * d];
-        // SAFETY: `out` holds m x k values (row stride k), `lhs` m x d (row stride d), and
-        // `codes` k x d read as its transpose d x k (column stride d, row stride 1); the
-        // three do not overlap.
-        unsafe {
-            gemm::gemm(
-                m,
-                k,
-                d,
-                out.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                lhs.as_ptr(),
-                1,
-                d as isize,
-                codes.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                -2.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
-        indices.par_extend(out.par_chunks_exact(k).map(|row| {
-            let mut best = 0;
-            let mut best_distance = f32::INFINITY;
-            for (code, (product, norm)) in row.iter().zip(&norms).enumerate() {
-                let distance = norm + product;
-                if distance < best_distance {
-                    best_distance = distance;
-                    best = code;
-                }
-            }
-            best as i64
-        }));
-    }
-    int_tensor(indices, &device)
-}
-
-/// Products per chunk of the host search: 4 MiB of f32, about what the caches of one
-/// core hold.
-const HOST_CHUNK_ELEMENTS: usize = 1 << 20;
-
-/// The values of a float tensor, row-major, on the host.
-fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    let data = tensor.into_data();
-    match data.as_slice::<f32>() {
-        Ok(values) => values.to_vec(),
-        Err(_) => data.iter::<f32>().collect(),
-    }
 }
 
 /// The search with Burn tensor operations (GPU backends): a product and an argmin per chunk.
@@ -722,14 +709,6 @@ mod tests {
     use super::*;
     use burn::tensor::TensorData;
 
-    #[test]
-    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
-    fn cpu_devices_are_recognized() {
-        assert!(in_host_memory(&Device::flex()));
-        assert!(in_host_memory(&Device::flex().autodiff()));
-        assert!(in_host_memory(&Device::ndarray()));
-    }
-
     /// The fused host search picks the nearest code of the tensor search: the same index,
     /// or, where float rounding orders two codes differently, one at the same distance.
     #[test]
@@ -743,12 +722,16 @@ mod tests {
             (500, 16, 64, 1 << 24),
             (500, 16, 64, 640),
             (300, 64, 256, 1000),
+            // Tiles whose row count is not a multiple of the 8- and 32-column blocks.
+            (45, 3, 300, 1 << 24),
+            (70, 4, 9, 90),
+            (1000, 8, 5, 1 << 24),
         ] {
             let rows: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
             let codes: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
             let residual = Tensor::<2>::from_data(TensorData::new(rows.clone(), [n, d]), &device);
             let codebook = Tensor::<2>::from_data(TensorData::new(codes.clone(), [k, d]), &device);
-            let host: Vec<i64> = host_nearest_indices(&codebook, residual.clone(), max_elements)
+            let host: Vec<i64> = nearest_indices(&codebook, residual.clone(), max_elements)
                 .into_data()
                 .iter::<i64>()
                 .collect();
@@ -770,6 +753,49 @@ mod tests {
                     "shape {n}x{d}, K = {k}: row {row}: host code {h} at {dh}, tensor code {t} at {dt}"
                 );
             }
+
+            // The rest of the host assignment is exactly what the tensor operations give
+            // for the same indices: the chosen codes, the counts, the residuals.
+            let search = Search {
+                max_elements,
+                dense: false,
+            };
+            let mut host_rows = rows.clone();
+            let (assignment, next) =
+                EmaCodebook::assign_on_host(&codebook, &mut host_rows, search, &device);
+            let indices = assignment.indices.clone();
+            let quantized = codebook.clone().select(0, indices.clone());
+            assert_eq!(assignment.quantized.to_data(), quantized.to_data());
+            assert_eq!(
+                assignment.counts.to_data(),
+                per_code_counts(&indices, k, search).to_data()
+            );
+            let residual = Tensor::<2>::from_data(TensorData::new(rows.clone(), [n, d]), &device);
+            let expected_next = residual.sub(quantized).into_data();
+            assert_eq!(next.into_data(), expected_next);
+            assert_eq!(TensorData::new(host_rows, [n, d]), expected_next);
+        }
+    }
+
+    /// Of codes at the same distance, every path takes the first, like `argmin`.
+    #[test]
+    fn equal_codes_resolve_to_the_first() {
+        let device = Device::flex();
+        let (n, d) = (41, 2);
+        // Codes 2 and 5 are the same point, nearest to every row; the others far away.
+        let mut codes = vec![9.0f32; 7 * d];
+        codes[2 * d..3 * d].copy_from_slice(&[0.25, -0.5]);
+        codes[5 * d..6 * d].copy_from_slice(&[0.25, -0.5]);
+        let codebook = Tensor::<2>::from_data(TensorData::new(codes, [7, d]), &device);
+        let rows: Vec<f32> = (0..n * d).map(|i| (i % 5) as f32 * 0.01).collect();
+        let residual = Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &device);
+        for indices in [
+            nearest_indices(&codebook, residual.clone(), 1 << 24),
+            nearest_indices(&codebook, residual.clone(), 7),
+            tensor_nearest_indices(&codebook, residual.clone(), 1 << 24),
+        ] {
+            let indices: Vec<i64> = indices.into_data().iter::<i64>().collect();
+            assert_eq!(indices, vec![2; n]);
         }
     }
 }

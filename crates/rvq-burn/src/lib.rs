@@ -42,6 +42,8 @@
 //! - [`config`]: [`EmaResidualVectorQuantizerConfig`] and its validation.
 //! - [`codebook`]: one level, [`EmaCodebook`]: EMA statistics, derived codebook, nearest-code
 //!   search, EMA step.
+//! - `host` (internal): the CPU fast path of a level's search, one pass over cache-sized tiles
+//!   of rows on Burn's CPU backends.
 //! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode.
 //! - [`options`], [`output`], [`metrics`]: what a forward takes and returns.
 //! - [`entropy`], [`stream`]: codes to bytes. [`EntropyModels`] built from the EMA counts,
@@ -55,6 +57,7 @@ pub mod config;
 pub mod entropy;
 pub mod error;
 mod hash;
+mod host;
 pub mod metrics;
 pub mod options;
 pub mod output;

@@ -23,6 +23,7 @@ use crate::codebook::{EmaCodebook, Search, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
+use crate::host::{host_floats, in_host_memory};
 use crate::metrics::CodebookHealth;
 use crate::options::ForwardOptions;
 use crate::output::RvqOutput;
@@ -396,6 +397,17 @@ impl EmaResidualVectorQuantizer {
         let flat = x
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim]);
+        if in_host_memory(&device) {
+            // One host buffer, searched and turned into the next residual level by level.
+            let mut rows = host_floats(flat);
+            let search = self.search();
+            return Ok(self.levels[..num_levels]
+                .iter()
+                .map(|level| {
+                    EmaCodebook::encode_on_host(&level.codebook(&device), &mut rows, search)
+                })
+                .collect());
+        }
         Ok(self
             .run_levels(flat, num_levels, None, &device)
             .into_iter()
@@ -455,6 +467,14 @@ impl EmaResidualVectorQuantizer {
 
     /// Runs the first `num_levels` levels on `residual` `[N, D]` (`N > 0`, no autodiff); with a plan,
     /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
+    /// How the levels search and accumulate (see [`Search`]).
+    fn search(&self) -> Search {
+        Search {
+            max_elements: self.max_distance_elements,
+            dense: self.dense_statistics,
+        }
+    }
+
     fn run_levels(
         &self,
         mut residual: Tensor<2>,
@@ -463,10 +483,13 @@ impl EmaResidualVectorQuantizer {
         device: &Device,
     ) -> Vec<LevelPass> {
         let mut passes = Vec::with_capacity(num_levels);
-        let search = Search {
-            max_elements: self.max_distance_elements,
-            dense: self.dense_statistics,
-        };
+        let search = self.search();
+        // On CPU devices the residual also lives in a host buffer that each level's search
+        // turns into the next residual (see `crate::host`); data-parallel passes work on
+        // tensors.
+        let data_parallel = plan.is_some() && self.data_parallel;
+        let mut host_rows =
+            (in_host_memory(device) && !data_parallel).then(|| host_floats(residual.clone()));
         for (index, level) in self.levels[..num_levels].iter().enumerate() {
             let (old_count, old_weight) = level.statistics(device);
             if let Some(plan) = plan.filter(|_| self.data_parallel) {
@@ -495,7 +518,14 @@ impl EmaResidualVectorQuantizer {
                 );
             }
             let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
-            let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
+            let (assignment, next_residual) = match host_rows.as_mut() {
+                Some(rows) => EmaCodebook::assign_on_host(&codebook, rows, search, device),
+                None => {
+                    let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
+                    let next_residual = residual.clone().sub(assignment.quantized.clone());
+                    (assignment, next_residual)
+                }
+            };
             let mut restarted = 0;
             if let Some(plan) = plan {
                 let (count, weight) = EmaCodebook::ema_step(
@@ -522,7 +552,6 @@ impl EmaResidualVectorQuantizer {
                 };
                 store_if_finite(level, (count, weight), (old_count, old_weight), plan);
             }
-            let next_residual = residual.sub(assignment.quantized.clone());
             residual = next_residual.clone();
             passes.push(LevelPass {
                 assignment,

@@ -1,0 +1,371 @@
+//! The CPU fast path of one level: on Burn's CPU backends (`flex`, `ndarray`) the tensors live
+//! in host memory, and the nearest-code search, the gather of the chosen codes and the next
+//! residual are one pass over tiles of rows instead of five tensor operations.
+//!
+//! Per tile of rows `R` (one rayon task each), one single-threaded `gemm` product `-2 E R^T`
+//! `[K, rows]` into the worker's own buffer, which stays in that core's cache for what
+//! follows: the code norms added and the first minimum per row taken, code by code over the
+//! tile's rows (a compare-and-select in AVX2 registers), then the chosen codes gathered and
+//! the rows replaced by their residuals. The tensor version writes the `[N, K]` product to memory, a second
+//! `[N, K]` tensor with the norms added, and reads both back for the argmin: three times the
+//! memory traffic of the product, which on a 2-core machine cost as much as the product.
+//!
+//! Everything here gives what the tensor path gives: the same counts and residuals exactly,
+//! and the same indices up to ties that float rounding orders differently (a code at the
+//! same distance; `codebook::tests::host_search_equals_tensor_search`).
+
+use std::cell::RefCell;
+
+use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
+
+/// Products per tile: 256 KiB of f32, half of one core's L2 on the machine measured (AMD
+/// EPYC, 512 KiB L2 per core), so the product stays in cache between the product and the
+/// argmin. Measured on `encode` (2 cores): 2^14 to 2^18 products per tile within 10 % on
+/// the small shape; on medium and codec 2^16 the fastest, 2^14 and 2^18 10-20 % slower.
+const TILE_ELEMENTS: usize = 1 << 16;
+
+/// Fewest rows per tile: below this the product's packing of the codebook dominates.
+const MIN_TILE_ROWS: usize = 16;
+
+/// Whether `device` is one of Burn's CPU backends (`flex`, `ndarray`), whose tensors live in
+/// host memory: reading them back is a copy, not a transfer. Burn 0.22's dispatch enum is
+/// only visible with the backend features on, so the device's `Debug` name tells
+/// (`Device<Flex(Cpu)>`; `tests::cpu_devices_are_recognized` guards the names).
+pub(crate) fn in_host_memory(device: &Device) -> bool {
+    let name = format!("{:?}", device.clone().without_autodiff());
+    name.starts_with("Device<Flex") || name.starts_with("Device<NdArray")
+}
+
+/// The values of a float tensor, row-major, on the host (cast to f32 if stored otherwise).
+/// Takes the tensor's buffer without a copy where the tensor holds it alone.
+pub(crate) fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float tensor data read as f32")
+}
+
+/// A codebook `[K, D]` on the host with its squared norms.
+pub(crate) struct HostCodebook {
+    codes: Vec<f32>,
+    norms: Vec<f32>,
+    num_embeddings: usize,
+    embedding_dim: usize,
+}
+
+impl HostCodebook {
+    /// Reads `codebook` `[K, D]` back (a copy on CPU backends).
+    pub(crate) fn new(codebook: &Tensor<2>) -> Self {
+        let [num_embeddings, embedding_dim] = codebook.dims();
+        let codes = host_floats(codebook.clone());
+        let norms = codes
+            .chunks_exact(embedding_dim.max(1))
+            .map(|code| code.iter().map(|v| v * v).sum())
+            .collect();
+        Self {
+            codes,
+            norms,
+            num_embeddings,
+            embedding_dim,
+        }
+    }
+
+    /// Code `index`, `[D]`.
+    fn code(&self, index: usize) -> &[f32] {
+        &self.codes[index * self.embedding_dim..(index + 1) * self.embedding_dim]
+    }
+}
+
+/// What [`search`] writes besides the indices.
+pub(crate) struct SearchOutputs<'a> {
+    /// Replace every row by its residual `r - e_idx`.
+    pub subtract: bool,
+    /// Where to write the chosen codes, `[N, D]`.
+    pub quantized: Option<&'a mut [f32]>,
+}
+
+/// Nearest code of every row of `rows` `[N, D]` (row-major) by squared distance, the first
+/// of equal distances. See the module docs.
+///
+/// Memory: one tile of products per worker thread, kept for the next call: `K x rows` with
+/// `rows = max(2^16 / K, 16)` (256 KiB for K up to 4096), and never more than
+/// `max_elements` products per tile.
+///
+/// # Panics
+///
+/// If `rows` or `quantized` is not a whole number of rows of `D`, or `quantized` is not as
+/// long as `rows`.
+pub(crate) fn search(
+    codebook: &HostCodebook,
+    rows: &mut [f32],
+    outputs: SearchOutputs<'_>,
+    max_elements: usize,
+) -> Vec<i64> {
+    let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
+    assert!(d > 0 && rows.len() % d == 0, "rows of {d} values");
+    let n = rows.len() / d;
+    let mut indices = vec![0i64; n];
+    if n == 0 || k == 0 {
+        return indices;
+    }
+    let tile_rows = (TILE_ELEMENTS / k)
+        .max(MIN_TILE_ROWS)
+        .min(max_elements / k)
+        .clamp(1, n);
+    let mut quantized_tiles: Vec<Option<&mut [f32]>> = match outputs.quantized {
+        Some(quantized) => {
+            assert_eq!(quantized.len(), rows.len(), "quantized as long as rows");
+            quantized.chunks_mut(tile_rows * d).map(Some).collect()
+        }
+        None => (0..n.div_ceil(tile_rows)).map(|_| None).collect(),
+    };
+    let tiles: Vec<_> = rows
+        .chunks_mut(tile_rows * d)
+        .zip(indices.chunks_mut(tile_rows))
+        .zip(quantized_tiles.drain(..))
+        .collect();
+    let subtract = outputs.subtract;
+    tiles
+        .into_par_iter()
+        .for_each(|((tile, tile_indices), tile_quantized)| {
+            TILE_BUFFERS.with_borrow_mut(|buffers| {
+                search_tile(codebook, tile, tile_indices, buffers);
+            });
+            if let Some(quantized) = tile_quantized {
+                for (out, &index) in quantized.chunks_exact_mut(d).zip(tile_indices.iter()) {
+                    out.copy_from_slice(codebook.code(index as usize));
+                }
+            }
+            if subtract {
+                for (row, &index) in tile.chunks_exact_mut(d).zip(tile_indices.iter()) {
+                    let code = codebook.code(index as usize);
+                    row.iter_mut().zip(code).for_each(|(r, e)| *r -= e);
+                }
+            }
+        });
+    indices
+}
+
+/// Per-worker buffers of [`search_tile`], kept between calls: allocating them per tile
+/// would hand them back to the allocator (and the pages to the kernel) every time.
+#[derive(Default)]
+struct TileBuffers {
+    /// `[K, rows]` products, then distances.
+    products: Vec<f32>,
+    /// Best distance per row of the tile.
+    best: Vec<f32>,
+    /// Its code.
+    best_code: Vec<u32>,
+}
+
+thread_local! {
+    static TILE_BUFFERS: RefCell<TileBuffers> = RefCell::new(TileBuffers::default());
+}
+
+/// Writes the nearest code of each of the `m` rows of `tile` `[m, D]` into `indices`.
+fn search_tile(
+    codebook: &HostCodebook,
+    tile: &[f32],
+    indices: &mut [i64],
+    buffers: &mut TileBuffers,
+) {
+    let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
+    let m = indices.len();
+    buffers.products.resize(k * m, 0.0);
+    buffers.best.clear();
+    buffers.best.resize(m, f32::INFINITY);
+    buffers.best_code.clear();
+    buffers.best_code.resize(m, 0);
+    let products = &mut buffers.products[..k * m];
+    // SAFETY: `products` holds k x m values (row stride m, column stride 1); `codes` is
+    // k x d (row stride d, column stride 1); `tile` m x d is read as its transpose d x m
+    // (row stride 1, column stride d). The three do not overlap.
+    unsafe {
+        gemm::gemm(
+            k,
+            m,
+            d,
+            products.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            codebook.codes.as_ptr(),
+            1,
+            d as isize,
+            tile.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            -2.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    let (best, best_code) = (&mut buffers.best[..m], &mut buffers.best_code[..m]);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { nearest_by_column_avx2(products, &codebook.norms, best, best_code) };
+    } else {
+        nearest_by_column(products, &codebook.norms, best, best_code);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    nearest_by_column(products, &codebook.norms, best, best_code);
+    for (index, &code) in indices.iter_mut().zip(best_code.iter()) {
+        *index = i64::from(code);
+    }
+}
+
+/// For each column `j` of `products` `[K, m]` (`-2 e_c.r_j`), the first code `c` with the
+/// least `||e_c||^2 - 2 e_c.r_j`, into `best_code` (`best` starts at infinity). Code by code
+/// over the columns: a compare-and-select the compiler vectorizes; strict `<` keeps the
+/// first minimum, like argmin (a NaN distance never wins).
+#[inline(always)]
+fn nearest_by_column(products: &[f32], norms: &[f32], best: &mut [f32], best_code: &mut [u32]) {
+    let m = best.len();
+    for (code, (row, &norm)) in products.chunks_exact(m).zip(norms).enumerate() {
+        let code = code as u32;
+        for ((best, best_code), &product) in best.iter_mut().zip(best_code.iter_mut()).zip(row) {
+            let distance = norm + product;
+            let closer = distance < *best;
+            *best = if closer { distance } else { *best };
+            *best_code = if closer { code } else { *best_code };
+        }
+    }
+}
+
+/// [`nearest_by_column`] with AVX2 intrinsics: the best distances and codes of 32 columns
+/// stay in registers while the codes stream past (four independent compare-and-blend
+/// chains), then 8 columns at a time, then one by one. Left to the compiler, the loop became
+/// masked stores (`vmaskmovps`), which are microcoded and slow on AMD cores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn nearest_by_column_avx2(
+    products: &[f32],
+    norms: &[f32],
+    best: &mut [f32],
+    best_code: &mut [u32],
+) {
+    let m = best.len();
+    assert!(products.len() >= norms.len() * m && best_code.len() == m);
+    let mut column = 0;
+    while column + 32 <= m {
+        sweep_avx2::<4>(products, norms, column, best, best_code);
+        column += 32;
+    }
+    while column + 8 <= m {
+        sweep_avx2::<1>(products, norms, column, best, best_code);
+        column += 8;
+    }
+    if column < m {
+        for (code, (row, &norm)) in products.chunks_exact(m).zip(norms).enumerate() {
+            for j in column..m {
+                let distance = norm + row[j];
+                if distance < best[j] {
+                    best[j] = distance;
+                    best_code[j] = code as u32;
+                }
+            }
+        }
+    }
+}
+
+/// Columns `column..column + 8 CHAINS` of [`nearest_by_column_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sweep_avx2<const CHAINS: usize>(
+    products: &[f32],
+    norms: &[f32],
+    column: usize,
+    best: &mut [f32],
+    best_code: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+
+    let m = best.len();
+    assert!(column + 8 * CHAINS <= m && products.len() >= norms.len() * m);
+    let mut distance = [_mm256_set1_ps(f32::INFINITY); CHAINS];
+    let mut code = [_mm256_setzero_si256(); CHAINS];
+    for (index, (row, &norm)) in products.chunks_exact(m).zip(norms).enumerate() {
+        let norm = _mm256_set1_ps(norm);
+        let index = _mm256_set1_epi32(index as i32);
+        for c in 0..CHAINS {
+            // SAFETY: column + 8 c + 8 <= m = row.len() (asserted above).
+            let product = unsafe { _mm256_loadu_ps(row.as_ptr().add(column + 8 * c)) };
+            let candidate = _mm256_add_ps(norm, product);
+            let closer = _mm256_cmp_ps::<_CMP_LT_OQ>(candidate, distance[c]);
+            distance[c] = _mm256_blendv_ps(distance[c], candidate, closer);
+            code[c] = _mm256_blendv_epi8(code[c], index, _mm256_castps_si256(closer));
+        }
+    }
+    for c in 0..CHAINS {
+        // SAFETY: column + 8 c + 8 <= m = best.len() = best_code.len() (asserted above).
+        unsafe {
+            _mm256_storeu_ps(best.as_mut_ptr().add(column + 8 * c), distance[c]);
+            _mm256_storeu_si256(
+                best_code.as_mut_ptr().add(column + 8 * c).cast::<__m256i>(),
+                code[c],
+            );
+        }
+    }
+}
+
+/// Number of rows per code, `[K]` (exact: integer counts below 2^24 are exact in f32).
+pub(crate) fn counts(indices: &[i64], num_embeddings: usize) -> Vec<f32> {
+    let mut counts = vec![0u32; num_embeddings];
+    for &index in indices {
+        counts[index as usize] += 1;
+    }
+    counts.into_iter().map(|c| c as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
+    fn cpu_devices_are_recognized() {
+        assert!(in_host_memory(&Device::flex()));
+        assert!(in_host_memory(&Device::flex().autodiff()));
+        assert!(in_host_memory(&Device::ndarray()));
+    }
+
+    /// The AVX2 column argmin and the portable one agree on every column count (blocks of
+    /// 32, of 8, the tail), on ties (the first code) and on NaN distances (never taken).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_and_portable_argmin_agree() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut hash = crate::hash::SplitMix64::new(11);
+        for m in [1, 7, 8, 9, 31, 32, 33, 45, 64, 70] {
+            let k = 13;
+            // Coarse values (multiples of 1/8): many ties between codes.
+            let mut products: Vec<f32> = (0..k * m)
+                .map(|_| (hash.next_u64() % 16) as f32 / 8.0)
+                .collect();
+            products[3 * m] = f32::NAN;
+            let norms: Vec<f32> = (0..k).map(|c| (c % 3) as f32 / 8.0).collect();
+            let mut portable = (vec![f32::INFINITY; m], vec![0u32; m]);
+            nearest_by_column(&products, &norms, &mut portable.0, &mut portable.1);
+            let mut vector = (vec![f32::INFINITY; m], vec![0u32; m]);
+            // SAFETY: AVX2 checked above.
+            unsafe { nearest_by_column_avx2(&products, &norms, &mut vector.0, &mut vector.1) };
+            assert_eq!(portable, vector, "{m} columns");
+            for (j, &code) in portable.1.iter().enumerate() {
+                let distance = |c: usize| norms[c] + products[c * m + j];
+                let least = (0..k)
+                    .map(distance)
+                    .filter(|d| !d.is_nan())
+                    .fold(f32::INFINITY, f32::min);
+                let first = (0..k).find(|&c| distance(c) == least).unwrap();
+                assert_eq!(code as usize, first, "{m} columns, column {j}");
+            }
+        }
+    }
+}
