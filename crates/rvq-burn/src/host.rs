@@ -103,7 +103,7 @@ pub(crate) fn search(
     max_elements: usize,
 ) -> Vec<i64> {
     let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
-    assert!(d > 0 && rows.len() % d == 0, "rows of {d} values");
+    assert!(d > 0 && rows.len().is_multiple_of(d), "rows of {d} values");
     let n = rows.len() / d;
     let mut indices = vec![0i64; n];
     if n == 0 || k == 0 {
