@@ -17,13 +17,13 @@
 //! vector-quantize-pytorch issue 33).
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::codebook::{EmaCodebook, Search, codebook_from_statistics};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
-use crate::host::{host_floats, in_host_memory};
+use crate::host::{self, host_floats, host_ints, in_host_memory};
 use crate::metrics::CodebookHealth;
 use crate::options::ForwardOptions;
 use crate::output::RvqOutput;
@@ -433,7 +433,8 @@ impl EmaResidualVectorQuantizer {
     /// Fallible [`EmaResidualVectorQuantizer::decode`]: fails if there are no or more than `M`
     /// index tensors, the last entry of `shape` is not `D`, a tensor's length is not the
     /// number of vectors in `shape`, or an index is outside its level's codebook. Checking the
-    /// range reads the indices' minimum and maximum back to the host once.
+    /// range reads the indices' minimum and maximum back to the host once (on Burn's CPU
+    /// backends the indices are read, and the sum is one pass over the rows on the host).
     pub fn try_decode<const R: usize>(
         &self,
         indices: &[Tensor<1, Int>],
@@ -455,7 +456,32 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return Ok(Tensor::zeros(shape, &device));
         }
-        self.check_index_range(indices)?;
+        if in_host_memory(&device) {
+            // One pass over the rows, every level's code added in place.
+            let codes: Vec<Vec<i64>> = indices.iter().cloned().map(host_ints).collect();
+            self.check_index_range(codes.iter().map(|level| {
+                let min = level.iter().copied().min().unwrap_or(0);
+                let max = level.iter().copied().max().unwrap_or(0);
+                (min, max)
+            }))?;
+            let codebooks: Vec<Vec<f32>> = self.levels[..codes.len()]
+                .iter()
+                .map(|level| host_floats(level.codebook(&device)))
+                .collect();
+            let sum = host::decode(&codebooks, &codes, self.embedding_dim);
+            let flat = Tensor::<2>::from_data(
+                TensorData::new(sum, [num_vectors, self.embedding_dim]),
+                &device,
+            );
+            return Ok(flat.reshape(shape));
+        }
+        // One read back for all levels: [min_0, max_0, min_1, max_1, ...].
+        let bounds: Vec<Tensor<1, Int>> = indices
+            .iter()
+            .flat_map(|level| [level.clone().min(), level.clone().max()])
+            .collect();
+        let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
+        self.check_index_range(bounds.chunks(2).map(|pair| (pair[0], pair[1])))?;
         let sum = indices
             .iter()
             .zip(&self.levels)
@@ -708,15 +734,9 @@ impl EmaResidualVectorQuantizer {
         }
     }
 
-    fn check_index_range(&self, indices: &[Tensor<1, Int>]) -> Result<(), RvqError> {
-        // One read back for all levels: [min_0, max_0, min_1, max_1, ...].
-        let bounds: Vec<Tensor<1, Int>> = indices
-            .iter()
-            .flat_map(|level| [level.clone().min(), level.clone().max()])
-            .collect();
-        let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
-        for (level, (pair, codebook)) in bounds.chunks(2).zip(&self.levels).enumerate() {
-            let (min, max) = (pair[0], pair[1]);
+    /// Checks each level's `(min, max)` index against its codebook size.
+    fn check_index_range(&self, bounds: impl Iterator<Item = (i64, i64)>) -> Result<(), RvqError> {
+        for (level, ((min, max), codebook)) in bounds.zip(&self.levels).enumerate() {
             if min < 0 || max >= codebook.num_embeddings as i64 {
                 return Err(RvqError::IndexOutOfRange {
                     level,
