@@ -707,7 +707,6 @@ fn check_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
 
     /// The fused host search picks the nearest code of the tensor search: the same index,
     /// or, where float rounding orders two codes differently, one at the same distance.

@@ -77,7 +77,8 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// `N x K` entries is searched in row chunks, so memory stays bounded for large `N`.
     /// On Burn's CPU backends the search works in small tiles anyway, one per worker
     /// thread (2^16 distances, or 16 rows of codebooks over 4096 codes), and this only caps
-    /// them further. Does not change any result. Must be at least 1. Default: 2^24 (64 MiB of f32).
+    /// them further. Does not change any result. Must be at least 1. Default: 2^24 (64 MiB
+    /// of f32).
     #[config(default = 16777216)]
     pub max_distance_elements: usize,
     /// Accumulate each batch's per-code counts and sums as products of 0/1 assignment

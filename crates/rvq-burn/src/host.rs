@@ -149,7 +149,7 @@ pub(crate) fn search(
         .max(MIN_TILE_ROWS)
         .min(max_elements / k)
         .clamp(1, n);
-    let mut quantized_tiles: Vec<Option<&mut [f32]>> = match outputs.quantized {
+    let quantized_tiles: Vec<Option<&mut [f32]>> = match outputs.quantized {
         Some(quantized) => {
             assert_eq!(quantized.len(), rows.len(), "quantized as long as rows");
             quantized.chunks_mut(tile_rows * d).map(Some).collect()
@@ -159,7 +159,7 @@ pub(crate) fn search(
     let tiles: Vec<_> = rows
         .chunks_mut(tile_rows * d)
         .zip(indices.chunks_mut(tile_rows))
-        .zip(quantized_tiles.drain(..))
+        .zip(quantized_tiles)
         .collect();
     let subtract = outputs.subtract;
     tiles
@@ -257,9 +257,8 @@ fn search_tile(
 
 /// For each column `j` of `products` `[K, m]` (`-2 e_c.r_j`), the first code `c` with the
 /// least `||e_c||^2 - 2 e_c.r_j`, into `best_code` (`best` starts at infinity). Code by code
-/// over the columns: a compare-and-select the compiler vectorizes; strict `<` keeps the
-/// first minimum, like argmin (a NaN distance never wins).
-#[inline(always)]
+/// over the columns; strict `<` keeps the first minimum, like argmin (a NaN distance never
+/// wins). The portable version of [`nearest_by_column_avx2`].
 fn nearest_by_column(products: &[f32], norms: &[f32], best: &mut [f32], best_code: &mut [u32]) {
     let m = best.len();
     for (code, (row, &norm)) in products.chunks_exact(m).zip(norms).enumerate() {

@@ -491,8 +491,6 @@ impl EmaResidualVectorQuantizer {
         Ok(sum.reshape(shape))
     }
 
-    /// Runs the first `num_levels` levels on `residual` `[N, D]` (`N > 0`, no autodiff); with a plan,
-    /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
     /// How the levels search and accumulate (see [`Search`]).
     fn search(&self) -> Search {
         Search {
@@ -501,6 +499,8 @@ impl EmaResidualVectorQuantizer {
         }
     }
 
+    /// Runs the first `num_levels` levels on `residual` `[N, D]` (`N > 0`, no autodiff); with a plan,
+    /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
     fn run_levels(
         &self,
         mut residual: Tensor<2>,
