@@ -4,7 +4,7 @@
 mod common;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Device;
 use common::*;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
@@ -17,11 +17,7 @@ fn temp_path(name: &str) -> std::path::PathBuf {
 fn trained(levels: usize, size: usize, dim: usize) -> EmaResidualVectorQuantizer {
     let device = Device::flex().autodiff();
     let rvq = EmaResidualVectorQuantizerConfig::new(levels, size.into(), dim).init(&device);
-    let _ = rvq.forward(Tensor::<2>::random(
-        [32, dim],
-        Distribution::Default,
-        &device,
-    ));
+    let _ = rvq.forward(Rng::new(1).uniform_tensor([32, dim], 0.0, 1.0, &device));
     rvq.sync_state();
     rvq
 }
@@ -76,7 +72,7 @@ fn a_checkpoint_loaded_into_a_valid_copy_then_trained_continues_exactly() {
         .unwrap()
         .train();
     assert_eq!(state_bits(&loaded), state_bits(&source));
-    let x = Tensor::<2>::random([32, 4], Distribution::Default, &device);
+    let x = Rng::new(2).uniform_tensor([32, 4], 0.0, 1.0, &device);
     let a = source.forward(x.clone());
     let b = loaded.forward(x);
     assert_eq!(floats(a.quantized), floats(b.quantized));

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
@@ -13,10 +13,8 @@ fn device() -> Device {
 }
 
 /// `n` vectors of dimension `d` around `centres` fixed, well-separated centres (`spread` the
-/// standard deviation), far from the initial codebook (which lies within 1/K of zero).
-///
-/// Drawn on the host from `seed` (the device RNG is shared with the tests running beside
-/// this one, so it is not reproducible under `cargo test`'s threads).
+/// standard deviation), far from the initial codebook (which lies within 1/K of zero), drawn
+/// from `seed`.
 fn clustered(
     n: usize,
     d: usize,
@@ -25,14 +23,7 @@ fn clustered(
     seed: u64,
     device: &Device,
 ) -> Tensor<2> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
-    let mut uniform = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = Rng::new(seed);
     let mut values = Vec::with_capacity(n * d);
     for i in 0..n {
         let c = i % centres;
@@ -40,10 +31,7 @@ fn clustered(
             // Centre c: +-3 on a pattern of coordinates, distinct for every c.
             let sign = if (c >> (j % 3)) & 1 == 1 { 1.0 } else { -1.0 };
             let centre = 3.0 * sign + if j == 0 { c as f64 * 0.5 } else { 0.0 };
-            // Box-Muller.
-            let (u1, u2) = (uniform().max(1e-12), uniform());
-            let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            values.push((centre + spread * normal) as f32);
+            values.push((centre + spread * rng.normal()) as f32);
         }
     }
     Tensor::from_data(TensorData::new(values, [n, d]), device)
@@ -58,11 +46,8 @@ fn dead_code_restart_brings_every_code_into_use() {
     let device = device();
     // Decay 0.9 so that 60 steps are long enough for unused codes' counts to fade.
     let config = EmaResidualVectorQuantizerConfig::new(1, 32.into(), 8).with_ema_decay(0.9);
-    let plain = config.init(&device);
-    let restarting = config
-        .clone()
-        .with_threshold_ema_dead_code(0.1)
-        .init(&device);
+    let plain = seeded_quantizer(&config, &device, 1);
+    let restarting = seeded_quantizer(&config.with_threshold_ema_dead_code(0.1), &device, 1);
     let mut restarted = 0;
     for step in 0..60 {
         let x = clustered(256, 8, 4, 0.3, step, &device);
@@ -88,15 +73,9 @@ fn dead_code_restart_is_deterministic() {
     let device = device();
     let config =
         EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8).with_threshold_ema_dead_code(0.2);
-    let template = config.init(&device);
     let plain = Device::flex();
     let run = || {
-        // The same initial state (copied, not re-drawn: the device RNG is shared).
-        let rvq = config.init(&device);
-        for level in 0..2 {
-            let (count, weight) = template.levels[level].statistics(&plain);
-            rvq.try_set_statistics(level, count, weight).unwrap();
-        }
+        let rvq = seeded_quantizer(&config, &device, 2);
         for step in 0..5 {
             let _ = rvq.forward(clustered(64, 8, 3, 0.2, step, &device));
         }
@@ -112,12 +91,12 @@ fn kmeans_init_fits_the_first_batch_with_a_consistent_state() {
     let device = device();
     let x = clustered(512, 8, 6, 0.2, 3, &device);
     let config = EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8);
-    let uniform = config.init(&device);
-    let kmeans = config
-        .clone()
-        .with_kmeans_init(true)
-        .with_kmeans_iterations(20)
-        .init(&device);
+    let uniform = seeded_quantizer(&config, &device, 3);
+    let kmeans = seeded_quantizer(
+        &config.with_kmeans_init(true).with_kmeans_iterations(20),
+        &device,
+        3,
+    );
 
     let first_uniform = uniform.forward(x.clone());
     let first_kmeans = kmeans.forward(x.clone());
@@ -162,7 +141,7 @@ fn data_parallel_restarts_split_the_busiest_codes_until_every_code_is_used() {
         .with_ema_decay(0.9)
         .with_data_parallel(true)
         .with_threshold_ema_dead_code(0.1);
-    let rvq = config.init(&device);
+    let rvq = seeded_quantizer(&config, &device, 4);
     let mut restarted = 0;
     let mut empty_after_first_step = 0;
     for step in 0..60 {
@@ -171,8 +150,7 @@ fn data_parallel_restarts_split_the_busiest_codes_until_every_code_is_used() {
             .restarted_codes[0];
         if step == 0 {
             // The first step replaces the initial state: the codes no vector chose have count
-            // 0. How many depends on the initial codebook (the device's random generator,
-            // shared with the tests beside this one), so it is counted, not assumed.
+            // 0. How many depends on the initial codebook, so it is counted, not assumed.
             empty_after_first_step = floats(rvq.levels[0].statistics(&Device::flex()).0)
                 .iter()
                 .filter(|&&c| c == 0.0)
@@ -198,7 +176,7 @@ fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
         .with_data_parallel(true)
         .with_kmeans_init(true)
         .with_kmeans_iterations(8);
-    let rvq = config.init(&device);
+    let rvq = seeded_quantizer(&config, &device, 5);
     let plain = Device::flex();
     let loss = |out: &rvq_burn::RvqOutput<2>| floats(out.loss.clone().without_autodiff())[0];
     let mut losses = Vec::new();
@@ -216,7 +194,10 @@ fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
     }
     // From the initial codebook (a few codes take everything) to every code in use: the
     // splits fill the empty codes (doubling the live ones each step), Lloyd moves them to
-    // the means of what they take (a local optimum: 16 clusters in 8 close pairs here).
+    // the means of what they take. Which local optimum it reaches depends on the initial
+    // codebook, hence the seeded one: over the initial codebooks of seeds 0..=30 the ratio
+    // below was 0.00086 (all 16 clusters apart; 11 seeds), 0.0062 (one pair of clusters
+    // shared by a code; 11), 0.012 (two; 7), 0.023 (one seed) and 0.053 (seed 17).
     assert!(
         losses[7] < 0.05 * losses[0],
         "loss over the init steps: {losses:?}"
@@ -232,17 +213,20 @@ fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
 #[test]
 fn quantizer_dropout_trains_every_depth_and_the_error_falls_with_levels() {
     let device = device();
-    device.seed(11);
-    let rvq = EmaResidualVectorQuantizerConfig::new(4, 16.into(), 8)
-        .with_quantize_dropout(0.5)
-        .with_kmeans_init(true)
-        .init(&device);
+    let mut rng = Rng::new(11);
+    let rvq = seeded_quantizer(
+        &EmaResidualVectorQuantizerConfig::new(4, 16.into(), 8)
+            .with_quantize_dropout(0.5)
+            .with_kmeans_init(true),
+        &device,
+        11,
+    );
     let initial: Vec<Vec<f32>> = (0..4)
         .map(|l| floats(rvq.codebook(l, &Device::flex())))
         .collect();
     let mut depths = std::collections::BTreeSet::new();
     for _ in 0..120 {
-        let x = Tensor::<2>::random([256, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x = rng.normal_tensor([256, 8], 0.0, 1.0, &device);
         depths.insert(rvq.forward(x).indices.len());
     }
     // Every depth from 1 to the full 4 was drawn (no off-by-one that never trains the last).
@@ -256,7 +240,7 @@ fn quantizer_dropout_trains_every_depth_and_the_error_falls_with_levels() {
     }
     // Held-out data: decoding with more levels reconstructs better, strictly.
     let eval = rvq.valid();
-    let held_out = Tensor::<2>::random([1024, 8], Distribution::Normal(0.0, 1.0), &Device::flex());
+    let held_out = rng.normal_tensor([1024, 8], 0.0, 1.0, &Device::flex());
     let codes = eval.encode(held_out.clone());
     let errors: Vec<f32> = (1..=4)
         .map(|n| {
@@ -276,14 +260,13 @@ fn quantizer_dropout_trains_every_depth_and_the_error_falls_with_levels() {
 #[test]
 fn without_options_the_step_counter_costs_nothing_and_counts_updates() {
     let device = device();
+    let mut rng = Rng::new(12);
     let rvq = EmaResidualVectorQuantizerConfig::new(1, 8.into(), 4).init(&device);
     for _ in 0..3 {
-        let _ = rvq.forward(Tensor::<2>::random([16, 4], Distribution::Default, &device));
+        let _ = rvq.forward(rng.uniform_tensor([16, 4], 0.0, 1.0, &device));
     }
-    let _ = rvq.valid().forward(Tensor::<2>::random(
-        [16, 4],
-        Distribution::Default,
-        &Device::flex(),
-    ));
+    let _ = rvq
+        .valid()
+        .forward(rng.uniform_tensor([16, 4], 0.0, 1.0, &Device::flex()));
     assert_eq!(floats(rvq.steps.value_sync())[0], 3.0);
 }

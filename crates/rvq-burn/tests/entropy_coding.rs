@@ -11,30 +11,12 @@ use rvq_burn::{
     EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, RvqError, StreamError,
 };
 
-/// Host-side draws (the device generator is shared by the tests running in parallel).
-struct Draws(u64);
-
-impl Draws {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
 /// `n` vectors of dimension `dim` from a mixture of clusters of unequal weight, so that the
 /// codes are far from uniform.
 fn clustered(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut draws = Draws(seed);
+    let mut draws = Rng::new(seed);
     let centres: Vec<Vec<f32>> = (0..6)
-        .map(|_| (0..dim).map(|_| 2.0 * draws.normal()).collect())
+        .map(|_| (0..dim).map(|_| 2.0 * draws.normal() as f32).collect())
         .collect();
     let mut values = Vec::with_capacity(n * dim);
     for _ in 0..n {
@@ -43,7 +25,11 @@ fn clustered(n: usize, dim: usize, seed: u64) -> Vec<f32> {
         while cluster < 5 && draws.uniform() < 0.5 {
             cluster += 1;
         }
-        values.extend(centres[cluster].iter().map(|c| c + 0.3 * draws.normal()));
+        values.extend(
+            centres[cluster]
+                .iter()
+                .map(|c| c + 0.3 * draws.normal() as f32),
+        );
     }
     values
 }
@@ -56,7 +42,8 @@ fn trained(
     steps: usize,
 ) -> EmaResidualVectorQuantizer {
     let device = Device::flex().autodiff();
-    let rvq = EmaResidualVectorQuantizerConfig::new(levels, sizes.into(), dim).init(&device);
+    let config = EmaResidualVectorQuantizerConfig::new(levels, sizes.into(), dim);
+    let rvq = seeded_quantizer(&config, &device, 7);
     for step in 0..steps {
         let x = tensor(&clustered(512, dim, 100 + step as u64), [512, dim], &device);
         let _ = rvq.forward(x);
@@ -132,7 +119,7 @@ fn round_trip_is_exact_on_random_indices_including_improbable_codes() {
     // many bits but must still round-trip.
     let rvq = trained(3, vec![256, 16, 1], 4, 2);
     let models = rvq.entropy_models().unwrap();
-    let mut draws = Draws(3);
+    let mut draws = Rng::new(3);
     for n in [1usize, 2, 17, 1000] {
         let indices: Vec<Vec<u32>> = rvq
             .sizes()

@@ -6,7 +6,7 @@ mod common;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::*;
 use rvq_burn::{
     EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, ForwardOptions, RvqError,
@@ -16,12 +16,16 @@ fn device() -> Device {
     Device::flex()
 }
 
-fn quantizer(device: &Device) -> EmaResidualVectorQuantizer {
-    EmaResidualVectorQuantizerConfig::new(3, vec![16, 8, 4].into(), 6).init(device)
+fn quantizer(device: &Device, seed: u64) -> EmaResidualVectorQuantizer {
+    seeded_quantizer(
+        &EmaResidualVectorQuantizerConfig::new(3, vec![16, 8, 4].into(), 6),
+        device,
+        seed,
+    )
 }
 
-fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-    Tensor::random(shape, Distribution::Normal(0.0, 0.3), device)
+fn random<const D: usize>(rng: &mut Rng, shape: [usize; D], device: &Device) -> Tensor<D> {
+    rng.normal_tensor(shape, 0.0, 0.3, device)
 }
 
 fn temp_path(name: &str) -> std::path::PathBuf {
@@ -38,15 +42,15 @@ struct Net {
 
 #[test]
 fn optimizer_trains_the_weights_and_never_the_quantizer_state() {
+    let mut rng = Rng::new(1);
     let device = device().autodiff();
-    device.seed(1);
     let mut net = Net {
         projection: LinearConfig::new(5, 6).init(&device),
-        rvq: quantizer(&device),
+        rvq: quantizer(&device, 1),
     };
     let mut optimizer = AdamConfig::new().init();
     for _ in 0..3 {
-        let x = random([32, 5], &device);
+        let x = random(&mut rng, [32, 5], &device);
         let out = net.rvq.forward(net.projection.forward(x));
         let loss = out.quantized.powi_scalar(2).mean().add(out.loss);
         let grads = GradientsParams::from_grads(loss.backward(), &net);
@@ -71,9 +75,10 @@ fn optimizer_trains_the_weights_and_never_the_quantizer_state() {
 
 #[test]
 fn save_right_after_a_training_step_restores_the_post_step_state() {
+    let mut rng = Rng::new(2);
     let device = device().autodiff();
-    let rvq = quantizer(&device);
-    let x = random([40, 6], &device);
+    let rvq = quantizer(&device, 2);
+    let x = random(&mut rng, [40, 6], &device);
     let _ = rvq.forward(x.clone());
     // RunningState defers the update: flush it, then save.
     rvq.sync_state();
@@ -81,14 +86,13 @@ fn save_right_after_a_training_step_restores_the_post_step_state() {
     let path = temp_path("after-step.bpk");
     rvq.clone().save_file(&path).unwrap();
 
-    device.seed(99);
-    let fresh = quantizer(&device);
+    let fresh = quantizer(&device, 99);
     assert_ne!(state_bits(&fresh), after_step);
     let loaded = fresh.load_file(&path);
     assert_eq!(state_bits(&loaded), after_step);
 
     // Same state, same next step: outputs, indices and the state after it.
-    let next = random([40, 6], &device);
+    let next = random(&mut rng, [40, 6], &device);
     let a = rvq.forward(next.clone());
     let b = loaded.forward(next);
     assert_eq!(floats(a.quantized), floats(b.quantized));
@@ -102,30 +106,32 @@ fn save_right_after_a_training_step_restores_the_post_step_state() {
 
 #[test]
 fn clones_share_state_and_valid_copies_are_independent() {
+    let mut rng = Rng::new(3);
     let device = device().autodiff();
-    let rvq = quantizer(&device);
+    let rvq = quantizer(&device, 4);
     let eval = rvq.valid();
     let before = state_bits(&rvq);
 
     // A training forward through a clone updates the original (RunningState is shared).
-    let _ = rvq.clone().forward(random([30, 6], &device));
+    let _ = rvq.clone().forward(random(&mut rng, [30, 6], &device));
     let after = state_bits(&rvq);
     assert_ne!(after, before);
     // The valid() copy taken before is unaffected...
     assert_eq!(state_bits(&eval), before);
     // ...and never updates, even with an autodiff input.
-    let _ = eval.forward(random([30, 6], &device));
+    let _ = eval.forward(random(&mut rng, [30, 6], &device));
     assert_eq!(state_bits(&eval), before);
     assert_eq!(state_bits(&rvq), after);
 }
 
 #[test]
 fn frozen_or_non_updating_forwards_keep_the_state_and_still_train_the_input() {
+    let mut rng = Rng::new(4);
     let device = device().autodiff();
-    let rvq = quantizer(&device);
+    let rvq = quantizer(&device, 5);
     let before = state_bits(&rvq);
 
-    let x = random([30, 6], &device).require_grad();
+    let x = random(&mut rng, [30, 6], &device).require_grad();
     let out = rvq.forward_with(x.clone(), &ForwardOptions::new().with_update_ema(false));
     assert_eq!(state_bits(&rvq), before, "update_ema = false updated");
     let grads = out.loss.backward();
@@ -133,44 +139,49 @@ fn frozen_or_non_updating_forwards_keep_the_state_and_still_train_the_input() {
     assert!(grad.iter().any(|g| *g != 0.0));
 
     let frozen = rvq.freeze();
-    let x = random([30, 6], &device).require_grad();
+    let x = random(&mut rng, [30, 6], &device).require_grad();
     let out = frozen.forward(x.clone());
     assert_eq!(state_bits(&frozen), before, "a frozen quantizer updated");
     assert!(x.grad(&out.loss.backward()).is_some());
 
     // Plain (non-autodiff) inputs are evaluation: no update.
-    let _ = frozen
-        .clone()
-        .train()
-        .forward(random([30, 6], &device.clone().without_autodiff()));
+    let _ = frozen.clone().train().forward(random(
+        &mut rng,
+        [30, 6],
+        &device.clone().without_autodiff(),
+    ));
     assert_eq!(state_bits(&frozen), before);
 }
 
 #[test]
 fn decay_one_freezes_the_codebook() {
+    let mut rng = Rng::new(5);
     let device = device().autodiff();
-    let rvq = EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4)
-        .with_ema_decay(1.0)
-        .init(&device);
+    let rvq = seeded_quantizer(
+        &EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4).with_ema_decay(1.0),
+        &device,
+        5,
+    );
     let before = state_bits(&rvq);
     for _ in 0..3 {
-        let _ = rvq.forward(random([20, 4], &device));
+        let _ = rvq.forward(random(&mut rng, [20, 4], &device));
     }
     assert_eq!(state_bits(&rvq), before);
 }
 
 #[test]
 fn decode_of_encode_is_the_eval_forward_at_every_rank_and_level_count() {
+    let mut rng = Rng::new(6);
     let device = device();
-    let rvq = quantizer(&device);
+    let rvq = quantizer(&device, 6);
     // A few training steps so the codebooks are not the initial ones.
     let autodiff = device.clone().autodiff();
     for _ in 0..3 {
-        let _ = rvq.forward(random([64, 6], &autodiff));
+        let _ = rvq.forward(random(&mut rng, [64, 6], &autodiff));
     }
     let eval = rvq.valid();
 
-    let x3 = random([2, 5, 6], &device);
+    let x3 = random(&mut rng, [2, 5, 6], &device);
     let forward = eval.forward(x3.clone());
     assert_eq!(forward.quantized.dims(), [2, 5, 6]);
     let codes = eval.encode(x3.clone());
@@ -192,14 +203,16 @@ fn decode_of_encode_is_the_eval_forward_at_every_rank_and_level_count() {
     );
 
     // Rank 1 (one vector) and rank 4.
-    let x1 = random([6], &device);
+    let x1 = random(&mut rng, [6], &device);
     assert_eq!(eval.forward(x1).quantized.dims(), [6]);
-    let x4 = random([2, 2, 3, 6], &device);
+    let x4 = random(&mut rng, [2, 2, 3, 6], &device);
     let out4 = eval.forward(x4);
     assert_eq!(out4.indices[0].dims(), [12]);
 
-    // Fewer levels: the prefix of the codes, a coarser output, and errors that shrink.
-    let mut errors = Vec::new();
+    // Fewer levels: the prefix of the codes, the forward at that depth, and a level loss
+    // that is beta times the error of decoding that prefix. (The error need not fall with
+    // every level: greedy residual quantization promises no such thing for a given batch.)
+    let beta = 0.25;
     for n in 1..=3 {
         let prefix = eval.try_encode(x3.clone(), n).unwrap();
         assert_eq!(prefix.len(), n);
@@ -216,26 +229,30 @@ fn decode_of_encode_is_the_eval_forward_at_every_rank_and_level_count() {
             .max()
             .into_scalar::<f32>();
         assert!(diff < 1e-6);
-        errors.push(
-            decoded
-                .sub(x3.clone())
-                .powi_scalar(2)
-                .mean()
-                .into_scalar::<f32>(),
+        let error = decoded
+            .sub(x3.clone())
+            .powi_scalar(2)
+            .mean()
+            .into_scalar::<f32>() as f64;
+        let level_loss = floats(forward.level_losses[n - 1].clone())[0] as f64;
+        assert!(
+            (level_loss - beta * error).abs() <= 1e-5 * level_loss.max(1e-6),
+            "level {n}: loss {level_loss}, beta x decoding error {}",
+            beta * error
         );
     }
-    assert!(
-        errors[0] >= errors[1] && errors[1] >= errors[2],
-        "{errors:?}"
-    );
     assert_eq!(eval.bits_per_level(), vec![4.0, 3.0, 2.0]);
 }
 
 #[test]
 fn metrics_carry_the_reference_names() {
+    let mut rng = Rng::new(7);
     let device = device();
-    let rvq = quantizer(&device);
-    let named = rvq.forward(random([50, 6], &device)).metrics().named();
+    let rvq = quantizer(&device, 7);
+    let named = rvq
+        .forward(random(&mut rng, [50, 6], &device))
+        .metrics()
+        .named();
     for l in 1..=3 {
         for metric in ["perplexity", "usage", "bits_per_index"] {
             assert!(
@@ -260,11 +277,14 @@ fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
 
 #[test]
 fn bad_input_gets_a_specific_error_and_leaves_the_state_unchanged() {
+    let mut rng = Rng::new(8);
     let device = device().autodiff();
-    let rvq = quantizer(&device);
+    let rvq = quantizer(&device, 8);
     let before = state_bits(&rvq);
 
-    let error = rvq.try_forward(random([4, 5], &device)).unwrap_err();
+    let error = rvq
+        .try_forward(random(&mut rng, [4, 5], &device))
+        .unwrap_err();
     assert_eq!(
         error,
         RvqError::InputDim {
@@ -278,7 +298,7 @@ fn bad_input_gets_a_specific_error_and_leaves_the_state_unchanged() {
     );
     let error = rvq
         .try_forward_with(
-            random([4, 6], &device),
+            random(&mut rng, [4, 6], &device),
             &ForwardOptions::new().with_num_levels(4),
         )
         .unwrap_err();
@@ -290,7 +310,7 @@ fn bad_input_gets_a_specific_error_and_leaves_the_state_unchanged() {
         }
     );
     assert!(matches!(
-        rvq.try_encode(random([4, 6], &device), 0),
+        rvq.try_encode(random(&mut rng, [4, 6], &device), 0),
         Err(RvqError::LevelCount { requested: 0, .. })
     ));
     assert_eq!(state_bits(&rvq), before);
@@ -362,7 +382,7 @@ fn bad_input_gets_a_specific_error_and_leaves_the_state_unchanged() {
 #[test]
 fn imported_state_is_validated() {
     let device = device();
-    let rvq = quantizer(&device);
+    let rvq = quantizer(&device, 9);
     let before = state_bits(&rvq);
     let error = rvq
         .try_set_statistics(

@@ -23,6 +23,8 @@
 //! puts boundaries inside clusters on purpose, which is why the k-means comparison is made
 //! against `2 eps`, where the difference is rounding alone.
 
+mod common;
+
 use std::path::PathBuf;
 
 use burn::data::dataloader::DataLoaderBuilder;
@@ -36,6 +38,7 @@ use burn::train::{
     ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining, TrainOutput,
     TrainStep,
 };
+use common::{Rng, seeded_quantizer};
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
 /// Float rounding, relative: f32 has 6e-8; the state goes through about 20 steps of EMA
@@ -71,24 +74,7 @@ impl Probe {
             device,
         ));
         projection.bias = projection.bias.map(|bias| bias.map(|b| b.zeros_like()));
-        // The reference's initial state (codebooks uniform in [-1/K, 1/K], counts one, sums
-        // the codebooks), drawn on the host: the device random generator is shared with the
-        // tests running beside this one.
-        let quantizer = config.init(device);
-        for (level, k) in quantizer.sizes().into_iter().enumerate() {
-            let codebook: Vec<f32> = uniform_stream(100 + level as u64)
-                .take(k * DIM)
-                .map(|u| ((2.0 * u - 1.0) / k as f64) as f32)
-                .collect();
-            let plain = device.clone().without_autodiff();
-            quantizer
-                .try_set_statistics(
-                    level,
-                    Tensor::ones([k], &plain),
-                    Tensor::from_data(TensorData::new(codebook, [k, DIM]), &plain),
-                )
-                .expect("a valid initial state");
-        }
+        let quantizer = seeded_quantizer(config, device, 100);
         Self {
             projection,
             quantizer,
@@ -135,8 +121,8 @@ impl Batcher<Vec<f32>, Tensor<2>> for Rows {
 /// `n` vectors around 12 well-separated centres (a coarse part for level 1, a finer one for
 /// level 2), drawn on the host from `seed`.
 fn clustered(n: usize, seed: u64) -> Vec<Vec<f32>> {
-    let mut stream = uniform_stream(seed);
-    let mut uniform = move || stream.next().expect("endless");
+    let mut rng = Rng::new(seed);
+    let mut uniform = move || rng.uniform();
     (0..n)
         .map(|_| {
             let coarse = (uniform() * 4.0) as usize;
@@ -154,18 +140,6 @@ fn clustered(n: usize, seed: u64) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
-}
-
-/// Uniform numbers in [0, 1) from SplitMix64 seeded with `seed`.
-fn uniform_stream(seed: u64) -> impl Iterator<Item = f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
-    std::iter::repeat_with(move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    })
 }
 
 fn data() -> Vec<Vec<f32>> {

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 
@@ -27,6 +27,7 @@ fn state(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
 #[test]
 fn non_finite_batches_are_skipped_reported_and_leave_the_state_untouched() {
     let device = device();
+    let mut rng = Rng::new(1);
     for config in [
         EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4),
         EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4)
@@ -46,7 +47,7 @@ fn non_finite_batches_are_skipped_reported_and_leave_the_state_untouched() {
             assert_eq!(state(&rvq), before, "{poison} entered the state");
         }
         // A finite batch afterwards trains as usual (k-means init included).
-        let out = rvq.forward(Tensor::<2>::random([32, 4], Distribution::Default, &device));
+        let out = rvq.forward(rng.uniform_tensor([32, 4], 0.0, 1.0, &device));
         assert!(!out.metrics().update_skipped);
         assert_ne!(state(&rvq), before);
         assert_eq!(floats(rvq.steps.value_sync())[0], 1.0);
@@ -74,12 +75,9 @@ fn an_empty_batch_gives_an_empty_output_zero_loss_and_no_update() {
 fn a_codebook_of_one_code_works() {
     let device = device();
     let rvq = EmaResidualVectorQuantizerConfig::new(2, 1.into(), 3).init(&device);
+    let mut rng = Rng::new(2);
     for _ in 0..5 {
-        let out = rvq.forward(Tensor::<2>::random(
-            [10, 3],
-            Distribution::Normal(2.0, 0.1),
-            &device,
-        ));
+        let out = rvq.forward(rng.normal_tensor([10, 3], 2.0, 0.1, &device));
         assert!(
             out.indices
                 .iter()
@@ -122,9 +120,9 @@ fn inputs_far_above_and_below_the_codebook_scale_quantize_correctly() {
         let rvq = EmaResidualVectorQuantizerConfig::new(2, 16.into(), 4)
             .with_kmeans_init(true)
             .init(&device);
+        let mut rng = Rng::new(3);
         for step in 0..10 {
-            device.seed(step);
-            let x = Tensor::<2>::random([128, 4], Distribution::Normal(0.0, scale), &device);
+            let x = rng.normal_tensor([128, 4], 0.0, scale, &device);
             let codebook = floats(rvq.codebook(0, &plain));
             let out = rvq.forward(x.clone());
             if step == 0 {

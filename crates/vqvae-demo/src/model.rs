@@ -6,6 +6,8 @@
 //!             -Conv(D->64,k3,s1,p1)-ReLU-ConvT(64->32,k4,s2,p1)-ReLU-ConvT(32->1,k4,s2,p1)-sigmoid-> [B,1,28,28]
 //! ```
 
+use std::sync::{Mutex, PoisonError};
+
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::PaddingConfig2d;
@@ -65,9 +67,30 @@ impl VqVaeOutput {
     }
 }
 
+/// Held while a model draws its initial weights: Burn keeps one random generator per backend
+/// for the whole process, so two models initialized at once (tests side by side, several
+/// models in one program) would otherwise draw each other's numbers, and a seeded run would
+/// start from weights its seed does not give.
+static INIT: Mutex<()> = Mutex::new(());
+
 impl VqVaeConfig {
-    /// Builds the model on `device`; fails on an invalid quantizer configuration.
+    /// [`VqVaeConfig::try_init`] with the device's random generator seeded with `seed` first:
+    /// the same initial weights for the same seed, whatever else in this process initializes
+    /// models at the same time.
+    pub fn try_init_seeded(&self, device: &Device, seed: u64) -> Result<VqVae, RvqError> {
+        let _drawing = INIT.lock().unwrap_or_else(PoisonError::into_inner);
+        device.seed(seed);
+        self.init_weights(device)
+    }
+
+    /// Builds the model on `device` with weights from the device's random generator; fails on
+    /// an invalid quantizer configuration.
     pub fn try_init(&self, device: &Device) -> Result<VqVae, RvqError> {
+        let _drawing = INIT.lock().unwrap_or_else(PoisonError::into_inner);
+        self.init_weights(device)
+    }
+
+    fn init_weights(&self, device: &Device) -> Result<VqVae, RvqError> {
         let latent = self.quantizer.embedding_dim;
         let padding = |p| PaddingConfig2d::Explicit(p, p, p, p);
         Ok(VqVae {

@@ -282,8 +282,7 @@ pub fn train_on_devices(
 
     let devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
     let main = devices[0].clone();
-    main.seed(config.seed);
-    let model = config.model.try_init(&main)?;
+    let model = config.model.try_init_seeded(&main, config.seed)?;
 
     let loader = |digits: Digits, shuffle: bool| {
         let indices: Vec<usize> = (0..digits.len()).collect();

@@ -167,8 +167,7 @@ pub fn train(
         false => None,
     };
     let device = options.device.clone().autodiff();
-    device.seed(config.seed);
-    let mut model = config.model.try_init(&device)?;
+    let mut model = config.model.try_init_seeded(&device, config.seed)?;
     let mut optimizer = config.optimizer.init();
     let mut first_epoch = 1;
     let config_path = out.join("config.json");
@@ -368,6 +367,115 @@ fn truncate_metrics(path: &Path, last_epoch: usize) -> Result<(), DemoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evaluation::Validation;
+
+    /// f64s that serde_json's default parser reads back off by one bit (the two seen in a
+    /// failed resume test), the extremes, and many arbitrary bit patterns.
+    fn awkward_floats() -> Vec<f64> {
+        let mut values = vec![
+            0.20794587941297019,
+            0.12329578816813107,
+            0.1 + 0.2,
+            f64::MIN_POSITIVE,
+            5e-324,
+            f64::MAX,
+            -1.0 / 3.0,
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        while values.len() < 4000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let value = f64::from_bits(state);
+            if value.is_finite() {
+                values.push(value);
+            }
+        }
+        values
+    }
+
+    /// Every f64 a run writes to `metrics.jsonl` and `config.json` reads back bit for bit.
+    #[test]
+    fn floats_in_metrics_and_config_read_back_bit_for_bit() {
+        let dir = std::env::temp_dir().join(format!("vqvae-json-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let metrics = dir.join("metrics.jsonl");
+        let _ = fs::remove_file(&metrics);
+        let values = awkward_floats();
+        let records: Vec<EpochRecord> = values
+            .chunks(8)
+            .enumerate()
+            .map(|(epoch, v)| EpochRecord {
+                epoch,
+                train_loss: v[0],
+                train_mse: v[1 % v.len()],
+                train_commitment: v[2 % v.len()],
+                train_perplexity_mean: v[3 % v.len()],
+                train_restarted_codes: vec![epoch],
+                ema_entropy: v.to_vec(),
+                ema_active_share: vec![v[4 % v.len()]],
+                train_seconds: v[5 % v.len()],
+                images_per_second: v[6 % v.len()],
+                validation: Validation {
+                    val_mse: v[7 % v.len()],
+                    val_psnr_db: v[0],
+                    val_usage: v.to_vec(),
+                    val_perplexity: v.to_vec(),
+                    val_bits_per_vector: v[1 % v.len()],
+                    val_psnr_db_by_levels: v.to_vec(),
+                    code_histograms: Vec::new(),
+                },
+            })
+            .collect();
+        for record in &records {
+            append_metrics(&metrics, record).unwrap();
+        }
+        let text = fs::read_to_string(&metrics).unwrap();
+        let read: Vec<EpochRecord> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let bits = |r: &EpochRecord| {
+            let mut all = vec![
+                r.train_loss,
+                r.train_mse,
+                r.train_commitment,
+                r.train_perplexity_mean,
+                r.train_seconds,
+                r.images_per_second,
+                r.validation.val_mse,
+                r.validation.val_psnr_db,
+                r.validation.val_bits_per_vector,
+            ];
+            all.extend(&r.ema_entropy);
+            all.extend(&r.ema_active_share);
+            all.extend(&r.validation.val_usage);
+            all.extend(&r.validation.val_perplexity);
+            all.extend(&r.validation.val_psnr_db_by_levels);
+            all.into_iter().map(f64::to_bits).collect::<Vec<_>>()
+        };
+        assert_eq!(read.len(), records.len());
+        for (got, want) in read.iter().zip(&records) {
+            assert_eq!(bits(got), bits(want), "epoch {}", want.epoch);
+        }
+
+        // config.json, through Burn's Config save/load as `--config` and `--resume` use it.
+        let path = dir.join("config.json");
+        for v in values.chunks(4).take(200) {
+            let mut config = TrainingConfig::new().with_learning_rate(v[0]);
+            config.model.quantizer.beta = v[1 % v.len()];
+            config.model.quantizer.ema_decay = v[2 % v.len()];
+            config.model.quantizer.epsilon = v[3 % v.len()];
+            config.save(&path).unwrap();
+            let back = TrainingConfig::load(&path).unwrap();
+            let q = (&config.model.quantizer, &back.model.quantizer);
+            assert_eq!(back.learning_rate.to_bits(), config.learning_rate.to_bits());
+            assert_eq!(q.1.beta.to_bits(), q.0.beta.to_bits());
+            assert_eq!(q.1.ema_decay.to_bits(), q.0.ema_decay.to_bits());
+            assert_eq!(q.1.epsilon.to_bits(), q.0.epsilon.to_bits());
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {

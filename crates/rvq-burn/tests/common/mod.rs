@@ -4,7 +4,91 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
 use serde::Deserialize;
+
+/// A seeded generator of test data (SplitMix64, Box-Muller), one per test.
+///
+/// Tests draw from their own generator, never from a device's (`Tensor::random`): Burn keeps
+/// one random generator per backend for the whole process, shared by the tests that
+/// `cargo test` runs side by side, so what a test draws there depends on which tests run
+/// beside it and in what order.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// A tensor of normal values with mean `mean` and standard deviation `std`.
+    pub fn normal_tensor<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        mean: f64,
+        std: f64,
+        device: &Device,
+    ) -> Tensor<D> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (mean + std * self.normal()) as f32)
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+
+    /// A tensor of values uniform in `[low, high)`.
+    pub fn uniform_tensor<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        low: f64,
+        high: f64,
+        device: &Device,
+    ) -> Tensor<D> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (low + (high - low) * self.uniform()) as f32)
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+}
+
+/// `config.init(device)` with the reference's initial state (codebooks uniform in
+/// `[-1/K, 1/K]`, counts one, sums equal to the codebooks) drawn from `seed` instead of the
+/// device's shared random generator (see [`Rng`]).
+pub fn seeded_quantizer(
+    config: &EmaResidualVectorQuantizerConfig,
+    device: &Device,
+    seed: u64,
+) -> EmaResidualVectorQuantizer {
+    let rvq = config.init(device);
+    let plain = device.clone().without_autodiff();
+    let mut rng = Rng::new(seed);
+    for (level, k) in config.sizes().into_iter().enumerate() {
+        let limit = 1.0 / k as f64;
+        let codebook = rng.uniform_tensor([k, config.embedding_dim], -limit, limit, &plain);
+        rvq.try_set_statistics(level, Tensor::ones([k], &plain), codebook)
+            .expect("the reference's initial state is valid");
+    }
+    rvq
+}
 
 /// The CPU backends every test runs on, by name.
 #[allow(deprecated)] // `ndarray` is deprecated in Burn 0.22 in favour of `flex`; users still name it.
@@ -44,7 +128,7 @@ pub fn compare(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
 }
 
 /// Every EMA statistic of `rvq` (per level: counts, then sums), bit for bit.
-pub fn state_bits(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
+pub fn state_bits(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
     let plain = Device::flex();
     rvq.levels
         .iter()
@@ -58,7 +142,7 @@ pub fn state_bits(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
 
 /// Every state value is finite, counts are >= 0, and the codebook equals sums / smoothed
 /// counts within 1e-6 (recomputed here in f64). Returns each level's total EMA count.
-pub fn assert_finite_and_consistent(rvq: &rvq_burn::EmaResidualVectorQuantizer) -> Vec<f64> {
+pub fn assert_finite_and_consistent(rvq: &EmaResidualVectorQuantizer) -> Vec<f64> {
     let plain = Device::flex();
     let mut totals = Vec::new();
     for (level, codebook) in rvq.levels.iter().enumerate() {
