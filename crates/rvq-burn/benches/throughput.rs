@@ -8,17 +8,19 @@
 //! cargo bench -p rvq-burn --bench throughput                         # CPU backends, all shapes
 //! cargo bench -p rvq-burn --bench throughput -- --shapes small,medium --backends flex
 //! cargo bench -p rvq-burn --features wgpu --bench throughput -- --backends wgpu,wgpu-dense
+//! cargo bench -p rvq-burn --bench throughput -- --backends flex,flex-tensor --shapes small
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --parts
 //! ```
+//!
+//! A backend name may carry suffixes: `-dense` turns `dense_statistics` on, `-tensor` forces
+//! the generic tensor path (`Execution::TensorOps`) where the backend has a faster one.
 
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
-use rvq_burn::EmaCodebook;
-use rvq_burn::codebook::{Search, codebook_from_statistics};
 use rvq_burn::stream::indices_to_host;
-use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Execution};
 
 /// `(name, N, D, K, M)`.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -138,35 +140,39 @@ fn parts(
     let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
     let count = Tensor::<1>::random([k], Distribution::Uniform(1.0, 2.0), device);
     let weight = Tensor::<2>::random([k, d], Distribution::Normal(0.0, 1.0), device);
-    let codebook = codebook_from_statistics(count.clone(), weight.clone(), 1e-5);
+    // One level with these statistics, on the tensor path, scatter-add or dense statistics.
+    let level = |dense: bool| {
+        let level = EmaResidualVectorQuantizerConfig::new(1, k.into(), d)
+            .with_dense_statistics(dense)
+            .with_execution(Execution::TensorOps)
+            .init(device);
+        level
+            .try_set_statistics(0, count.clone(), weight.clone())
+            .expect("valid statistics");
+        level
+    };
+    let (scatter, dense) = (level(false), level(true));
+    let codebook = scatter.codebook(0, device);
     let indices = Tensor::<2>::random([n, 1], Distribution::Uniform(0.0, k as f64), device)
         .int()
         .reshape([n]);
     let mut timings: Vec<(&str, f64)> = Vec::new();
     timings.push((
-        "codebook_from_statistics",
+        "codebook from the statistics",
         median_seconds(repeats, device, || {
-            let _ = codebook_from_statistics(count.clone(), weight.clone(), 1e-5);
-        }),
-    ));
-    let scatter = Search {
-        max_elements: 1 << 24,
-        dense: false,
-    };
-    timings.push((
-        "assign, dense counts",
-        median_seconds(repeats, device, || {
-            let dense = Search {
-                dense: true,
-                ..scatter
-            };
-            let _ = EmaCodebook::assign(&codebook, x.clone(), dense);
+            let _ = scatter.codebook(0, device);
         }),
     ));
     timings.push((
-        "assign (search, gather, counts)",
+        "one level, eval forward, dense counts",
         median_seconds(repeats, device, || {
-            let _ = EmaCodebook::assign(&codebook, x.clone(), scatter);
+            let _ = dense.forward(x.clone()).code_counts;
+        }),
+    ));
+    timings.push((
+        "one level, eval forward (search, gather, counts, loss)",
+        median_seconds(repeats, device, || {
+            let _ = scatter.forward(x.clone()).code_counts;
         }),
     ));
     let codebook_t = codebook.clone().transpose();
@@ -278,9 +284,15 @@ fn parts(
 fn main() {
     let args = parse_args();
     for backend in &args.backends {
-        // `NAME-dense`: the same backend with `dense_statistics` on.
-        let dense = backend.ends_with("-dense");
-        let plain = device(backend.trim_end_matches("-dense"));
+        // `NAME-dense`: `dense_statistics` on; `NAME-tensor`: the generic tensor path.
+        let mut name = backend.split('-');
+        let plain = device(name.next().expect("a backend name"));
+        let suffixes: Vec<&str> = name.collect();
+        let dense = suffixes.contains(&"dense");
+        let execution = match suffixes.contains(&"tensor") {
+            true => Execution::TensorOps,
+            false => Execution::Auto,
+        };
         let autodiff = plain.clone().autodiff();
         for &(shape, n, d, k, m) in SHAPES
             .iter()
@@ -291,6 +303,7 @@ fn main() {
                 parts(backend, shape, n, d, k, args.repeats, &plain);
                 let rvq = EmaResidualVectorQuantizerConfig::new(m, k.into(), d)
                     .with_dense_statistics(dense)
+                    .with_execution(execution)
                     .init(&plain);
                 let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
                 for (part, seconds) in [
@@ -324,6 +337,8 @@ fn main() {
             let rvq: EmaResidualVectorQuantizer =
                 EmaResidualVectorQuantizerConfig::new(m, k.into(), d)
                     .with_dense_statistics(dense)
+                    .with_execution(execution)
+                    .with_max_distance_elements(args.max_distance_elements)
                     .init(&plain);
             let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &plain);
             // A few training steps first, so that the codebooks are spread like in training.
@@ -407,18 +422,20 @@ fn main() {
                  \"median_seconds\":{products:.6},\"gflops\":{:.1}}}",
                 2.0 * (n * d * k * m) as f64 / products / 1e9
             );
-            // The layer's own search, M levels' worth: nearest codes, the chosen vectors and
-            // the per-code counts (`EmaCodebook::assign`), at the rate of its products.
-            let codes = codebook.clone().transpose();
-            let search = Search {
-                max_elements: args.max_distance_elements,
-                dense: false,
-            };
+            // The layer's own search, M levels' worth: a one-level quantizer holding this
+            // codebook encodes the rows M times (nearest codes and the residuals they leave),
+            // at the rate of its products.
+            let searcher = EmaResidualVectorQuantizerConfig::new(1, k.into(), d)
+                .with_max_distance_elements(args.max_distance_elements)
+                .with_execution(execution)
+                .init(&plain);
+            searcher
+                .try_set_statistics(0, Tensor::ones([k], &plain), codebook.clone().transpose())
+                .expect("a valid state");
             let searching = median_seconds(repeats, &plain, || {
                 for _ in 0..m {
-                    let _ = EmaCodebook::assign(&codes, x.clone(), search)
-                        .indices
-                        .into_data();
+                    let codes = searcher.try_encode(x.clone(), 1).expect("valid input");
+                    let _ = codes[0].clone().into_data();
                 }
             });
             println!(

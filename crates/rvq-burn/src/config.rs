@@ -49,6 +49,19 @@ impl<const N: usize> From<[usize; N]> for CodebookSizes {
     }
 }
 
+/// Which execution path a quantizer's levels run on (see the crate docs, "Execution paths").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Execution {
+    /// The fastest path for the device's backend, chosen at every call by its type: the host
+    /// path on Burn's CPU backends (`flex`, `ndarray`, with this crate's features of the same
+    /// names), Burn tensor operations elsewhere.
+    #[default]
+    Auto,
+    /// Burn tensor operations on every backend: the plain version the fast paths are tested
+    /// equal to (the same codes but for exact ties, the same counts, sums to rounding).
+    TensorOps,
+}
+
 /// Configuration of an [`EmaResidualVectorQuantizer`](crate::EmaResidualVectorQuantizer).
 ///
 /// The defaults are those of the reference layer (helia-edge 0.6.2
@@ -136,6 +149,10 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// reference's behaviour. Default: false.
     #[config(default = false)]
     pub data_parallel: bool,
+    /// Which execution path the levels run on. Does not change any result beyond float
+    /// rounding (see [`Execution`]). Default: [`Execution::Auto`].
+    #[config(default = "Execution::Auto")]
+    pub execution: Execution,
 }
 
 impl EmaResidualVectorQuantizerConfig {

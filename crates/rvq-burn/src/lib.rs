@@ -40,11 +40,15 @@
 //! ## Layout
 //!
 //! - [`config`]: [`EmaResidualVectorQuantizerConfig`] and its validation.
-//! - [`codebook`]: one level, [`EmaCodebook`]: EMA statistics, derived codebook, nearest-code
-//!   search, EMA step.
-//! - `host` (internal): the CPU fast path of a level's search, one pass over cache-sized tiles
-//!   of rows on Burn's CPU backends.
-//! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode.
+//! - [`codebook`]: one level, [`EmaCodebook`]: its EMA statistics, the codebook derived from
+//!   them, and its step over a batch (read the state, assign, update, store).
+//! - `update` (internal): what a training step does to a level's state (EMA, the
+//!   data-parallel init, k-means init, dead-code restarts), chosen once per forward.
+//! - `path` (internal): how a level's pass runs, chosen once per call by the device's backend
+//!   type ([`Execution`]): `path/host.rs` on Burn's CPU backends (one pass over cache-sized
+//!   tiles of rows), `path/tensor.rs` as Burn tensor operations on any backend.
+//! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode, a
+//!   short loop over the levels.
 //! - [`options`], [`output`], [`metrics`]: what a forward takes and returns.
 //! - [`entropy`], [`stream`]: codes to bytes. [`EntropyModels`] built from the EMA counts,
 //!   and the self-describing, checksummed ANS stream ([`EmaResidualVectorQuantizer::try_compress`],
@@ -57,15 +61,16 @@ pub mod config;
 pub mod entropy;
 pub mod error;
 mod hash;
-mod host;
 pub mod metrics;
 pub mod options;
 pub mod output;
+mod path;
 pub mod residual;
 pub mod stream;
+mod update;
 
 pub use codebook::EmaCodebook;
-pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig};
+pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig, Execution};
 pub use entropy::{EntropyModels, LevelModel};
 pub use error::RvqError;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};

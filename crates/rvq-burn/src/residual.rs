@@ -17,16 +17,18 @@
 //! vector-quantize-pytorch issue 33).
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
-use crate::codebook::{EmaCodebook, Search, codebook_from_statistics};
-use crate::config::EmaResidualVectorQuantizerConfig;
+use crate::codebook::{EmaCodebook, LevelStep};
+use crate::config::{EmaResidualVectorQuantizerConfig, Execution};
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
-use crate::host::{self, host_floats, host_ints, in_host_memory};
 use crate::metrics::CodebookHealth;
 use crate::options::ForwardOptions;
 use crate::output::RvqOutput;
+use crate::path::tensor::Search;
+use crate::path::{LevelPath, Path, RunningSums, Work, with_path};
+use crate::update::{PlanConfig, StepPlan};
 
 /// Residual vector quantizer with EMA codebook updates, a drop-in VQ-VAE bottleneck.
 ///
@@ -82,6 +84,9 @@ pub struct EmaResidualVectorQuantizer {
     pub quantize_dropout_min_levels: usize,
     /// See [`EmaResidualVectorQuantizerConfig::data_parallel`].
     pub data_parallel: bool,
+    /// See [`EmaResidualVectorQuantizerConfig::execution`].
+    #[module(skip)]
+    pub execution: Execution,
 }
 
 impl EmaResidualVectorQuantizerConfig {
@@ -121,35 +126,9 @@ impl EmaResidualVectorQuantizerConfig {
             quantize_dropout: self.quantize_dropout,
             quantize_dropout_min_levels: self.quantize_dropout_min_levels,
             data_parallel: self.data_parallel,
+            execution: self.execution,
         })
     }
-}
-
-/// Below this count a code counts as empty during the data-parallel init (counts there are
-/// numbers of vectors, averaged over devices: 0, or at least 1 / devices).
-const EMPTY_CODE_COUNT: f64 = 1e-6;
-
-/// One level's pass over a batch: its assignment and the residual it leaves.
-struct LevelPass {
-    assignment: crate::codebook::Assignment,
-    /// `r_{l+1} = r_l - q_l`, `[N, D]`, no autodiff.
-    next_residual: Tensor<2>,
-    /// Codes restarted by the dead-code check of this pass.
-    restarted: usize,
-}
-
-/// What a training step does to the state besides the EMA update.
-struct UpdatePlan {
-    /// `[1]`, true when the batch holds a NaN or an infinity: then every state change of
-    /// the step is discarded on the device (no read back), and the output reports it.
-    non_finite: Tensor<1, Bool>,
-    /// Initialize the codebooks by k-means first (first training step).
-    kmeans: bool,
-    /// Restart dead codes at this threshold after the update.
-    restart_threshold: Option<f64>,
-    /// Data-parallel mode: `Some(step)` while the batch statistics replace the state (the
-    /// first step, or the first `kmeans_iterations` steps with k-means init), `None` after.
-    replace: Option<u64>,
 }
 
 impl EmaResidualVectorQuantizer {
@@ -291,20 +270,20 @@ impl EmaResidualVectorQuantizer {
         }
         let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
         let flat_plain = flat.clone().without_autodiff(); // [N, D]
-        let replace_steps = match self.kmeans_init {
-            true => self.kmeans_iterations as u64,
-            false => 1,
-        };
-        let plan = update.then(|| UpdatePlan {
-            non_finite: flat_plain.clone().is_finite().all().bool_not(),
-            kmeans: !self.data_parallel && self.kmeans_init && step == Some(0),
-            restart_threshold: (self.threshold_ema_dead_code > 0.0
-                && step.is_none_or(|s| (s + 1) % self.dead_code_check_every as u64 == 0))
-            .then_some(self.threshold_ema_dead_code),
-            replace: step.filter(|&s| self.data_parallel && s < replace_steps),
+        // What this step does to the state: chosen once, applied by every level.
+        let plan = update.then(|| {
+            let non_finite = flat_plain.clone().is_finite().all().bool_not();
+            StepPlan::new(&self.plan_config(), step, non_finite)
         });
 
-        let passes = self.run_levels(flat_plain.clone(), num_levels, plan.as_ref(), &device);
+        let work = match plan {
+            Some(_) => Work::TRAINING,
+            None => Work::FORWARD,
+        };
+        let (steps, sums) = with_path!(self.path(&device), path => {
+            self.run_levels(path, flat_plain.clone(), num_levels, plan.as_ref(), work, &device)
+        });
+        let sums = sums.expect("a forward keeps the running sums");
         let update_skipped = plan.map(|plan| plan.non_finite);
         if let Some(skipped) = &update_skipped {
             let steps = self
@@ -317,13 +296,14 @@ impl EmaResidualVectorQuantizer {
         }
 
         // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
-        let level_losses: Vec<Tensor<1>> = passes
+        let elements = (num_vectors * d) as f64;
+        let level_losses: Vec<Tensor<1>> = steps
             .iter()
-            .map(|pass| {
-                pass.next_residual
-                    .clone()
-                    .powi_scalar(2)
-                    .mean()
+            .map(|step| {
+                let squared_error = step.batch.squared_error.clone();
+                squared_error
+                    .expect("a forward sums the squared error")
+                    .div_scalar(elements)
                     .mul_scalar(self.beta)
             })
             .collect();
@@ -331,21 +311,14 @@ impl EmaResidualVectorQuantizer {
             .iter()
             .cloned()
             .reduce(|a, b| a.add(b))
-            .unwrap_or_else(|| Tensor::zeros([1], &device));
-
-        // q_sum = sum_l q_l = x - r_{M+1}
-        let quantized_sum = passes
-            .iter()
-            .map(|pass| pass.assignment.quantized.clone())
-            .reduce(|a, b| a.add(b))
-            .unwrap_or_else(|| flat_plain.zeros_like());
+            .expect("at least one level");
         let loss = if autodiff {
-            commitment_loss_autodiff(flat.clone(), &passes, total_loss, self.beta)
+            commitment_loss_autodiff(flat.clone(), &sums, num_levels, total_loss, self.beta)
         } else {
             total_loss
         };
         // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
-        let straight_through = quantized_sum.sub(flat_plain);
+        let straight_through = sums.quantized.sub(flat_plain);
         let straight_through = if autodiff {
             straight_through.autodiff()
         } else {
@@ -353,10 +326,13 @@ impl EmaResidualVectorQuantizer {
         };
         let quantized = flat.add(straight_through).reshape(shape);
 
-        let restarted_codes = passes.iter().map(|pass| pass.restarted).collect();
-        let (indices, code_counts) = passes
+        let restarted_codes = steps.iter().map(|step| step.restarted).collect();
+        let (indices, code_counts) = steps
             .into_iter()
-            .map(|pass| (pass.assignment.indices, pass.assignment.counts))
+            .map(|step| {
+                let counts = step.batch.counts.expect("a forward counts");
+                (step.batch.indices, counts)
+            })
             .unzip();
         Ok(RvqOutput {
             quantized,
@@ -397,22 +373,10 @@ impl EmaResidualVectorQuantizer {
         let flat = x
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim]);
-        if in_host_memory(&device) {
-            // One host buffer, searched and turned into the next residual level by level.
-            let mut rows = host_floats(flat);
-            let search = self.search();
-            return Ok(self.levels[..num_levels]
-                .iter()
-                .map(|level| {
-                    EmaCodebook::encode_on_host(&level.codebook(&device), &mut rows, search)
-                })
-                .collect());
-        }
-        Ok(self
-            .run_levels(flat, num_levels, None, &device)
-            .into_iter()
-            .map(|pass| pass.assignment.indices)
-            .collect())
+        let (steps, _) = with_path!(self.path(&device), path => {
+            self.run_levels(path, flat, num_levels, None, Work::CODES, &device)
+        });
+        Ok(steps.into_iter().map(|step| step.batch.indices).collect())
     }
 
     /// Sums the code vectors of `indices` (one `[N]` tensor per level, the first `n <= M`
@@ -456,192 +420,54 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return Ok(Tensor::zeros(shape, &device));
         }
-        if in_host_memory(&device) {
-            // One pass over the rows, every level's code added in place.
-            let codes: Vec<Vec<i64>> = indices.iter().cloned().map(host_ints).collect();
-            self.check_index_range(codes.iter().map(|level| {
-                let min = level.iter().copied().min().unwrap_or(0);
-                let max = level.iter().copied().max().unwrap_or(0);
-                (min, max)
-            }))?;
-            let codebooks: Vec<Vec<f32>> = self.levels[..codes.len()]
-                .iter()
-                .map(|level| host_floats(level.codebook(&device)))
-                .collect();
-            let sum = host::decode(&codebooks, &codes, self.embedding_dim);
-            let flat = Tensor::<2>::from_data(
-                TensorData::new(sum, [num_vectors, self.embedding_dim]),
-                &device,
-            );
-            return Ok(flat.reshape(shape));
-        }
-        // One read back for all levels: [min_0, max_0, min_1, max_1, ...].
-        let bounds: Vec<Tensor<1, Int>> = indices
+        let codebooks = self.levels[..indices.len()]
             .iter()
-            .flat_map(|level| [level.clone().min(), level.clone().max()])
+            .map(|level| level.codebook(&device))
             .collect();
-        let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
-        self.check_index_range(bounds.chunks(2).map(|pair| (pair[0], pair[1])))?;
-        let sum = indices
-            .iter()
-            .zip(&self.levels)
-            .map(|(level_indices, level)| level.codebook(&device).select(0, level_indices.clone()))
-            .reduce(|a, b| a.add(b))
-            .expect("at least one level");
+        let sum = with_path!(self.path(&device), path => path.decode(codebooks, indices))?;
         Ok(sum.reshape(shape))
     }
 
-    /// How the levels search and accumulate (see [`Search`]).
-    fn search(&self) -> Search {
-        Search {
+    /// The execution path of a call on `device` (see [`crate::path`]).
+    fn path(&self, device: &Device) -> Path {
+        let search = Search {
             max_elements: self.max_distance_elements,
             dense: self.dense_statistics,
+        };
+        Path::choose(device, self.execution, search)
+    }
+
+    /// The options a training step's [`StepPlan`] is made from.
+    fn plan_config(&self) -> PlanConfig {
+        PlanConfig {
+            ema_decay: self.ema_decay,
+            kmeans_init: self.kmeans_init,
+            kmeans_iterations: self.kmeans_iterations,
+            threshold_ema_dead_code: self.threshold_ema_dead_code,
+            dead_code_check_every: self.dead_code_check_every,
+            data_parallel: self.data_parallel,
         }
     }
 
-    /// Runs the first `num_levels` levels on `residual` `[N, D]` (`N > 0`, no autodiff); with a plan,
-    /// a training step: (k-means init,) EMA update (, dead-code restart) of each level.
-    fn run_levels(
+    /// Runs the first `num_levels` levels on `x` `[N, D]` (`N > 0`, no autodiff) on `path`:
+    /// each level's step in turn, every one passing its residual to the next; with a `plan`,
+    /// a training step. Returns each level's step and, for `work.forward`, the running sums.
+    fn run_levels<P: LevelPath>(
         &self,
-        mut residual: Tensor<2>,
+        path: &P,
+        x: Tensor<2>,
         num_levels: usize,
-        plan: Option<&UpdatePlan>,
+        plan: Option<&StepPlan>,
+        work: Work,
         device: &Device,
-    ) -> Vec<LevelPass> {
-        let mut passes = Vec::with_capacity(num_levels);
-        let search = self.search();
-        // On CPU devices the residual also lives in a host buffer that each level's search
-        // turns into the next residual (see `crate::host`); data-parallel passes work on
-        // tensors.
-        let data_parallel = plan.is_some() && self.data_parallel;
-        let mut host_rows =
-            (in_host_memory(device) && !data_parallel).then(|| host_floats(residual.clone()));
-        for (index, level) in self.levels[..num_levels].iter().enumerate() {
-            let (old_count, old_weight) = level.statistics(device);
-            if let Some(plan) = plan.filter(|_| self.data_parallel) {
-                let pass = self.data_parallel_pass(
-                    level,
-                    index,
-                    old_count,
-                    old_weight,
-                    residual.clone(),
-                    plan,
-                    search,
-                );
-                residual = pass.next_residual.clone();
-                passes.push(pass);
-                continue;
-            }
-            let (mut count, mut weight) = (old_count.clone(), old_weight.clone());
-            if plan.is_some_and(|plan| plan.kmeans) {
-                // Level by level: this level's residuals come from the initialized levels
-                // before it.
-                (count, weight) = EmaCodebook::kmeans(
-                    residual.clone(),
-                    level.num_embeddings,
-                    self.kmeans_iterations,
-                    search,
-                );
-            }
-            let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
-            let (assignment, next_residual) = match host_rows.as_mut() {
-                Some(rows) => EmaCodebook::assign_on_host(&codebook, rows, search, device),
-                None => {
-                    let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
-                    let next_residual = residual.clone().sub(assignment.quantized.clone());
-                    (assignment, next_residual)
-                }
-            };
-            let mut restarted = 0;
-            if let Some(plan) = plan {
-                let (count, weight) = EmaCodebook::ema_step(
-                    count,
-                    weight,
-                    residual.clone(),
-                    &assignment,
-                    self.ema_decay,
-                    search,
-                );
-                let (count, weight) = match plan.restart_threshold {
-                    Some(threshold) => {
-                        let (count, weight, n) = EmaCodebook::restart_dead_codes(
-                            count,
-                            weight,
-                            residual.clone(),
-                            &assignment,
-                            threshold,
-                        );
-                        restarted = n;
-                        (count, weight)
-                    }
-                    None => (count, weight),
-                };
-                store_if_finite(level, (count, weight), (old_count, old_weight), plan);
-            }
-            residual = next_residual.clone();
-            passes.push(LevelPass {
-                assignment,
-                next_residual,
-                restarted,
-            });
-        }
-        passes
-    }
-
-    /// One level's training pass in data-parallel mode: every decision from the synchronized
-    /// state `(old_count, old_weight)`, every batch contribution a per-code count or sum
-    /// (see [`EmaResidualVectorQuantizerConfig::data_parallel`]).
-    #[allow(clippy::too_many_arguments)]
-    fn data_parallel_pass(
-        &self,
-        level: &EmaCodebook,
-        index: usize,
-        old_count: Tensor<1>,
-        old_weight: Tensor<2>,
-        residual: Tensor<2>,
-        plan: &UpdatePlan,
-        search: Search,
-    ) -> LevelPass {
-        let step = plan.replace.unwrap_or(0);
-        // Which codes to split off the busiest ones, from the synchronized counts: during the
-        // init, those no vector chose on the last step (count 0; a code chosen by one vector
-        // on one of k devices has 1/k); after, the dead codes by the restart threshold.
-        let split_below = match plan.replace {
-            Some(0) => None,
-            Some(_) => Some((EMPTY_CODE_COUNT, 0.0)),
-            None => plan.restart_threshold.map(|rate| (0.0, rate)),
-        };
-        let salt = SplitMix64::new(step ^ ((index as u64) << 48)).next_u64();
-        let (count, weight, restarted) = match split_below {
-            Some(below) => EmaCodebook::split_codes(
-                old_count.clone(),
-                old_weight.clone(),
-                level.epsilon,
-                below,
-                salt,
-            ),
-            None => (old_count.clone(), old_weight.clone(), 0),
-        };
-        let codebook = codebook_from_statistics(count.clone(), weight.clone(), level.epsilon);
-        let assignment = EmaCodebook::assign(&codebook, residual.clone(), search);
-        let (count, weight) = match plan.replace {
-            Some(_) => EmaCodebook::replace_step(residual.clone(), &assignment, search),
-            None => EmaCodebook::ema_step(
-                count,
-                weight,
-                residual.clone(),
-                &assignment,
-                self.ema_decay,
-                search,
-            ),
-        };
-        store_if_finite(level, (count, weight), (old_count, old_weight), plan);
-        let next_residual = residual.sub(assignment.quantized.clone());
-        LevelPass {
-            assignment,
-            next_residual,
-            restarted,
-        }
+    ) -> (Vec<LevelStep>, Option<RunningSums>) {
+        let mut rows = path.start(x, work);
+        let steps = self.levels[..num_levels]
+            .iter()
+            .enumerate()
+            .map(|(index, level)| level.step(index, path, &mut rows, plan, work, device))
+            .collect();
+        (steps, path.finish(rows))
     }
 
     /// The depth quantizer dropout draws for training step `step`: with probability
@@ -733,36 +559,6 @@ impl EmaResidualVectorQuantizer {
             }),
         }
     }
-
-    /// Checks each level's `(min, max)` index against its codebook size.
-    fn check_index_range(&self, bounds: impl Iterator<Item = (i64, i64)>) -> Result<(), RvqError> {
-        for (level, ((min, max), codebook)) in bounds.zip(&self.levels).enumerate() {
-            if min < 0 || max >= codebook.num_embeddings as i64 {
-                return Err(RvqError::IndexOutOfRange {
-                    level,
-                    min,
-                    max,
-                    num_embeddings: codebook.num_embeddings,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Stores a level's new statistics, or keeps the old ones when the batch held a NaN or an
-/// infinity (decided on the device: no read back), so such a batch never enters the state.
-fn store_if_finite(
-    level: &EmaCodebook,
-    (count, weight): (Tensor<1>, Tensor<2>),
-    (old_count, old_weight): (Tensor<1>, Tensor<2>),
-    plan: &UpdatePlan,
-) {
-    let [k, d] = weight.dims();
-    let skip = plan.non_finite.clone();
-    let count = count.mask_where(skip.clone().expand([k]), old_count);
-    let weight = weight.mask_where(skip.reshape([1, 1]).expand([k, d]), old_weight);
-    level.store(count, weight);
 }
 
 /// The total commitment loss on the autodiff device, with the gradient of every level's term.
@@ -773,19 +569,14 @@ fn store_if_finite(
 /// levels; the value is then corrected to the exact sum of the level losses with a constant.
 fn commitment_loss_autodiff(
     flat: Tensor<2>,
-    passes: &[LevelPass],
+    sums: &RunningSums,
+    num_levels: usize,
     total_loss: Tensor<1>,
     beta: f64,
 ) -> Tensor<1> {
-    let num_levels = passes.len();
     // c_l = x - r_{l+1}; mean_l c_l = x - mean_l r_{l+1}
     let flat_plain = flat.clone().without_autodiff();
-    let mean_residual = passes
-        .iter()
-        .map(|pass| pass.next_residual.clone())
-        .reduce(|a, b| a.add(b))
-        .expect("at least one level")
-        .div_scalar(num_levels as f64);
+    let mean_residual = sums.residuals.clone().div_scalar(num_levels as f64);
     let centre = flat_plain.sub(mean_residual).autodiff(); // [N, D] constant
     let surrogate = flat
         .sub(centre)

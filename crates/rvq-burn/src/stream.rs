@@ -32,10 +32,10 @@ use burn::tensor::{Device, Int, Tensor};
 use constriction::stream::Decode;
 use constriction::stream::stack::DefaultAnsCoder;
 
-use crate::codebook::int_tensor;
 use crate::entropy::EntropyModels;
 use crate::error::RvqError;
 use crate::hash::fnv1a64;
+use crate::path::host::int_tensor;
 use crate::residual::EmaResidualVectorQuantizer;
 
 /// First four bytes of every stream.

@@ -1,23 +1,31 @@
-//! The CPU fast path of one level: on Burn's CPU backends (`flex`, `ndarray`) the tensors live
-//! in host memory, and the nearest-code search, the gather of the chosen codes and the next
-//! residual are one pass over tiles of rows instead of five tensor operations.
+//! The host path: on Burn's CPU backends (`flex`, `ndarray`) tensors live in host memory, and
+//! a level's whole pass (nearest code, chosen code, next residual, squared error, running
+//! sums, per-code counts and sums) is one pass over tiles of rows instead of some twenty
+//! tensor operations, each a pass over memory of its own.
 //!
 //! Per tile of rows `R` (one rayon task each), one single-threaded `gemm` product `-2 E R^T`
 //! `[K, rows]` into the worker's own buffer, which stays in that core's cache for what
 //! follows: the code norms added and the first minimum per row taken, code by code over the
-//! tile's rows (a compare-and-select in AVX2 registers), then the chosen codes gathered and
-//! the rows replaced by their residuals. The tensor version writes the `[N, K]` product to memory, a second
-//! `[N, K]` tensor with the norms added, and reads both back for the argmin: three times the
-//! memory traffic of the product, which on a 2-core machine cost as much as the product.
+//! tile's rows (a compare-and-select in AVX2 registers), then each row's code gathered, the
+//! next residual written, the running sums and the squared error accumulated. The tensor
+//! version writes the `[N, K]` product to memory, a second `[N, K]` tensor with the norms
+//! added, and reads both back for the argmin: three times the memory traffic of the product,
+//! which on a 2-core machine cost as much as the product. The per-code sums follow in a
+//! second pass, parallel over codes, each code's rows added in row order.
 //!
-//! Everything here gives what the tensor path gives: the same counts and residuals exactly,
-//! and the same indices up to ties that float rounding orders differently (a code at the
-//! same distance; `codebook::tests::host_search_equals_tensor_search`).
+//! What it gives equals the tensor path's: the same counts, per-code sums, next residuals
+//! and running sums to the bit (the same additions in the same order), the same indices up
+//! to ties that float rounding orders differently (a code at the same distance), and the
+//! squared error to rounding (summed in `f64` per tile, then over tiles in order);
+//! `path::tensor::tests`.
 
 use std::cell::RefCell;
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::{LevelBatch, LevelPath, RunningSums, Work, check_index_range};
+use crate::error::RvqError;
 
 /// Products per tile: 256 KiB of f32, half of one core's L2 on the machine measured (AMD
 /// EPYC, 512 KiB L2 per core), so the product stays in cache between the product and the
@@ -28,13 +36,126 @@ const TILE_ELEMENTS: usize = 1 << 16;
 /// Fewest rows per tile: below this the product's packing of the codebook dominates.
 const MIN_TILE_ROWS: usize = 16;
 
-/// Whether `device` is one of Burn's CPU backends (`flex`, `ndarray`), whose tensors live in
-/// host memory: reading them back is a copy, not a transfer. Burn 0.22's dispatch enum is
-/// only visible with the backend features on, so the device's `Debug` name tells
-/// (`Device<Flex(Cpu)>`; `tests::cpu_devices_are_recognized` guards the names).
-pub(crate) fn in_host_memory(device: &Device) -> bool {
-    let name = format!("{:?}", device.clone().without_autodiff());
-    name.starts_with("Device<Flex") || name.starts_with("Device<NdArray")
+/// The host path ([`LevelPath`]) with its search bound: at most `max_elements` products per
+/// tile (see [`search`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostPath {
+    pub max_elements: usize,
+}
+
+/// The rows of a call on the host path, `[N, D]` row-major.
+pub(crate) struct HostRows {
+    /// The current residual.
+    rows: Vec<f32>,
+    /// Where a level writes the next residual while it still needs its input (per-code sums).
+    spare: Vec<f32>,
+    /// `(sum_l q_l, sum_l r_{l+1})`, when started for a forward, and how many levels they
+    /// hold.
+    running: Option<(Vec<f32>, Vec<f32>, usize)>,
+    embedding_dim: usize,
+    device: Device,
+}
+
+impl LevelPath for HostPath {
+    type Rows = HostRows;
+
+    fn start(&self, x: Tensor<2>, work: Work) -> HostRows {
+        let [_, embedding_dim] = x.dims();
+        let device = x.device();
+        let rows = host_floats(x);
+        let running = work
+            .forward
+            .then(|| (vec![0.0; rows.len()], vec![0.0; rows.len()], 0));
+        HostRows {
+            rows,
+            spare: Vec::new(),
+            running,
+            embedding_dim,
+            device,
+        }
+    }
+
+    fn residual(&self, rows: &HostRows) -> Tensor<2> {
+        float_tensor(rows.rows.clone(), rows.embedding_dim, &rows.device)
+    }
+
+    fn level(&self, codebook: Tensor<2>, rows: &mut HostRows, work: Work) -> LevelBatch {
+        let codebook = HostCodebook::new(&codebook);
+        let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
+        // The per-code sums need the level's input after the search: the next residual
+        // goes to the spare buffer then, else over the rows.
+        let next = match work.sums {
+            true => {
+                rows.spare.resize(rows.rows.len(), 0.0);
+                Some(rows.spare.as_mut_slice())
+            }
+            false => None,
+        };
+        let running =
+            rows.running
+                .as_mut()
+                .filter(|_| work.forward)
+                .map(|(quantized, residuals, levels)| {
+                    *levels += 1;
+                    Running {
+                        quantized,
+                        residuals,
+                        first: *levels == 1,
+                    }
+                });
+        let outputs = Outputs {
+            subtract: true,
+            next,
+            running,
+            squared_error: work.forward,
+        };
+        let (indices, squared_error) =
+            search(&codebook, &mut rows.rows, outputs, self.max_elements);
+        let counts = work.counts.then(|| counts(&indices, k));
+        let sums = work.sums.then(|| {
+            let sums = per_code_sums(&indices, &rows.rows, k, d);
+            std::mem::swap(&mut rows.rows, &mut rows.spare);
+            sums
+        });
+        let device = &rows.device;
+        LevelBatch {
+            indices: int_tensor(indices, device),
+            counts: counts.map(|counts| Tensor::from_data(TensorData::new(counts, [k]), device)),
+            sums: sums.map(|sums| float_tensor(sums, d, device)),
+            squared_error: work.forward.then(|| {
+                Tensor::from_data(TensorData::new(vec![squared_error as f32], [1]), device)
+            }),
+        }
+    }
+
+    fn finish(&self, rows: HostRows) -> Option<RunningSums> {
+        let (d, device) = (rows.embedding_dim, &rows.device);
+        rows.running.map(|(quantized, residuals, _)| RunningSums {
+            quantized: float_tensor(quantized, d, device),
+            residuals: float_tensor(residuals, d, device),
+        })
+    }
+
+    fn decode(
+        &self,
+        codebooks: Vec<Tensor<2>>,
+        indices: &[Tensor<1, Int>],
+    ) -> Result<Tensor<2>, RvqError> {
+        let device = indices[0].device();
+        let codes: Vec<Vec<i64>> = indices.iter().cloned().map(host_ints).collect();
+        let sizes: Vec<usize> = codebooks.iter().map(|c| c.dims()[0]).collect();
+        check_index_range(
+            codes.iter().map(|level| {
+                let min = level.iter().copied().min().unwrap_or(0);
+                let max = level.iter().copied().max().unwrap_or(0);
+                (min, max)
+            }),
+            sizes.into_iter(),
+        )?;
+        let d = codebooks[0].dims()[1];
+        let codebooks: Vec<Vec<f32>> = codebooks.into_iter().map(host_floats).collect();
+        Ok(float_tensor(decode(&codebooks, &codes, d), d, &device))
+    }
 }
 
 /// The values of a float tensor, row-major, on the host (cast to f32 if stored otherwise).
@@ -54,10 +175,22 @@ pub(crate) fn host_ints(tensor: Tensor<1, Int>) -> Vec<i64> {
         .expect("integer tensor data read as i64")
 }
 
+/// Rows of `d` values, row-major, as a `[N, d]` tensor on `device`.
+fn float_tensor(values: Vec<f32>, d: usize, device: &Device) -> Tensor<2> {
+    let n = values.len() / d.max(1);
+    Tensor::from_data(TensorData::new(values, [n, d]), device)
+}
+
+/// Integers as a `[N]` tensor on `device`.
+pub(crate) fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
 /// `sum_l codebooks[l][codes[l][i]]` for every row `i`, `[N, D]` row-major, in parallel over
 /// rows, each sum taken level by level like the tensor path's `q_0 + q_1 + ...` (the same
 /// floats). `codebooks[l]` is `[K_l, D]` row-major; the codes must be in range.
-pub(crate) fn decode(codebooks: &[Vec<f32>], codes: &[Vec<i64>], embedding_dim: usize) -> Vec<f32> {
+fn decode(codebooks: &[Vec<f32>], codes: &[Vec<i64>], embedding_dim: usize) -> Vec<f32> {
     let d = embedding_dim;
     let n = codes.first().map_or(0, Vec::len);
     let mut out = vec![0.0f32; n * d];
@@ -114,15 +247,32 @@ impl HostCodebook {
 }
 
 /// What [`search`] writes besides the indices.
-pub(crate) struct SearchOutputs<'a> {
-    /// Replace every row by its residual `r - e_idx`.
+#[derive(Default)]
+pub(crate) struct Outputs<'a> {
+    /// Write the next residual `r - e_idx`: into `next`, or over the rows.
     pub subtract: bool,
-    /// Where to write the chosen codes, `[N, D]`.
-    pub quantized: Option<&'a mut [f32]>,
+    /// Where the next residual goes, `[N, D]`, instead of over the rows.
+    pub next: Option<&'a mut [f32]>,
+    /// The running sums over levels: the chosen codes and the next residuals are added to
+    /// them (copied into them on the first level, as the tensor path starts its sums).
+    pub running: Option<Running<'a>>,
+    /// Sum the squared next residuals.
+    pub squared_error: bool,
+}
+
+/// The running sums of [`Outputs`].
+pub(crate) struct Running<'a> {
+    /// `sum_l q_l`, `[N, D]`.
+    pub quantized: &'a mut [f32],
+    /// `sum_l r_{l+1}`, `[N, D]`.
+    pub residuals: &'a mut [f32],
+    /// Whether this is the first level (the sums hold nothing yet).
+    pub first: bool,
 }
 
 /// Nearest code of every row of `rows` `[N, D]` (row-major) by squared distance, the first
-/// of equal distances. See the module docs.
+/// of equal distances, and what `outputs` asks for; returns the indices and the sum of the
+/// squared next residuals (0 unless asked for). See the module docs.
 ///
 /// Memory: one tile of products per worker thread, kept for the next call: `K x rows` with
 /// `rows = max(2^16 / K, 16)` (256 KiB for K up to 4096), and never more than
@@ -130,57 +280,152 @@ pub(crate) struct SearchOutputs<'a> {
 ///
 /// # Panics
 ///
-/// If `rows` or `quantized` is not a whole number of rows of `D`, or `quantized` is not as
-/// long as `rows`.
+/// If `rows` or an output is not a whole number of rows of `D`, or an output is not as long
+/// as `rows`.
 pub(crate) fn search(
     codebook: &HostCodebook,
     rows: &mut [f32],
-    outputs: SearchOutputs<'_>,
+    outputs: Outputs<'_>,
     max_elements: usize,
-) -> Vec<i64> {
+) -> (Vec<i64>, f64) {
     let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
     assert!(d > 0 && rows.len().is_multiple_of(d), "rows of {d} values");
     let n = rows.len() / d;
     let mut indices = vec![0i64; n];
     if n == 0 || k == 0 {
-        return indices;
+        return (indices, 0.0);
     }
     let tile_rows = (TILE_ELEMENTS / k)
         .max(MIN_TILE_ROWS)
         .min(max_elements / k)
         .clamp(1, n);
-    let quantized_tiles: Vec<Option<&mut [f32]>> = match outputs.quantized {
-        Some(quantized) => {
-            assert_eq!(quantized.len(), rows.len(), "quantized as long as rows");
-            quantized.chunks_mut(tile_rows * d).map(Some).collect()
+    let tiles = n.div_ceil(tile_rows);
+    let chunk = tile_rows * d;
+    // Per-tile slices of each output (`None` where not asked for).
+    fn per_tile(
+        buffer: Option<&mut [f32]>,
+        len: usize,
+        chunk: usize,
+        tiles: usize,
+    ) -> Vec<Option<&mut [f32]>> {
+        match buffer {
+            Some(buffer) => {
+                assert_eq!(buffer.len(), len, "outputs as long as the rows");
+                buffer.chunks_mut(chunk).map(Some).collect()
+            }
+            None => (0..tiles).map(|_| None).collect(),
         }
-        None => (0..n.div_ceil(tile_rows)).map(|_| None).collect(),
-    };
-    let tiles: Vec<_> = rows
-        .chunks_mut(tile_rows * d)
-        .zip(indices.chunks_mut(tile_rows))
-        .zip(quantized_tiles)
-        .collect();
+    }
+    let len = rows.len();
     let subtract = outputs.subtract;
-    tiles
+    let first = outputs
+        .running
+        .as_ref()
+        .is_some_and(|running| running.first);
+    let next_tiles = per_tile(outputs.next, len, chunk, tiles);
+    let (quantized, residuals) = outputs
+        .running
+        .map(|running| (running.quantized, running.residuals))
+        .unzip();
+    let quantized_tiles = per_tile(quantized, len, chunk, tiles);
+    let residual_tiles = per_tile(residuals, len, chunk, tiles);
+    let squared_error = outputs.squared_error;
+    let errors: Vec<f64> = rows
+        .chunks_mut(chunk)
+        .zip(indices.chunks_mut(tile_rows))
+        .zip(next_tiles)
+        .zip(quantized_tiles.into_iter().zip(residual_tiles))
+        .collect::<Vec<_>>()
         .into_par_iter()
-        .for_each(|((tile, tile_indices), tile_quantized)| {
+        .map(|(((tile, tile_indices), next), (quantized, residuals))| {
             TILE_BUFFERS.with_borrow_mut(|buffers| {
                 search_tile(codebook, tile, tile_indices, buffers);
             });
-            if let Some(quantized) = tile_quantized {
-                for (out, &index) in quantized.chunks_exact_mut(d).zip(tile_indices.iter()) {
-                    out.copy_from_slice(codebook.code(index as usize));
-                }
+            if !subtract {
+                return 0.0;
             }
-            if subtract {
-                for (row, &index) in tile.chunks_exact_mut(d).zip(tile_indices.iter()) {
-                    let code = codebook.code(index as usize);
-                    row.iter_mut().zip(code).for_each(|(r, e)| *r -= e);
+            let running = quantized.zip(residuals).map(|sums| (sums, first));
+            finish_tile(codebook, tile, tile_indices, next, running, squared_error)
+        })
+        .collect();
+    // Tile by tile, in order: the same sum whatever the threads did.
+    (indices, errors.into_iter().sum())
+}
+
+/// After the search of a tile: each row's next residual `r - e_idx` (into `next`, else over
+/// the row), added with the code to the running sums (copied on the first level), and its
+/// squared norm summed.
+#[allow(clippy::type_complexity)]
+fn finish_tile(
+    codebook: &HostCodebook,
+    tile: &mut [f32],
+    indices: &[i64],
+    mut next: Option<&mut [f32]>,
+    mut running: Option<((&mut [f32], &mut [f32]), bool)>,
+    squared_error: bool,
+) -> f64 {
+    let d = codebook.embedding_dim;
+    let mut error = 0.0f64;
+    for (row_index, (row, &index)) in tile.chunks_exact_mut(d).zip(indices).enumerate() {
+        let code = codebook.code(index as usize);
+        let range = row_index * d..(row_index + 1) * d;
+        let out: &mut [f32] = match next.as_deref_mut() {
+            Some(next) => {
+                let out = &mut next[range.clone()];
+                out.iter_mut()
+                    .zip(row.iter().zip(code))
+                    .for_each(|(o, (r, e))| *o = r - e);
+                out
+            }
+            None => {
+                row.iter_mut().zip(code).for_each(|(r, e)| *r -= e);
+                row
+            }
+        };
+        if let Some(((quantized, residuals), first)) = running.as_mut() {
+            let (quantized, residuals) = (&mut quantized[range.clone()], &mut residuals[range]);
+            if *first {
+                quantized.copy_from_slice(code);
+                residuals.copy_from_slice(out);
+            } else {
+                quantized
+                    .iter_mut()
+                    .zip(code)
+                    .for_each(|(sum, e)| *sum += e);
+                residuals
+                    .iter_mut()
+                    .zip(out.iter())
+                    .for_each(|(sum, r)| *sum += r);
+            }
+        }
+        if squared_error {
+            error += out.iter().map(|&r| f64::from(r * r)).sum::<f64>();
+        }
+    }
+    error
+}
+
+/// Sum of the rows `[N, D]` that took each code, `[K, D]`: in parallel over blocks of codes,
+/// each code's rows added in row order from zero, as a sequential scatter-add does.
+fn per_code_sums(indices: &[i64], rows: &[f32], k: usize, d: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f32; k * d];
+    // Each task scans every index for its codes: a few passes over [N] integers, against
+    // the [N, D] rows read once in all.
+    let codes_per_task = k.div_ceil(4 * rayon::current_num_threads()).max(1);
+    sums.par_chunks_mut(codes_per_task * d)
+        .enumerate()
+        .for_each(|(task, block)| {
+            let first = task * codes_per_task;
+            let codes = first..first + block.len() / d;
+            for (row, &index) in rows.chunks_exact(d).zip(indices) {
+                let index = index as usize;
+                if codes.contains(&index) {
+                    let sum = &mut block[(index - first) * d..(index - first + 1) * d];
+                    sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
                 }
             }
         });
-    indices
+    sums
 }
 
 /// Per-worker buffers of [`search_tile`], kept between calls: allocating them per tile
@@ -360,14 +605,6 @@ pub(crate) fn counts(indices: &[i64], num_embeddings: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
-    fn cpu_devices_are_recognized() {
-        assert!(in_host_memory(&Device::flex()));
-        assert!(in_host_memory(&Device::flex().autodiff()));
-        assert!(in_host_memory(&Device::ndarray()));
-    }
 
     /// The host decode is the tensor path's `select` + `add`, level by level, to the bit;
     /// over several tasks' worth of rows and codebooks of different sizes.

@@ -1,0 +1,227 @@
+//! Execution paths: how one level's pass over a batch runs on a device.
+//!
+//! A level's pass takes the residual rows `r` `[N, D]` and a codebook `[K, D]`, finds each
+//! row's nearest code, turns the rows into the next residual `r - e_idx`, and gives back what
+//! the caller asked for ([`Work`]): per-code counts and sums of the rows (the EMA update), the
+//! squared error left (the level's loss) and running sums of the chosen codes and of the
+//! residuals (the output and the commitment loss's gradient). There are three ways to run it,
+//! each in its own file, chosen once per call by the device's backend type ([`Path::choose`]):
+//!
+//! - [`host`]: Burn's CPU backends (`flex`, `ndarray`), whose tensors live in host memory:
+//!   one pass over cache-sized tiles of rows does the whole level.
+//! - [`tensor`]: Burn tensor operations, on any backend: the straightforward version the
+//!   others are tested against, and what runs where no faster path exists.
+//!
+//! Every path gives the same codes (up to rows at the same distance from two codes, which
+//! rounding may order differently), the same counts, and sums and losses equal to the
+//! rounding of their different orders of additions.
+
+pub(crate) mod host;
+pub(crate) mod tensor;
+
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::config::Execution;
+use crate::error::RvqError;
+
+/// What a level's pass produces besides the codes and the next residual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Work {
+    /// The number of rows that took each code, `[K]`.
+    pub counts: bool,
+    /// The sum of the rows (the level's input) that took each code, `[K, D]`.
+    pub sums: bool,
+    /// The sum of the squared next residuals (the level's loss), and the running sums over
+    /// levels of the chosen codes and of the next residuals.
+    pub forward: bool,
+}
+
+impl Work {
+    /// The codes alone (`encode`).
+    pub const CODES: Self = Self {
+        counts: false,
+        sums: false,
+        forward: false,
+    };
+    /// A forward without an EMA update: codes, counts, losses, the output.
+    pub const FORWARD: Self = Self {
+        counts: true,
+        sums: false,
+        forward: true,
+    };
+    /// A training forward: everything.
+    pub const TRAINING: Self = Self {
+        counts: true,
+        sums: true,
+        forward: true,
+    };
+    /// Counts and sums alone (a k-means step).
+    pub const STATISTICS: Self = Self {
+        counts: true,
+        sums: true,
+        forward: false,
+    };
+}
+
+/// What one level's pass gives back; each `Option` is there when [`Work`] asked for it.
+#[derive(Debug, Clone)]
+pub(crate) struct LevelBatch {
+    /// Nearest code of every row, `[N]`.
+    pub indices: Tensor<1, Int>,
+    /// Rows per code, `[K]` (exact integers).
+    pub counts: Option<Tensor<1>>,
+    /// Sum of the input rows per code, `[K, D]`.
+    pub sums: Option<Tensor<2>>,
+    /// `sum_rows ||r - e_idx||^2`, `[1]`.
+    pub squared_error: Option<Tensor<1>>,
+}
+
+/// The sums a forward's levels leave behind.
+#[derive(Debug, Clone)]
+pub(crate) struct RunningSums {
+    /// `sum_l q_l`, the chosen codes summed over the levels, level by level, `[N, D]`.
+    pub quantized: Tensor<2>,
+    /// `sum_l r_{l+1}`, the residuals each level left, summed level by level, `[N, D]`.
+    pub residuals: Tensor<2>,
+}
+
+/// One way to run a level's pass. The residual stack is generic over it, and the path is
+/// picked once per call ([`Path`]).
+pub(crate) trait LevelPath {
+    /// The residual rows as this path holds them between levels, with the running sums.
+    type Rows;
+
+    /// Takes the input `x` `[N, D]` (no autodiff) as the first level's residual; with
+    /// `work.forward`, the running sums start at zero.
+    fn start(&self, x: Tensor<2>, work: Work) -> Self::Rows;
+
+    /// The current residual `[N, D]` as a tensor (a copy on paths that hold it elsewhere).
+    fn residual(&self, rows: &Self::Rows) -> Tensor<2>;
+
+    /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal
+    /// distances), what `work` asks for, and the rows replaced by their residuals.
+    fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelBatch;
+
+    /// The running sums, if the rows were started with `work.forward`.
+    fn finish(&self, rows: Self::Rows) -> Option<RunningSums>;
+
+    /// `sum_l codebooks[l][indices[l]]`, `[N, D]`, level by level, after checking every index
+    /// against its codebook's size.
+    fn decode(
+        &self,
+        codebooks: Vec<Tensor<2>>,
+        indices: &[Tensor<1, Int>],
+    ) -> Result<Tensor<2>, RvqError>;
+}
+
+/// How a call runs its levels: picked once per call by [`Path::choose`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// [`host`]: Burn's CPU backends, at most this many products per tile.
+    #[cfg_attr(not(any(feature = "flex", feature = "ndarray")), allow(dead_code))]
+    Host { max_elements: usize },
+    /// [`tensor`]: Burn tensor operations, with these search settings.
+    Tensor(tensor::Search),
+}
+
+impl Path {
+    /// The path for `device`, by its backend type (`Device::as_dispatch`): the host path on
+    /// `flex` and `ndarray` (with this crate's features of the same names), else the tensor
+    /// path; always the tensor path when `execution` asks for it.
+    pub(crate) fn choose(device: &Device, execution: Execution, search: tensor::Search) -> Self {
+        if execution == Execution::TensorOps {
+            return Self::Tensor(search);
+        }
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        {
+            use burn::backend::DispatchDevice;
+            let plain = device.clone().without_autodiff();
+            match plain.as_dispatch() {
+                #[cfg(feature = "flex")]
+                DispatchDevice::Flex(_) => return Self::host(search),
+                #[cfg(feature = "ndarray")]
+                DispatchDevice::NdArray(_) => return Self::host(search),
+                _ => {}
+            }
+        }
+        #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+        let _ = device;
+        Self::Tensor(search)
+    }
+
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    fn host(search: tensor::Search) -> Self {
+        Self::Host {
+            max_elements: search.max_elements,
+        }
+    }
+}
+
+/// Runs `$body` with `$p` bound to the [`LevelPath`] that `$path` names: the one place where
+/// the path picked at run time becomes a type.
+macro_rules! with_path {
+    ($path:expr, $p:ident => $body:expr) => {
+        match $path {
+            $crate::path::Path::Host { max_elements } => {
+                let $p = &$crate::path::host::HostPath { max_elements };
+                $body
+            }
+            $crate::path::Path::Tensor(search) => {
+                let $p = &$crate::path::tensor::TensorPath(search);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_path;
+
+/// Checks each level's `(min, max)` index against its codebook size.
+pub(crate) fn check_index_range(
+    bounds: impl Iterator<Item = (i64, i64)>,
+    sizes: impl Iterator<Item = usize>,
+) -> Result<(), RvqError> {
+    for (level, ((min, max), num_embeddings)) in bounds.zip(sizes).enumerate() {
+        if min < 0 || max >= num_embeddings as i64 {
+            return Err(RvqError::IndexOutOfRange {
+                level,
+                min,
+                max,
+                num_embeddings,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path follows the device's backend type, autodiff or not, and the configuration
+    /// can force the tensor path.
+    #[test]
+    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
+    fn the_path_follows_the_backend_type() {
+        let search = tensor::Search {
+            max_elements: 1000,
+            dense: false,
+        };
+        let host = Path::Host { max_elements: 1000 };
+        let choose = |device: &Device, execution| Path::choose(device, execution, search);
+        #[cfg(feature = "flex")]
+        {
+            assert_eq!(choose(&Device::flex(), Execution::Auto), host);
+            assert_eq!(choose(&Device::flex().autodiff(), Execution::Auto), host);
+            let forced = choose(&Device::flex(), Execution::TensorOps);
+            assert_eq!(forced, Path::Tensor(search));
+        }
+        #[cfg(feature = "ndarray")]
+        assert_eq!(choose(&Device::ndarray(), Execution::Auto), host);
+        #[cfg(feature = "wgpu")]
+        {
+            let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+            assert_eq!(choose(&gpu, Execution::Auto), Path::Tensor(search));
+        }
+        let _ = (host, choose);
+    }
+}
