@@ -36,6 +36,9 @@ const TILE_ELEMENTS: usize = 1 << 16;
 /// Fewest rows per tile: below this the product's packing of the codebook dominates.
 const MIN_TILE_ROWS: usize = 16;
 
+/// Fewest values (`N x D`) for which a pass over the rows is split into rayon tasks.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
 /// The host path ([`LevelPath`]) with its search bound: at most `max_elements` products per
 /// tile (see [`search`]).
 #[derive(Debug, Clone, Copy)]
@@ -330,43 +333,63 @@ pub(crate) fn search(
     let quantized_tiles = per_tile(quantized, len, chunk, tiles);
     let residual_tiles = per_tile(residuals, len, chunk, tiles);
     let squared_error = outputs.squared_error;
-    let errors: Vec<f64> = rows
+    let tiles: Vec<Tile<'_>> = rows
         .chunks_mut(chunk)
         .zip(indices.chunks_mut(tile_rows))
         .zip(next_tiles)
         .zip(quantized_tiles.into_iter().zip(residual_tiles))
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|(((tile, tile_indices), next), (quantized, residuals))| {
-            TILE_BUFFERS.with_borrow_mut(|buffers| {
-                search_tile(codebook, tile, tile_indices, buffers);
-            });
-            if !subtract {
-                return 0.0;
-            }
-            let running = quantized.zip(residuals).map(|sums| (sums, first));
-            finish_tile(codebook, tile, tile_indices, next, running, squared_error)
+        .map(|(((rows, indices), next), (quantized, residuals))| Tile {
+            rows,
+            indices,
+            next,
+            running: quantized
+                .zip(residuals)
+                .map(|(quantized, residuals)| Running {
+                    quantized,
+                    residuals,
+                    first,
+                }),
         })
         .collect();
+    let pass = |tile: Tile<'_>| {
+        TILE_BUFFERS.with_borrow_mut(|buffers| {
+            search_tile(codebook, tile.rows, tile.indices, buffers);
+        });
+        match subtract {
+            true => finish_tile(codebook, tile, squared_error),
+            false => 0.0,
+        }
+    };
+    // One tile: no task to hand to rayon (small batches, where its dispatch would dominate).
+    let errors: Vec<f64> = match tiles.len() {
+        1 => tiles.into_iter().map(pass).collect(),
+        _ => tiles.into_par_iter().map(pass).collect(),
+    };
     // Tile by tile, in order: the same sum whatever the threads did.
     (indices, errors.into_iter().sum())
+}
+
+/// One tile of rows of [`search`] and its slices of the outputs.
+struct Tile<'a> {
+    rows: &'a mut [f32],
+    indices: &'a mut [i64],
+    next: Option<&'a mut [f32]>,
+    running: Option<Running<'a>>,
 }
 
 /// After the search of a tile: each row's next residual `r - e_idx` (into `next`, else over
 /// the row), added with the code to the running sums (copied on the first level), and its
 /// squared norm summed.
-#[allow(clippy::type_complexity)]
-fn finish_tile(
-    codebook: &HostCodebook,
-    tile: &mut [f32],
-    indices: &[i64],
-    mut next: Option<&mut [f32]>,
-    mut running: Option<((&mut [f32], &mut [f32]), bool)>,
-    squared_error: bool,
-) -> f64 {
+fn finish_tile(codebook: &HostCodebook, tile: Tile<'_>, squared_error: bool) -> f64 {
+    let Tile {
+        rows: tile,
+        indices,
+        mut next,
+        mut running,
+    } = tile;
     let d = codebook.embedding_dim;
     let mut error = 0.0f64;
-    for (row_index, (row, &index)) in tile.chunks_exact_mut(d).zip(indices).enumerate() {
+    for (row_index, (row, &index)) in tile.chunks_exact_mut(d).zip(indices.iter()).enumerate() {
         let code = codebook.code(index as usize);
         let range = row_index * d..(row_index + 1) * d;
         let out: &mut [f32] = match next.as_deref_mut() {
@@ -382,9 +405,10 @@ fn finish_tile(
                 row
             }
         };
-        if let Some(((quantized, residuals), first)) = running.as_mut() {
-            let (quantized, residuals) = (&mut quantized[range.clone()], &mut residuals[range]);
-            if *first {
+        if let Some(running) = running.as_mut() {
+            let quantized = &mut running.quantized[range.clone()];
+            let residuals = &mut running.residuals[range];
+            if running.first {
                 quantized.copy_from_slice(code);
                 residuals.copy_from_slice(out);
             } else {
@@ -399,16 +423,37 @@ fn finish_tile(
             }
         }
         if squared_error {
-            error += out.iter().map(|&r| f64::from(r * r)).sum::<f64>();
+            error += f64::from(squared_norm(out));
         }
     }
     error
+}
+
+/// `sum_j v_j^2` in eight lanes (which the compiler can keep in one vector register), then
+/// across them: a row's error to the rounding of f32, summed over rows in f64 by the caller.
+fn squared_norm(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Sum of the rows `[N, D]` that took each code, `[K, D]`: in parallel over blocks of codes,
 /// each code's rows added in row order from zero, as a sequential scatter-add does.
 fn per_code_sums(indices: &[i64], rows: &[f32], k: usize, d: usize) -> Vec<f32> {
     let mut sums = vec![0.0f32; k * d];
+    if rows.len() < PARALLEL_ELEMENTS {
+        for (row, &index) in rows.chunks_exact(d).zip(indices) {
+            let sum = &mut sums[index as usize * d..(index as usize + 1) * d];
+            sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
+        }
+        return sums;
+    }
     // Each task scans every index for its codes: a few passes over [N] integers, against
     // the [N, D] rows read once in all.
     let codes_per_task = k.div_ceil(4 * rayon::current_num_threads()).max(1);
