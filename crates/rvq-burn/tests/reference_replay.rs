@@ -10,10 +10,19 @@ mod common;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use common::*;
-use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Execution};
+
+/// How a replay runs the levels: the device's own path, or the tensor path with scatter-add
+/// or dense statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Auto,
+    Tensor,
+    TensorDense,
+}
 
 /// The quantizer of `case`, with the case's initial state, on `device`.
-fn quantizer(case: &Case, device: &Device, dense: bool) -> EmaResidualVectorQuantizer {
+fn quantizer(case: &Case, device: &Device, variant: Variant) -> EmaResidualVectorQuantizer {
     let c = &case.config;
     let rvq = EmaResidualVectorQuantizerConfig::new(
         c.num_levels,
@@ -23,7 +32,11 @@ fn quantizer(case: &Case, device: &Device, dense: bool) -> EmaResidualVectorQuan
     .with_beta(c.beta)
     .with_ema_decay(c.ema_decay)
     .with_epsilon(c.epsilon)
-    .with_dense_statistics(dense)
+    .with_dense_statistics(variant == Variant::TensorDense)
+    .with_execution(match variant {
+        Variant::Auto => Execution::Auto,
+        Variant::Tensor | Variant::TensorDense => Execution::TensorOps,
+    })
     .init(device);
     for (level, &k) in c.num_embeddings.iter().enumerate() {
         rvq.try_set_statistics(
@@ -135,8 +148,8 @@ fn replay_step<const R: usize>(
     compare_state(&after, &step.state_after, "state_after")
 }
 
-fn replay_case(case: &Case, device: &Device, dense: bool) -> Result<(), String> {
-    let rvq = quantizer(case, device, dense);
+fn replay_case(case: &Case, device: &Device, variant: Variant) -> Result<(), String> {
+    let rvq = quantizer(case, device, variant);
     compare_state(&host_state(&rvq, device), &case.init, "init")
         .map_err(|e| format!("initial state: {e}"))?;
     for (index, step) in case.steps.iter().enumerate() {
@@ -176,7 +189,7 @@ fn replay_case(case: &Case, device: &Device, dense: bool) -> Result<(), String> 
 fn replay_all(
     backend: &str,
     device: &Device,
-    dense: bool,
+    variant: Variant,
     filter: impl Fn(&Case) -> bool,
 ) -> usize {
     let mut replayed = 0;
@@ -185,10 +198,9 @@ fn replay_all(
         if !filter(&case) {
             continue;
         }
-        if let Err(error) = replay_case(&case, device, dense) {
-            let mode = if dense { "dense" } else { "scatter" };
+        if let Err(error) = replay_case(&case, device, variant) {
             panic!(
-                "case {} ({path:?}) on {backend}, {mode} statistics: {error}",
+                "case {} ({path:?}) on {backend}, {variant:?}: {error}",
                 case.name
             );
         }
@@ -197,36 +209,47 @@ fn replay_all(
     replayed
 }
 
+/// The host path of Burn's CPU backends.
 #[test]
 fn reference_cases_replay_on_cpu_backends() {
     for (backend, device) in cpu_devices() {
-        let replayed = replay_all(backend, &device, false, |_| true);
+        let replayed = replay_all(backend, &device, Variant::Auto, |_| true);
         assert!(replayed >= 4, "{backend}: only {replayed} cases replayed");
     }
 }
 
-/// The dense accumulation of counts and sums (`dense_statistics`) replays the same cases.
+/// The generic tensor path, with scatter-adds and with the dense accumulation of counts and
+/// sums (`dense_statistics`).
 #[test]
-fn reference_cases_replay_with_dense_statistics() {
-    let replayed = replay_all("flex", &Device::flex(), true, |_| true);
-    assert!(replayed >= 4, "only {replayed} cases replayed");
+fn reference_cases_replay_on_the_tensor_path() {
+    for variant in [Variant::Tensor, Variant::TensorDense] {
+        let replayed = replay_all("flex", &Device::flex(), variant, |_| true);
+        assert!(replayed >= 4, "{variant:?}: only {replayed} cases replayed");
+    }
 }
 
 /// WGPU on Mesa's software Vulkan in CI (`cargo test --all-features`; set `RVQ_SKIP_WGPU=1` on
-/// a machine with no Vulkan or GL driver at all; CI installs one, so there it runs).
+/// a machine with no Vulkan or GL driver at all; CI installs one, so there it runs): every
+/// case through the kernel path, the multi-level ones through the tensor path too.
 #[cfg(feature = "wgpu")]
 #[test]
-fn reference_multi_level_cases_replay_on_wgpu() {
+fn reference_cases_replay_on_wgpu() {
     if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
-        eprintln!("RVQ_SKIP_WGPU set: WGPU replay skipped");
+        eprintln!("RVQ_SKIP_WGPU set: WGPU replay SKIPPED");
         return;
     }
-    let replayed = replay_all("wgpu", &wgpu_device(), false, |case| {
-        case.config.num_levels > 1
-    });
-    assert!(replayed >= 1, "no multi-level case replayed on wgpu");
-    let replayed = replay_all("wgpu", &wgpu_device(), true, |case| {
-        case.config.num_levels > 1
-    });
-    assert!(replayed >= 1, "no multi-level case replayed on wgpu");
+    let replayed = replay_all("wgpu", &wgpu_device(), Variant::Auto, |_| true);
+    assert!(
+        replayed >= 4,
+        "only {replayed} cases replayed on wgpu's kernel path"
+    );
+    for variant in [Variant::Tensor, Variant::TensorDense] {
+        let replayed = replay_all("wgpu", &wgpu_device(), variant, |case| {
+            case.config.num_levels > 1
+        });
+        assert!(
+            replayed >= 1,
+            "no multi-level case replayed on wgpu, {variant:?}"
+        );
+    }
 }

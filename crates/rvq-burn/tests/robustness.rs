@@ -6,7 +6,7 @@ mod common;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
-use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Execution};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -24,33 +24,58 @@ fn state(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
     all
 }
 
+/// The devices and execution paths a batch can run on here: the host path (flex), the
+/// tensor path (flex, forced), and with `--features wgpu` the kernel path (WGPU on Mesa in CI;
+/// `RVQ_SKIP_WGPU=1` skips it).
+fn paths() -> Vec<(&'static str, Device, Execution)> {
+    #[allow(unused_mut)]
+    let mut paths = vec![
+        ("host (flex)", device(), Execution::Auto),
+        ("tensor (flex)", device(), Execution::TensorOps),
+    ];
+    #[cfg(feature = "wgpu")]
+    match std::env::var_os("RVQ_SKIP_WGPU") {
+        Some(_) => eprintln!("RVQ_SKIP_WGPU set: the kernel path is SKIPPED"),
+        None => paths.push(("kernel (wgpu)", wgpu_device().autodiff(), Execution::Auto)),
+    }
+    paths
+}
+
 #[test]
 fn non_finite_batches_are_skipped_reported_and_leave_the_state_untouched() {
-    let device = device();
     let mut rng = Rng::new(1);
-    for config in [
-        EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4),
-        EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4)
-            .with_threshold_ema_dead_code(0.5)
-            .with_kmeans_init(true),
-    ] {
-        let rvq = config.init(&device);
-        let before = state(&rvq);
-        for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut values = vec![0.5f32; 32 * 4];
-            values[17] = poison;
-            let x: Tensor<2> = Tensor::from_data(TensorData::new(values, [32, 4]), &device);
-            let out = rvq.forward(x);
-            let metrics = out.metrics();
-            assert!(metrics.update_skipped, "{poison} not reported");
-            assert_eq!(metrics.named()["rvq_update_skipped"], 1.0);
-            assert_eq!(state(&rvq), before, "{poison} entered the state");
+    for (path, device, execution) in paths() {
+        for config in [
+            EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4),
+            EmaResidualVectorQuantizerConfig::new(2, 8.into(), 4)
+                .with_threshold_ema_dead_code(0.5)
+                .with_kmeans_init(true),
+        ] {
+            let rvq = config.with_execution(execution).init(&device);
+            let before = state(&rvq);
+            for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut values = vec![0.5f32; 32 * 4];
+                values[17] = poison;
+                let x: Tensor<2> = Tensor::from_data(TensorData::new(values, [32, 4]), &device);
+                let out = rvq.forward(x);
+                let metrics = out.metrics();
+                assert!(metrics.update_skipped, "{path}: {poison} not reported");
+                assert_eq!(metrics.named()["rvq_update_skipped"], 1.0);
+                for (level, indices) in out.indices.iter().enumerate() {
+                    let codes = ints(indices.clone());
+                    assert!(
+                        codes.iter().all(|c| (0..8).contains(c)),
+                        "{path}: level {level} codes out of range: {codes:?}"
+                    );
+                }
+                assert_eq!(state(&rvq), before, "{path}: {poison} entered the state");
+            }
+            // A finite batch afterwards trains as usual (k-means init included).
+            let out = rvq.forward(rng.uniform_tensor([32, 4], 0.0, 1.0, &device));
+            assert!(!out.metrics().update_skipped, "{path}");
+            assert_ne!(state(&rvq), before, "{path}");
+            assert_eq!(floats(rvq.steps.value_sync())[0], 1.0, "{path}");
         }
-        // A finite batch afterwards trains as usual (k-means init included).
-        let out = rvq.forward(rng.uniform_tensor([32, 4], 0.0, 1.0, &device));
-        assert!(!out.metrics().update_skipped);
-        assert_ne!(state(&rvq), before);
-        assert_eq!(floats(rvq.steps.value_sync())[0], 1.0);
     }
 }
 

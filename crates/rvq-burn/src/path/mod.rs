@@ -9,6 +9,8 @@
 //!
 //! - [`host`]: Burn's CPU backends (`flex`, `ndarray`), whose tensors live in host memory:
 //!   one pass over cache-sized tiles of rows does the whole level.
+//! - `kernel` (feature `wgpu`): Burn's CubeCL backend (WGPU): the search, the per-code
+//!   statistics and `decode` as CubeCL kernels.
 //! - [`tensor`]: Burn tensor operations, on any backend: the straightforward version the
 //!   others are tested against, and what runs where no faster path exists.
 //!
@@ -17,6 +19,8 @@
 //! rounding of their different orders of additions.
 
 pub(crate) mod host;
+#[cfg(feature = "wgpu")]
+pub(crate) mod kernel;
 pub(crate) mod tensor;
 
 use burn::tensor::{Device, Int, Tensor};
@@ -120,6 +124,9 @@ pub(crate) enum Path {
     /// [`host`]: Burn's CPU backends, at most this many products per tile.
     #[cfg_attr(not(any(feature = "flex", feature = "ndarray")), allow(dead_code))]
     Host { max_elements: usize },
+    /// `kernel`: CubeCL kernels on Burn's CubeCL backend.
+    #[cfg(feature = "wgpu")]
+    Kernel,
     /// [`tensor`]: Burn tensor operations, with these search settings.
     Tensor(tensor::Search),
 }
@@ -132,7 +139,7 @@ impl Path {
         if execution == Execution::TensorOps {
             return Self::Tensor(search);
         }
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        #[cfg(any(feature = "flex", feature = "ndarray", feature = "wgpu"))]
         {
             use burn::backend::DispatchDevice;
             let plain = device.clone().without_autodiff();
@@ -141,10 +148,14 @@ impl Path {
                 DispatchDevice::Flex(_) => return Self::host(search),
                 #[cfg(feature = "ndarray")]
                 DispatchDevice::NdArray(_) => return Self::host(search),
+                #[cfg(feature = "wgpu")]
+                DispatchDevice::Cube(_) => return Self::Kernel,
+                // The backends other crates compiled in; none where these are all there is.
+                #[allow(unreachable_patterns)]
                 _ => {}
             }
         }
-        #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+        #[cfg(not(any(feature = "flex", feature = "ndarray", feature = "wgpu")))]
         let _ = device;
         Self::Tensor(search)
     }
@@ -168,6 +179,11 @@ macro_rules! with_path {
             }
             $crate::path::Path::Tensor(search) => {
                 let $p = &$crate::path::tensor::TensorPath(search);
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::path::Path::Kernel => {
+                let $p = &$crate::path::kernel::KernelPath;
                 $body
             }
         }
@@ -220,7 +236,8 @@ mod tests {
         #[cfg(feature = "wgpu")]
         {
             let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-            assert_eq!(choose(&gpu, Execution::Auto), Path::Tensor(search));
+            assert_eq!(choose(&gpu, Execution::Auto), Path::Kernel);
+            assert_eq!(choose(&gpu, Execution::TensorOps), Path::Tensor(search));
         }
         let _ = (host, choose);
     }

@@ -27,7 +27,7 @@ pub(crate) struct Search {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TensorPath(pub Search);
 
-/// The rows of a call on the tensor path.
+/// The rows of a call on the tensor path (and the kernel path, which holds them alike).
 pub(crate) struct TensorRows {
     residual: Tensor<2>,
     /// Started for a forward: keep the running sums.
@@ -36,35 +36,37 @@ pub(crate) struct TensorRows {
     running: Option<RunningSums>,
 }
 
-impl LevelPath for TensorPath {
-    type Rows = TensorRows;
-
-    fn start(&self, x: Tensor<2>, work: Work) -> TensorRows {
-        TensorRows {
+impl TensorRows {
+    /// `x` as the first level's residual, for `work`.
+    pub(crate) fn start(x: Tensor<2>, work: Work) -> Self {
+        Self {
             residual: x,
             forward: work.forward,
             running: None,
         }
     }
 
-    fn residual(&self, rows: &TensorRows) -> Tensor<2> {
-        rows.residual.clone()
+    /// The current residual.
+    pub(crate) fn residual(&self) -> Tensor<2> {
+        self.residual.clone()
     }
 
-    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelBatch {
-        let [k, _] = codebook.dims();
-        let search = self.0;
-        let residual = rows.residual.clone();
-        let indices = nearest_indices(&codebook, residual.clone(), search.max_elements);
-        let counts = work.counts.then(|| per_code_counts(&indices, k, search));
-        let sums = work
-            .sums
-            .then(|| per_code_sums(&indices, residual.clone(), k, search));
+    /// The rest of a level once its codes are known: the chosen codes gathered, the rows
+    /// turned into the next residual, the squared error and the running sums, as tensor
+    /// operations.
+    pub(crate) fn finish_level(
+        &mut self,
+        codebook: Tensor<2>,
+        indices: Tensor<1, Int>,
+        counts: Option<Tensor<1>>,
+        sums: Option<Tensor<2>>,
+        work: Work,
+    ) -> LevelBatch {
         let quantized = codebook.select(0, indices.clone()); // [N, D]
-        let next = residual.sub(quantized.clone()); // r - q
+        let next = self.residual.clone().sub(quantized.clone()); // r - q
         let squared_error = work.forward.then(|| next.clone().powi_scalar(2).sum());
-        if rows.forward && work.forward {
-            rows.running = Some(match rows.running.take() {
+        if self.forward && work.forward {
+            self.running = Some(match self.running.take() {
                 None => RunningSums {
                     quantized,
                     residuals: next.clone(),
@@ -75,7 +77,7 @@ impl LevelPath for TensorPath {
                 },
             });
         }
-        rows.residual = next;
+        self.residual = next;
         LevelBatch {
             indices,
             counts,
@@ -84,8 +86,55 @@ impl LevelPath for TensorPath {
         }
     }
 
+    /// The running sums, if started for a forward.
+    pub(crate) fn finish(self) -> Option<RunningSums> {
+        self.running
+    }
+}
+
+/// Checks every index of `indices` against its level's codebook size, with one read back of
+/// every level's minimum and maximum.
+pub(crate) fn check_indices(
+    codebooks: &[Tensor<2>],
+    indices: &[Tensor<1, Int>],
+) -> Result<(), RvqError> {
+    // [min_0, max_0, min_1, max_1, ...]
+    let bounds: Vec<Tensor<1, Int>> = indices
+        .iter()
+        .flat_map(|level| [level.clone().min(), level.clone().max()])
+        .collect();
+    let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
+    check_index_range(
+        bounds.chunks(2).map(|pair| (pair[0], pair[1])),
+        codebooks.iter().map(|codebook| codebook.dims()[0]),
+    )
+}
+
+impl LevelPath for TensorPath {
+    type Rows = TensorRows;
+
+    fn start(&self, x: Tensor<2>, work: Work) -> TensorRows {
+        TensorRows::start(x, work)
+    }
+
+    fn residual(&self, rows: &TensorRows) -> Tensor<2> {
+        rows.residual()
+    }
+
+    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelBatch {
+        let [k, _] = codebook.dims();
+        let search = self.0;
+        let residual = rows.residual();
+        let indices = nearest_indices(&codebook, residual.clone(), search.max_elements);
+        let counts = work.counts.then(|| per_code_counts(&indices, k, search));
+        let sums = work
+            .sums
+            .then(|| per_code_sums(&indices, residual, k, search));
+        rows.finish_level(codebook, indices, counts, sums, work)
+    }
+
     fn finish(&self, rows: TensorRows) -> Option<RunningSums> {
-        rows.running
+        rows.finish()
     }
 
     fn decode(
@@ -93,16 +142,7 @@ impl LevelPath for TensorPath {
         codebooks: Vec<Tensor<2>>,
         indices: &[Tensor<1, Int>],
     ) -> Result<Tensor<2>, RvqError> {
-        // One read back for all levels: [min_0, max_0, min_1, max_1, ...].
-        let bounds: Vec<Tensor<1, Int>> = indices
-            .iter()
-            .flat_map(|level| [level.clone().min(), level.clone().max()])
-            .collect();
-        let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
-        check_index_range(
-            bounds.chunks(2).map(|pair| (pair[0], pair[1])),
-            codebooks.iter().map(|codebook| codebook.dims()[0]),
-        )?;
+        check_indices(&codebooks, indices)?;
         Ok(codebooks
             .into_iter()
             .zip(indices)
@@ -136,7 +176,12 @@ fn per_code_counts(indices: &Tensor<1, Int>, k: usize, search: Search) -> Tensor
 }
 
 /// Sum of the rows assigned to each code, `[K, D]`.
-fn per_code_sums(indices: &Tensor<1, Int>, rows: Tensor<2>, k: usize, search: Search) -> Tensor<2> {
+pub(crate) fn per_code_sums(
+    indices: &Tensor<1, Int>,
+    rows: Tensor<2>,
+    k: usize,
+    search: Search,
+) -> Tensor<2> {
     let [_, d] = rows.dims();
     if search.dense {
         return dense_accumulate(indices, Some(rows), k, search.max_elements)
@@ -212,7 +257,7 @@ fn dense_accumulate(
 ///
 /// `||r||^2` is the same for every code of a row and is left out of the comparison; this keeps
 /// the argmin and avoids the cancellation that adding it brings for inputs far from the origin.
-fn nearest_indices(
+pub(crate) fn nearest_indices(
     codebook: &Tensor<2>,
     residual: Tensor<2>,
     max_elements: usize,

@@ -1,0 +1,638 @@
+//! The kernel path: a level's search and statistics, and `decode`, as CubeCL kernels (Burn's
+//! kernel language) on Burn's CubeCL backend (WGPU today; the same code serves CUDA).
+//!
+//! - **Nearest code** (`nearest_kernel`): distances and argmin fused, the `[N, K]` matrix
+//!   never written. A cube takes 64 rows; 64-code by 16-dimension tiles of the codebook and of
+//!   the rows pass through shared memory; each of the 256 units keeps a 4 x 4 block of
+//!   products in registers and, per row, its least `||e||^2 - 2 r.e` and code; the 16 units of
+//!   a row then agree on the least distance, the lowest code among equals (the first minimum,
+//!   as on every path).
+//! - **Per-code counts and sums** (`statistics_kernel`): one cube per code, its units over
+//!   the dimensions, reading the codes of the batch in chunks through shared memory and adding
+//!   the rows that took it in row order: no atomics, deterministic, and the same floats as a
+//!   sequential scatter-add (the host path's and Burn's CPU backends').
+//! - **Decode** (`decode_kernel`): every level's code gathered and summed per element, in
+//!   level order, in one launch.
+//!
+//! The gather of the chosen codes, the next residual, the squared error and the running sums
+//! stay Burn tensor operations (elementwise, which Burn's fusion merges). The kernels run on
+//! tensors without autodiff: the codes and the statistics carry no gradient.
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::{DType, Int, IntDType, Shape, Tensor};
+use burn_backend::cubecl::dtype_to_storage_type;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use super::tensor::{TensorRows, check_indices};
+use super::{LevelBatch, LevelPath, RunningSums, Work};
+use crate::error::RvqError;
+
+/// Rows per cube of the search.
+const SEARCH_ROWS: usize = 64;
+/// Units per cube of the search (16 x 16, each 4 rows x 4 codes).
+const SEARCH_UNITS: u32 = 256;
+/// Units per cube of the statistics: each takes every 64th dimension.
+const STATISTICS_UNITS: usize = 64;
+/// Units per cube of the decode.
+const DECODE_UNITS: u32 = 256;
+
+/// The kernel path ([`LevelPath`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KernelPath;
+
+impl LevelPath for KernelPath {
+    type Rows = TensorRows;
+
+    fn start(&self, x: Tensor<2>, work: Work) -> TensorRows {
+        TensorRows::start(x, work)
+    }
+
+    fn residual(&self, rows: &TensorRows) -> Tensor<2> {
+        rows.residual()
+    }
+
+    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelBatch {
+        let [k, _] = codebook.dims();
+        let residual = rows.residual();
+        let indices = nearest(residual.clone(), codebook.clone());
+        let (counts, sums) = match work.counts || work.sums {
+            true => {
+                let (counts, sums) = statistics(residual, indices.clone(), k);
+                (work.counts.then_some(counts), work.sums.then_some(sums))
+            }
+            false => (None, None),
+        };
+        rows.finish_level(codebook, indices, counts, sums, work)
+    }
+
+    fn finish(&self, rows: TensorRows) -> Option<RunningSums> {
+        rows.finish()
+    }
+
+    fn decode(
+        &self,
+        codebooks: Vec<Tensor<2>>,
+        indices: &[Tensor<1, Int>],
+    ) -> Result<Tensor<2>, RvqError> {
+        check_indices(&codebooks, indices)?;
+        let device = codebooks[0].device();
+        let int_dtype = device.settings().int_dtype;
+        // Each level's first row in the stacked codebooks.
+        let offsets: Vec<i64> = codebooks
+            .iter()
+            .scan(0i64, |first, codebook| {
+                let offset = *first;
+                *first += codebook.dims()[0] as i64;
+                Some(offset)
+            })
+            .collect();
+        let offsets = super::host::int_tensor(offsets, &device);
+        let stacked = Tensor::cat(codebooks, 0); // [sum K, D]
+        let indices = Tensor::stack::<2>(indices.to_vec(), 0); // [M, N]
+        let out = <Dispatch as RvqKernels>::rvq_decode(
+            stacked.into_dispatch(),
+            offsets.cast(int_dtype).into_dispatch(),
+            indices.cast(int_dtype).into_dispatch(),
+        );
+        Ok(Tensor::from_dispatch(out))
+    }
+}
+
+/// Nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]`, `[N]`.
+pub(crate) fn nearest(rows: Tensor<2>, codebook: Tensor<2>) -> Tensor<1, Int> {
+    let [k, _] = codebook.dims();
+    let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([k]); // [K]
+    let int_dtype = rows.device().settings().int_dtype;
+    let indices = <Dispatch as RvqKernels>::rvq_nearest(
+        rows.into_dispatch(),
+        codebook.into_dispatch(),
+        norms.into_dispatch(),
+        int_dtype,
+    );
+    Tensor::from_dispatch(indices)
+}
+
+/// Per-code counts `[K]` and sums `[K, D]` of `rows` `[N, D]` by `indices` `[N]`.
+pub(crate) fn statistics(
+    rows: Tensor<2>,
+    indices: Tensor<1, Int>,
+    num_embeddings: usize,
+) -> (Tensor<1>, Tensor<2>) {
+    let (counts, sums) = <Dispatch as RvqKernels>::rvq_statistics(
+        rows.into_dispatch(),
+        indices.into_dispatch(),
+        num_embeddings,
+    );
+    (Tensor::from_dispatch(counts), Tensor::from_dispatch(sums))
+}
+
+/// The quantizer's kernels as a Burn backend extension, for the CubeCL backend with and
+/// without fusion.
+#[backend_extension(Cube, Fusion)]
+pub(crate) trait RvqKernels: Backend {
+    /// Nearest code of each row of `rows` `[N, D]` among `codebook` `[K, D]` with squared
+    /// norms `norms` `[K]`, as integers of `int_dtype`, `[N]`.
+    #[fusion(meta = |rows, _codebook, _norms, int_dtype| {
+        TensorSpec::new(Shape::new([rows.shape[0]]), DType::from(*int_dtype))
+    })]
+    fn rvq_nearest(
+        rows: FloatTensor<Self>,
+        codebook: FloatTensor<Self>,
+        norms: FloatTensor<Self>,
+        int_dtype: IntDType,
+    ) -> IntTensor<Self>;
+
+    /// How many rows of `rows` `[N, D]` took each of the `num_embeddings` codes by `indices`
+    /// `[N]`, and their sum: `([K], [K, D])`.
+    #[fusion(meta = |rows, _indices, num_embeddings| {
+        (
+            TensorSpec::new(Shape::new([*num_embeddings]), rows.dtype),
+            TensorSpec::new(Shape::new([*num_embeddings, rows.shape[1]]), rows.dtype),
+        )
+    })]
+    fn rvq_statistics(
+        rows: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        num_embeddings: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `sum_l codebooks[offsets[l] + indices[l, i]]` for every `i`: `codebooks` `[sum K, D]`
+    /// (every level's codebook, stacked), `offsets` `[M]`, `indices` `[M, N]`; `[N, D]`.
+    #[fusion(meta = |codebooks, _offsets, indices| {
+        TensorSpec::new(
+            Shape::new([indices.shape[1], codebooks.shape[1]]),
+            codebooks.dtype,
+        )
+    })]
+    fn rvq_decode(
+        codebooks: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
+        indices: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// A grid of `cubes` cubes within the 65,535 a dimension may hold (kernels read the linear
+/// `CUBE_POS`).
+fn cube_count(cubes: usize) -> CubeCount {
+    let x = cubes.clamp(1, 65_535);
+    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
+}
+
+impl RvqKernels for CubeBackend {
+    fn rvq_nearest(
+        rows: FloatTensor<Self>,
+        codebook: FloatTensor<Self>,
+        norms: FloatTensor<Self>,
+        int_dtype: IntDType,
+    ) -> IntTensor<Self> {
+        let (rows, codebook, norms) = (
+            into_contiguous(rows),
+            into_contiguous(codebook),
+            into_contiguous(norms),
+        );
+        let n = rows.shape()[0];
+        let (client, float_dtype) = (rows.client.clone(), rows.dtype);
+        let int_dtype = DType::from(int_dtype);
+        let indices = empty_device_dtype(
+            client.clone(),
+            rows.device.clone(),
+            Shape::new([n]),
+            int_dtype,
+        );
+        kernels::nearest_kernel::launch(
+            &client,
+            cube_count(n.div_ceil(SEARCH_ROWS)),
+            CubeDim::new_1d(SEARCH_UNITS),
+            rows.into_tensor_arg(),
+            codebook.into_tensor_arg(),
+            norms.into_tensor_arg(),
+            indices.clone().into_tensor_arg(),
+            [
+                dtype_to_storage_type(float_dtype),
+                dtype_to_storage_type(int_dtype),
+            ],
+        );
+        indices
+    }
+
+    fn rvq_statistics(
+        rows: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        num_embeddings: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (rows, indices) = (into_contiguous(rows), into_contiguous(indices));
+        let d = rows.shape()[1];
+        let (client, device, float_dtype) = (rows.client.clone(), rows.device.clone(), rows.dtype);
+        let int_dtype = indices.dtype;
+        let counts = empty_device_dtype(
+            client.clone(),
+            device.clone(),
+            Shape::new([num_embeddings]),
+            float_dtype,
+        );
+        let sums = empty_device_dtype(
+            client.clone(),
+            device,
+            Shape::new([num_embeddings, d]),
+            float_dtype,
+        );
+        kernels::statistics_kernel::launch(
+            &client,
+            cube_count(num_embeddings),
+            CubeDim::new_1d(STATISTICS_UNITS as u32),
+            rows.into_tensor_arg(),
+            indices.into_tensor_arg(),
+            counts.clone().into_tensor_arg(),
+            sums.clone().into_tensor_arg(),
+            d.div_ceil(STATISTICS_UNITS).max(1),
+            [
+                dtype_to_storage_type(float_dtype),
+                dtype_to_storage_type(int_dtype),
+            ],
+        );
+        (counts, sums)
+    }
+
+    fn rvq_decode(
+        codebooks: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
+        indices: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (codebooks, offsets, indices) = (
+            into_contiguous(codebooks),
+            into_contiguous(offsets),
+            into_contiguous(indices),
+        );
+        let (n, d) = (indices.shape()[1], codebooks.shape()[1]);
+        let (client, float_dtype, int_dtype) =
+            (codebooks.client.clone(), codebooks.dtype, indices.dtype);
+        let out = empty_device_dtype(
+            client.clone(),
+            codebooks.device.clone(),
+            Shape::new([n, d]),
+            float_dtype,
+        );
+        kernels::decode_kernel::launch(
+            &client,
+            cube_count((n * d).div_ceil(DECODE_UNITS as usize)),
+            CubeDim::new_1d(DECODE_UNITS),
+            codebooks.into_tensor_arg(),
+            offsets.into_tensor_arg(),
+            indices.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            [
+                dtype_to_storage_type(float_dtype),
+                dtype_to_storage_type(int_dtype),
+            ],
+        );
+        out
+    }
+}
+
+/// The kernels, in CubeCL (whose `Tensor` and `Int` are not Burn's).
+mod kernels {
+    use cubecl::prelude::*;
+
+    /// See the module docs. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`, `indices` `[N]`;
+    /// 256 units per cube, 64 rows per cube.
+    #[cube(launch)]
+    pub(super) fn nearest_kernel<F: Float, I: Int>(
+        rows: &Tensor<F>,
+        codebook: &Tensor<F>,
+        norms: &Tensor<F>,
+        indices: &mut Tensor<I>,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let n = rows.shape(0);
+        let d = rows.shape(1);
+        let k = codebook.shape(0);
+        let unit = UNIT_POS as usize;
+        // This unit's 4 rows (of the cube's 64) and 4 codes (of each tile's 64).
+        let row_lane = unit / 16;
+        let code_lane = unit % 16;
+        let first_row = CUBE_POS * 64;
+        // Tiles of 64 rows (codes) x 16 dimensions, row-major.
+        let mut row_tile = Shared::<[F]>::new_slice(1024usize);
+        let mut code_tile = Shared::<[F]>::new_slice(1024usize);
+        let mut best = Array::<F>::new(4usize);
+        let mut best_code = Array::<u32>::new(4usize);
+        #[unroll]
+        for i in 0..4usize {
+            best[i] = F::max_value();
+            best_code[i] = 0u32;
+        }
+        let mut first_code = 0usize;
+        while first_code < k {
+            let mut products = Array::<F>::new(16usize);
+            #[unroll]
+            for p in 0..16usize {
+                products[p] = F::new(0.0);
+            }
+            let mut first_dim = 0usize;
+            while first_dim < d {
+                #[unroll]
+                for s in 0..4usize {
+                    let e = unit + s * 256;
+                    let (r, c) = (e / 16, e % 16);
+                    let dim = first_dim + c;
+                    let mut value = F::new(0.0);
+                    if first_row + r < n && dim < d {
+                        value = rows[(first_row + r) * d + dim];
+                    }
+                    row_tile[e] = value;
+                    let mut code_value = F::new(0.0);
+                    if first_code + r < k && dim < d {
+                        code_value = codebook[(first_code + r) * d + dim];
+                    }
+                    code_tile[e] = code_value;
+                }
+                sync_cube();
+                #[unroll]
+                for c in 0..16usize {
+                    let mut a = Array::<F>::new(4usize);
+                    let mut b = Array::<F>::new(4usize);
+                    #[unroll]
+                    for i in 0..4usize {
+                        a[i] = row_tile[(row_lane * 4 + i) * 16 + c];
+                        b[i] = code_tile[(code_lane * 4 + i) * 16 + c];
+                    }
+                    #[unroll]
+                    for i in 0..4usize {
+                        #[unroll]
+                        for j in 0..4usize {
+                            products[i * 4 + j] += a[i] * b[j];
+                        }
+                    }
+                }
+                sync_cube();
+                first_dim += 16;
+            }
+            // ||e||^2 - 2 r.e, code by code in increasing order: strict < keeps the first minimum.
+            #[unroll]
+            for j in 0..4usize {
+                let code = first_code + code_lane * 4 + j;
+                if code < k {
+                    let norm = norms[code];
+                    #[unroll]
+                    for i in 0..4usize {
+                        let distance = norm + F::new(-2.0) * products[i * 4 + j];
+                        if distance < best[i] {
+                            best[i] = distance;
+                            best_code[i] = code as u32;
+                        }
+                    }
+                }
+            }
+            first_code += 64;
+        }
+        // The 16 code lanes of each row agree: the least distance, the lowest code among equals.
+        let mut lane_codes = Shared::<[u32]>::new_slice(1024usize);
+        #[unroll]
+        for i in 0..4usize {
+            let slot = (row_lane * 4 + i) * 16 + code_lane;
+            row_tile[slot] = best[i];
+            lane_codes[slot] = best_code[i];
+        }
+        sync_cube();
+        if unit < 64 {
+            let row = first_row + unit;
+            if row < n {
+                let mut distance = row_tile[unit * 16];
+                let mut code = lane_codes[unit * 16];
+                for lane in 1..16usize {
+                    let other = row_tile[unit * 16 + lane];
+                    let other_code = lane_codes[unit * 16 + lane];
+                    if other < distance || (other == distance && other_code < code) {
+                        distance = other;
+                        code = other_code;
+                    }
+                }
+                indices[row] = I::cast_from(code);
+            }
+        }
+    }
+
+    /// See the module docs. `rows` `[N, D]`, `indices` `[N]`, `counts` `[K]`, `sums` `[K, D]`;
+    /// one cube per code, 64 units, each summing `dims_per_unit` dimensions.
+    #[cube(launch)]
+    pub(super) fn statistics_kernel<F: Float, I: Int>(
+        rows: &Tensor<F>,
+        indices: &Tensor<I>,
+        counts: &mut Tensor<F>,
+        sums: &mut Tensor<F>,
+        #[comptime] dims_per_unit: usize,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let n = rows.shape(0);
+        let d = rows.shape(1);
+        let k = counts.shape(0);
+        let code = CUBE_POS;
+        let unit = UNIT_POS as usize;
+        let mut chunk = Shared::<[I]>::new_slice(64usize);
+        let mut acc = Array::<F>::new(dims_per_unit);
+        #[unroll]
+        for t in 0..dims_per_unit {
+            acc[t] = F::new(0.0);
+        }
+        let mut count = 0u32;
+        let target = I::cast_from(code);
+        let mut start = 0usize;
+        while start < n {
+            // Index K (no code) pads the last chunk.
+            let mut index = I::cast_from(k);
+            if start + unit < n {
+                index = indices[start + unit];
+            }
+            chunk[unit] = index;
+            sync_cube();
+            let mut len = n - start;
+            if len > 64 {
+                len = 64usize;
+            }
+            for e in 0..len {
+                if chunk[e] == target {
+                    count += 1u32;
+                    #[unroll]
+                    for t in 0..dims_per_unit {
+                        let dim = unit + t * 64;
+                        if dim < d {
+                            acc[t] += rows[(start + e) * d + dim];
+                        }
+                    }
+                }
+            }
+            sync_cube();
+            start += 64;
+        }
+        if code < k {
+            #[unroll]
+            for t in 0..dims_per_unit {
+                let dim = unit + t * 64;
+                if dim < d {
+                    sums[code * d + dim] = acc[t];
+                }
+            }
+            if unit == 0 {
+                counts[code] = F::cast_from(count);
+            }
+        }
+    }
+
+    /// See the module docs. `codebooks` `[sum K, D]`, `offsets` `[M]`, `indices` `[M, N]`,
+    /// `out` `[N, D]`; one unit per output value.
+    #[cube(launch)]
+    pub(super) fn decode_kernel<F: Float, I: Int>(
+        codebooks: &Tensor<F>,
+        offsets: &Tensor<I>,
+        indices: &Tensor<I>,
+        out: &mut Tensor<F>,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let n = out.shape(0);
+        let d = out.shape(1);
+        let levels = indices.shape(0);
+        let position = ABSOLUTE_POS;
+        if position < n * d {
+            let (i, j) = (position / d, position % d);
+            let first = usize::cast_from(offsets[0]) + usize::cast_from(indices[i]);
+            let mut sum = codebooks[first * d + j];
+            for level in 1..levels {
+                let row =
+                    usize::cast_from(offsets[level]) + usize::cast_from(indices[level * n + i]);
+                sum += codebooks[row * d + j];
+            }
+            out[position] = sum;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, TensorData};
+
+    use super::*;
+    use crate::hash::SplitMix64;
+    use crate::path::host::{host_floats, host_ints};
+    use crate::path::tensor::{Search, TensorPath, nearest_indices, per_code_sums};
+
+    fn device() -> Option<Device> {
+        if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
+            eprintln!("RVQ_SKIP_WGPU set: kernel path test SKIPPED");
+            return None;
+        }
+        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+    }
+
+    fn tensor(values: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+    }
+
+    /// The kernel path equals the tensor path on WGPU (Mesa's lavapipe in CI): the same codes
+    /// but where two codes lie at distances float rounding orders differently, the same
+    /// counts, sums within 1e-5; over shapes with K below, at and past the 64-code tile, D
+    /// below, at and past the 16-wide depth tile and the 64 dimensions a statistics unit
+    /// covers, N = 1 and N past one cube's 64 rows; and a decode of three levels equal to the
+    /// tensor path's.
+    #[test]
+    fn kernel_path_equals_tensor_path() {
+        let Some(device) = device() else { return };
+        let mut hash = SplitMix64::new(17);
+        let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let tensor_path = TensorPath(Search {
+            max_elements: 1 << 24,
+            dense: false,
+        });
+        for (n, d, k) in [
+            (1, 3, 1),
+            (37, 5, 7),
+            (64, 16, 64),
+            (65, 17, 65),
+            (300, 70, 130),
+            (129, 1, 5),
+            (200, 64, 300),
+        ] {
+            let what = format!("N = {n}, D = {d}, K = {k}");
+            let x: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
+            let codes: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
+            let (rows, codebook) = (tensor(&x, [n, d], &device), tensor(&codes, [k, d], &device));
+            let mut kernel_rows = KernelPath.start(rows.clone(), Work::TRAINING);
+            let got = KernelPath.level(codebook.clone(), &mut kernel_rows, Work::TRAINING);
+            let got_codes = host_ints(got.indices.clone());
+            let want_codes = host_ints(nearest_indices(&codebook, rows.clone(), 1 << 24));
+            let distance = |row: usize, code: i64| -> f64 {
+                (0..d)
+                    .map(|j| (x[row * d + j] as f64 - codes[code as usize * d + j] as f64).powi(2))
+                    .sum()
+            };
+            for (row, (g, w)) in got_codes.iter().zip(&want_codes).enumerate() {
+                assert!((0..k as i64).contains(g), "{what}: code {g} out of range");
+                let (dg, dw) = (distance(row, *g), distance(row, *w));
+                assert!(
+                    g == w || (dg - dw).abs() <= 1e-5 * dw.max(1.0),
+                    "{what}, row {row}: kernel code {g} at {dg}, tensor code {w} at {dw}"
+                );
+            }
+            // The statistics of the kernel's codes, against the tensor operations.
+            let mut want_rows = tensor_path.start(rows.clone(), Work::TRAINING);
+            let counts = host_floats(got.counts.unwrap());
+            let mut expected = vec![0.0f32; k];
+            for &code in &got_codes {
+                expected[code as usize] += 1.0;
+            }
+            assert_eq!(counts, expected, "{what}: counts");
+            let sums = host_floats(got.sums.unwrap());
+            let want_sums =
+                host_floats(per_code_sums(&got.indices, rows.clone(), k, tensor_path.0));
+            for (i, (a, b)) in sums.iter().zip(&want_sums).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{what}: sums[{i}] {a} vs {b}"
+                );
+            }
+            // The rest of the level is tensor operations on both paths.
+            let want = tensor_path.level(codebook.clone(), &mut want_rows, Work::TRAINING);
+            if got_codes == want_codes {
+                let (a, b) = (
+                    host_floats(got.squared_error.unwrap()),
+                    host_floats(want.squared_error.unwrap()),
+                );
+                assert!(
+                    (a[0] - b[0]).abs() <= 1e-5 * b[0].max(1.0),
+                    "{what}: {a:?} vs {b:?}"
+                );
+            }
+        }
+
+        // Decode: three levels of different sizes, one launch.
+        let (n, d) = (257, 6);
+        let sizes = [7, 64, 3];
+        let codebooks: Vec<Tensor<2>> = sizes
+            .iter()
+            .map(|&k| {
+                let values: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
+                tensor(&values, [k, d], &device)
+            })
+            .collect();
+        let indices: Vec<Tensor<1, Int>> = sizes
+            .iter()
+            .map(|&k| {
+                let values: Vec<i64> = (0..n).map(|i| ((i * 31 + k) % k) as i64).collect();
+                super::super::host::int_tensor(values, &device)
+            })
+            .collect();
+        let got = host_floats(KernelPath.decode(codebooks.clone(), &indices).unwrap());
+        let want = host_floats(tensor_path.decode(codebooks.clone(), &indices).unwrap());
+        assert_eq!(got, want, "decode");
+        let mut bad = indices.clone();
+        bad[1] = super::super::host::int_tensor(vec![64; n], &device);
+        assert!(matches!(
+            KernelPath.decode(codebooks, &bad),
+            Err(RvqError::IndexOutOfRange { level: 1, .. })
+        ));
+    }
+}
