@@ -149,6 +149,14 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// reference's behaviour. Default: false.
     #[config(default = false)]
     pub data_parallel: bool,
+    /// The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the
+    /// Rotation Trick", arXiv 2410.06424): the input's gradient passes through the rotation
+    /// and rescaling that carries each input vector onto its quantized sum (built from
+    /// Householder reflections, nothing of size `D x D` per vector), instead of the identity
+    /// of the straight-through estimator. Still one estimator, on the sum of the levels; the
+    /// forward value is unchanged (bit for bit). Default: false (the reference's estimator).
+    #[config(default = false)]
+    pub rotation_trick: bool,
     /// Which execution path the levels run on. Does not change any result beyond float
     /// rounding (see [`Execution`]). Default: [`Execution::Auto`].
     #[config(default = "Execution::Auto")]

@@ -223,12 +223,9 @@ impl EmaResidualVectorQuantizer {
             .levels
             .iter()
             .map(|level| {
-                level
-                    .ema_count
-                    .value_sync()
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .expect("EMA counts are f32")
+                // As f32 whatever dtype the state tensor holds (the saved counts are f32).
+                let counts = level.ema_count.value_sync().into_data();
+                counts.iter::<f32>().collect::<Vec<f32>>()
             })
             .collect::<Vec<_>>();
         EntropyModels::from_counts(&counts, self.levels[0].epsilon, self.embedding_dim)

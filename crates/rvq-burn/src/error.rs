@@ -21,12 +21,28 @@ pub enum RvqError {
         /// The rule it breaks, e.g. `must lie in [0, 1]`.
         rule: &'static str,
     },
+    /// An argument of a call breaks its rule.
+    InvalidArgument {
+        /// The argument, e.g. `frames_per_second`.
+        argument: &'static str,
+        /// The value that was given, formatted.
+        value: String,
+        /// The rule it breaks, e.g. `must be finite and > 0`.
+        rule: &'static str,
+    },
     /// The last dimension of the input is not `embedding_dim`.
     InputDim {
         /// `embedding_dim` of the quantizer.
         expected: usize,
         /// The shape that came.
         shape: Vec<usize>,
+    },
+    /// A padding mask's shape is not the input's leading shape.
+    MaskShape {
+        /// The input's shape without its last dimension.
+        expected: Vec<usize>,
+        /// The mask's shape.
+        got: Vec<usize>,
     },
     /// A number of levels outside `1..=num_levels` was asked for.
     LevelCount {
@@ -85,11 +101,21 @@ impl fmt::Display for RvqError {
                 value,
                 rule,
             } => write!(f, "invalid configuration: `{parameter}` = {value} {rule}"),
+            Self::InvalidArgument {
+                argument,
+                value,
+                rule,
+            } => write!(f, "invalid argument: `{argument}` = {value} {rule}"),
             Self::InputDim { expected, shape } => write!(
                 f,
                 "input of shape {shape:?} has last dimension {}, expected embedding_dim = \
                  {expected} (input shape must be [..., {expected}])",
                 shape.last().copied().unwrap_or(0)
+            ),
+            Self::MaskShape { expected, got } => write!(
+                f,
+                "mask of shape {got:?}, expected the input's leading shape {expected:?} (true \
+                 where a position is real)"
             ),
             Self::LevelCount {
                 requested,

@@ -74,7 +74,7 @@ pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig, Execution};
 pub use entropy::{EntropyModels, LevelModel};
 pub use error::RvqError;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
-pub use options::ForwardOptions;
+pub use options::{ForwardOptions, Mask};
 pub use output::RvqOutput;
 pub use residual::EmaResidualVectorQuantizer;
 pub use stream::{CodeStream, StreamError};

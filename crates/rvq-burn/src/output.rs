@@ -1,6 +1,6 @@
 //! What a forward pass returns.
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
 use crate::metrics::{LevelMetrics, RvqMetrics};
 
@@ -11,7 +11,8 @@ pub struct RvqOutput<const R: usize> {
     /// of the identity with respect to `x`. Same shape as the input.
     pub quantized: Tensor<R>,
     /// Per level that ran, the index of the chosen code for every input vector, shape `[N]`
-    /// with `N` the product of all input dimensions but the last (row-major order).
+    /// with `N` the product of all input dimensions but the last (row-major order); `-1` at
+    /// the positions a [`Mask`](crate::options::Mask) marks as padding.
     pub indices: Vec<Tensor<1, Int>>,
     /// Total commitment loss `sum_l beta * mean((sg(q_l) - r_l)^2)`, shape `[1]`. On an
     /// autodiff device it carries the gradient of every level's term to the input.
@@ -28,6 +29,53 @@ pub struct RvqOutput<const R: usize> {
     /// held a NaN or an infinity and the update was skipped (the state is unchanged).
     /// `None` when no update was attempted (evaluation, frozen, `update_ema = false`).
     pub update_skipped: Option<Tensor<1, Bool>>,
+}
+
+impl RvqOutput<2> {
+    /// The output of the real rows `real` `[N_real]` of a batch of `n` rows, put back in
+    /// place: zero output (without gradient) and code `-1` at the other rows.
+    pub(crate) fn scatter_rows(self, real: &Tensor<1, Int>, n: usize) -> Self {
+        let [_, d] = self.quantized.dims();
+        let zeros = Tensor::<2>::zeros([n, d], &self.quantized.device());
+        let quantized = zeros.select_assign(0, real.clone(), self.quantized, IndexingUpdateOp::Add);
+        let indices = self
+            .indices
+            .into_iter()
+            .map(|codes| {
+                Tensor::<1, Int>::full([n], -1, &codes.device()).select_assign(
+                    0,
+                    real.clone(),
+                    codes,
+                    IndexingUpdateOp::Assign,
+                )
+            })
+            .collect();
+        Self {
+            quantized,
+            indices,
+            ..self
+        }
+    }
+
+    /// The output for an input of `shape` and `dtype`: the quantized rows reshaped, in that
+    /// dtype (the losses stay f32).
+    pub(crate) fn into_shape<const R: usize>(
+        self,
+        shape: [usize; R],
+        dtype: DType,
+    ) -> RvqOutput<R> {
+        // A float tensor's dtype is a float dtype.
+        let quantized = self.quantized.reshape(shape).cast(FloatDType::from(dtype));
+        RvqOutput {
+            quantized,
+            indices: self.indices,
+            loss: self.loss,
+            level_losses: self.level_losses,
+            code_counts: self.code_counts,
+            restarted_codes: self.restarted_codes,
+            update_skipped: self.update_skipped,
+        }
+    }
 }
 
 impl<const R: usize> RvqOutput<R> {

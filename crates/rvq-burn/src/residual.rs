@@ -17,14 +17,14 @@
 //! vector-quantize-pytorch issue 33).
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
 
 use crate::codebook::{EmaCodebook, LevelStep};
 use crate::config::{EmaResidualVectorQuantizerConfig, Execution};
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
 use crate::metrics::CodebookHealth;
-use crate::options::ForwardOptions;
+use crate::options::{ForwardOptions, Mask};
 use crate::output::RvqOutput;
 use crate::path::tensor::Search;
 use crate::path::{LevelPath, Path, RunningSums, Work, with_path};
@@ -84,6 +84,8 @@ pub struct EmaResidualVectorQuantizer {
     pub quantize_dropout_min_levels: usize,
     /// See [`EmaResidualVectorQuantizerConfig::data_parallel`].
     pub data_parallel: bool,
+    /// See [`EmaResidualVectorQuantizerConfig::rotation_trick`].
+    pub rotation_trick: bool,
     /// See [`EmaResidualVectorQuantizerConfig::execution`].
     #[module(skip)]
     pub execution: Execution,
@@ -126,6 +128,7 @@ impl EmaResidualVectorQuantizerConfig {
             quantize_dropout: self.quantize_dropout,
             quantize_dropout_min_levels: self.quantize_dropout_min_levels,
             data_parallel: self.data_parallel,
+            rotation_trick: self.rotation_trick,
             execution: self.execution,
         })
     }
@@ -151,6 +154,71 @@ impl EmaResidualVectorQuantizer {
             .iter()
             .map(|level| (level.num_embeddings as f64).log2())
             .collect()
+    }
+
+    /// How many levels fit a budget of `bits_per_second` at `frames_per_second` quantized
+    /// vectors per second, with each level's own `log2 K_l` bits per index: the most levels
+    /// `n` with `frames_per_second * sum_{l < n} log2 K_l <= bits_per_second`, and at least
+    /// one, as EnCodec's bandwidth selection (`n_q = max(1, floor(bandwidth / (log2 K *
+    /// frame_rate)))` for one `K`). The inverse of [`EmaResidualVectorQuantizer::bitrate`].
+    ///
+    /// # Panics
+    ///
+    /// On the errors of [`EmaResidualVectorQuantizer::try_levels_for_bitrate`].
+    pub fn levels_for_bitrate(&self, bits_per_second: f64, frames_per_second: f64) -> usize {
+        self.try_levels_for_bitrate(bits_per_second, frames_per_second)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizer::levels_for_bitrate`]: fails if
+    /// `bits_per_second` is not finite and >= 0 or `frames_per_second` not finite and > 0.
+    pub fn try_levels_for_bitrate(
+        &self,
+        bits_per_second: f64,
+        frames_per_second: f64,
+    ) -> Result<usize, RvqError> {
+        if !(bits_per_second.is_finite() && bits_per_second >= 0.0) {
+            return Err(RvqError::InvalidArgument {
+                argument: "bits_per_second",
+                value: bits_per_second.to_string(),
+                rule: "must be finite and >= 0",
+            });
+        }
+        check_frames_per_second(frames_per_second)?;
+        // A budget met exactly counts, whatever the rounding of the sum of logarithms.
+        let budget = bits_per_second * (1.0 + 1e-12);
+        let mut bits = 0.0;
+        let fitting = self
+            .bits_per_level()
+            .into_iter()
+            .take_while(|level_bits| {
+                bits += level_bits * frames_per_second;
+                bits <= budget
+            })
+            .count();
+        Ok(fitting.max(1))
+    }
+
+    /// The bitrate, in bits per second, of the plainly stored indices of the first
+    /// `num_levels` levels at `frames_per_second` quantized vectors per second:
+    /// `frames_per_second * sum_{l < num_levels} log2 K_l` (entropy coding, [`Self::try_compress`],
+    /// takes less).
+    ///
+    /// # Panics
+    ///
+    /// On the errors of [`EmaResidualVectorQuantizer::try_bitrate`].
+    pub fn bitrate(&self, num_levels: usize, frames_per_second: f64) -> f64 {
+        self.try_bitrate(num_levels, frames_per_second)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Fallible [`EmaResidualVectorQuantizer::bitrate`]: fails if `num_levels` is outside
+    /// `1..=M` or `frames_per_second` is not finite and > 0.
+    pub fn try_bitrate(&self, num_levels: usize, frames_per_second: f64) -> Result<f64, RvqError> {
+        let num_levels = self.check_num_levels(Some(num_levels))?;
+        check_frames_per_second(frames_per_second)?;
+        let bits: f64 = self.bits_per_level()[..num_levels].iter().sum();
+        Ok(bits * frames_per_second)
     }
 
     /// The codebook `[K_l, D]` of `level` (0-based), derived from its EMA statistics, on
@@ -248,15 +316,45 @@ impl EmaResidualVectorQuantizer {
     ) -> Result<RvqOutput<R>, RvqError> {
         let shape = x.dims();
         let num_vectors = self.check_input(&shape)?;
-        let mut num_levels = self.check_num_levels(options.num_levels)?;
+        let num_levels = self.check_num_levels(options.num_levels)?;
+        let real = match &options.mask {
+            Some(mask) => Some(mask.real_rows(&shape[..R - 1], &x.device())?),
+            None => None,
+        };
         if num_vectors == 0 {
             return Ok(self.empty_output(x, num_levels));
         }
-        let autodiff = x.is_autodiff();
+        // Half precision in, f32 inside (search, statistics, state), the input's dtype out.
+        let dtype = x.dtype();
+        let flat = x
+            .reshape([num_vectors, self.embedding_dim])
+            .cast(FloatDType::F32); // [N, D]
+        let out = match real {
+            None => self.forward_rows(flat, num_levels, options),
+            // The real positions alone, then put back in place.
+            Some(real) => self
+                .forward_rows(flat.select(0, real.clone()), num_levels, options)
+                .scatter_rows(&real, num_vectors),
+        };
+        Ok(out.into_shape(shape, dtype))
+    }
+
+    /// The forward of rows `flat` `[N, D]` (f32, the input's autodiff) with `num_levels`
+    /// levels (before quantizer dropout).
+    fn forward_rows(
+        &self,
+        flat: Tensor<2>,
+        mut num_levels: usize,
+        options: &ForwardOptions,
+    ) -> RvqOutput<2> {
+        let [num_vectors, d] = flat.dims();
+        if num_vectors == 0 {
+            return self.empty_output(flat, num_levels);
+        }
+        let autodiff = flat.is_autodiff();
         let training = autodiff && self.training.is_enabled();
         let update = training && options.update_ema;
-        let device = x.device().without_autodiff();
-        let d = self.embedding_dim;
+        let device = flat.device().without_autodiff();
 
         // The step counter is read back only when an option is keyed to it.
         let needs_step = training
@@ -268,7 +366,6 @@ impl EmaResidualVectorQuantizer {
         if training && options.num_levels.is_none() && self.quantize_dropout > 0.0 {
             num_levels = self.dropout_depth(step.unwrap_or(0));
         }
-        let flat = x.clone().reshape([num_vectors, d]); // [N, D], x's autodiff
         let flat_plain = flat.clone().without_autodiff(); // [N, D]
         // What this step does to the state: chosen once, applied by every level.
         let plan = update.then(|| {
@@ -318,13 +415,16 @@ impl EmaResidualVectorQuantizer {
             total_loss
         };
         // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
-        let straight_through = sums.quantized.sub(flat_plain);
+        let straight_through = sums.quantized.clone().sub(flat_plain);
         let straight_through = if autodiff {
             straight_through.autodiff()
         } else {
             straight_through
         };
-        let quantized = flat.add(straight_through).reshape(shape);
+        let mut quantized = flat.clone().add(straight_through);
+        if autodiff && self.rotation_trick {
+            quantized = quantized.add(rotation_gradient(flat, sums.quantized));
+        }
 
         let restarted_codes = steps.iter().map(|step| step.restarted).collect();
         let (indices, code_counts) = steps
@@ -334,7 +434,7 @@ impl EmaResidualVectorQuantizer {
                 (step.batch.indices, counts)
             })
             .unzip();
-        Ok(RvqOutput {
+        RvqOutput {
             quantized,
             indices,
             loss,
@@ -342,7 +442,7 @@ impl EmaResidualVectorQuantizer {
             code_counts,
             restarted_codes,
             update_skipped,
-        })
+        }
     }
 
     /// Per-level code indices of `x` `[..., D]`, each `[N]`; no gradient, no update.
@@ -372,11 +472,45 @@ impl EmaResidualVectorQuantizer {
         }
         let flat = x
             .without_autodiff()
-            .reshape([num_vectors, self.embedding_dim]);
+            .reshape([num_vectors, self.embedding_dim])
+            .cast(FloatDType::F32);
+        Ok(self.encode_rows(flat, num_levels))
+    }
+
+    /// The codes of the real positions of `x` `[..., D]` alone (`mask` over its leading
+    /// shape, true where a position is real; see [`Mask`](crate::options::Mask)), in
+    /// row-major order, `[N_real]` per level: what
+    /// [`EmaResidualVectorQuantizer::try_decode`] takes back with the shape `[N_real, D]`.
+    /// Fails as [`EmaResidualVectorQuantizer::try_encode`] does, or if the mask's shape is not
+    /// the input's leading shape. Reads the mask back to the host once.
+    pub fn try_encode_masked<const R: usize, const L: usize>(
+        &self,
+        x: Tensor<R>,
+        num_levels: usize,
+        mask: Tensor<L, Bool>,
+    ) -> Result<Vec<Tensor<1, Int>>, RvqError> {
+        let shape = x.dims();
+        let num_vectors = self.check_input(&shape)?;
+        let num_levels = self.check_num_levels(Some(num_levels))?;
+        let real = Mask::new(mask).real_rows(&shape[..R - 1], &x.device())?;
+        let flat = x
+            .without_autodiff()
+            .reshape([num_vectors, self.embedding_dim])
+            .cast(FloatDType::F32);
+        Ok(self.encode_rows(flat.select(0, real), num_levels))
+    }
+
+    /// The codes of rows `[N, D]` (f32, no autodiff) with the first `num_levels` levels.
+    fn encode_rows(&self, flat: Tensor<2>, num_levels: usize) -> Vec<Tensor<1, Int>> {
+        let [num_vectors, _] = flat.dims();
+        let device = flat.device();
+        if num_vectors == 0 {
+            return vec![Tensor::<1, Int>::zeros([0], &device); num_levels];
+        }
         let (steps, _) = with_path!(self.path(&device), path => {
             self.run_levels(path, flat, num_levels, None, Work::CODES, &device)
         });
-        Ok(steps.into_iter().map(|step| step.batch.indices).collect())
+        steps.into_iter().map(|step| step.batch.indices).collect()
     }
 
     /// Sums the code vectors of `indices` (one `[N]` tensor per level, the first `n <= M`
@@ -558,6 +692,53 @@ impl EmaResidualVectorQuantizer {
                 available,
             }),
         }
+    }
+}
+
+/// The rotation trick's correction to the straight-through output `y = x + sg(q - x)`: a
+/// term of value zero whose gradient turns `dy/dx` from the identity into `lambda R`, where
+/// `R` rotates each row's direction `u = x / |x|` onto `q^ = q / |q|` and `lambda = |q| / |x|`
+/// (Fifty et al. 2024, section 4.2; `R`, `lambda` are constants).
+///
+/// `R v = v - 2 (v.w) w + 2 (v.u) q^` with `w = (u + q^) / |u + q^|`: two Householder
+/// reflections, `[N, D]` work, nothing of size `D x D`. With `f(x) = lambda R x` the term is
+/// `(f - sg(f)) - (x - sg(x))`, exactly zero in value (so the output keeps the
+/// straight-through estimator's floats) and of gradient `lambda R^T g - g`. Norms below 1e-6
+/// are taken as 1e-6 in the divisions, as vector-quantize-pytorch does.
+fn rotation_gradient(x: Tensor<2>, quantized: Tensor<2>) -> Tensor<2> {
+    const EPS: f64 = 1e-6;
+    let norm = |t: &Tensor<2>| t.clone().powi_scalar(2).sum_dim(1).sqrt(); // [N, 1]
+    let x_plain = x.clone().without_autodiff();
+    let (x_norm, q_norm) = (norm(&x_plain), norm(&quantized));
+    let u = x_plain.div(x_norm.clone().clamp_min(EPS)); // [N, D]
+    let q_hat = quantized.div(q_norm.clone().clamp_min(EPS)); // [N, D]
+    let w = u.clone().add(q_hat.clone());
+    let w = w.clone().div(norm(&w).clamp_min(EPS)); // [N, D]
+    let scale = q_norm.div(x_norm.clamp_min(EPS)); // [N, 1]
+    let (u, q_hat, w, scale) = (
+        u.autodiff(),
+        q_hat.autodiff(),
+        w.autodiff(),
+        scale.autodiff(),
+    );
+    let along = |direction: &Tensor<2>| x.clone().mul(direction.clone()).sum_dim(1); // [N, 1]
+    let rotated = x
+        .clone()
+        .sub(along(&w).mul_scalar(2.0).mul(w.clone()))
+        .add(along(&u).mul_scalar(2.0).mul(q_hat))
+        .mul(scale); // lambda R x
+    let identity = x.clone().sub(x.detach());
+    rotated.clone().sub(rotated.detach()).sub(identity)
+}
+
+fn check_frames_per_second(frames_per_second: f64) -> Result<(), RvqError> {
+    match frames_per_second.is_finite() && frames_per_second > 0.0 {
+        true => Ok(()),
+        false => Err(RvqError::InvalidArgument {
+            argument: "frames_per_second",
+            value: frames_per_second.to_string(),
+            rule: "must be finite and > 0",
+        }),
     }
 }
 

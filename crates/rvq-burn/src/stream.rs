@@ -28,7 +28,7 @@
 
 use std::fmt;
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use constriction::stream::Decode;
 use constriction::stream::stack::DefaultAnsCoder;
 
@@ -486,6 +486,24 @@ impl EmaResidualVectorQuantizer {
         models.compress(&indices_to_host(codes), &shape)
     }
 
+    /// [`EmaResidualVectorQuantizer::try_compress`] of the real positions of `x` alone (`mask`
+    /// over its leading shape, true where a position is real): padded positions are not
+    /// coded. The stream holds the real rows as a `[N_real, D]` tensor, in row-major order;
+    /// the mask (the sequence lengths, typically) is the caller's to keep, as the real
+    /// positions' places. Reads the mask back to the host once.
+    pub fn try_compress_masked<const R: usize, const L: usize>(
+        &self,
+        x: Tensor<R>,
+        num_levels: usize,
+        mask: Tensor<L, Bool>,
+    ) -> Result<Vec<u8>, RvqError> {
+        let d = self.embedding_dim;
+        let models = self.entropy_models()?;
+        let codes = self.try_encode_masked(x, num_levels, mask)?;
+        let real = codes.first().map_or(0, |level| level.dims()[0]);
+        models.compress(&indices_to_host(codes), &[real, d])
+    }
+
     /// Decodes a stream from [`EmaResidualVectorQuantizer::try_compress`] (same checkpoint):
     /// the indices of each coded level and the dequantized tensor of the original shape, on
     /// `device`. Fails on any bad stream (see [`StreamError`]) or if the stream's rank is not
@@ -513,14 +531,8 @@ pub fn indices_to_host(indices: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
     indices
         .into_iter()
         .map(|codes| {
-            codes
-                .into_data()
-                .convert::<i64>()
-                .try_to_vec::<i64>()
-                .expect("integer indices")
-                .into_iter()
-                .map(|c| c as u32)
-                .collect()
+            let codes = codes.into_data();
+            codes.iter::<i64>().map(|c| c as u32).collect()
         })
         .collect()
 }

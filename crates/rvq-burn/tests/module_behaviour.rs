@@ -420,3 +420,66 @@ fn imported_state_is_validated() {
             .is_err()
     );
 }
+
+/// EnCodec's bandwidth selection with per-level sizes, and its inverse.
+#[test]
+fn levels_for_a_bitrate_and_the_bitrate_of_levels() {
+    let device = device();
+    let rvq = quantizer(&device, 10); // sizes 16, 8, 4: 4 + 3 + 2 bits per vector
+    assert_eq!(rvq.bitrate(1, 75.0), 300.0);
+    assert_eq!(rvq.bitrate(2, 75.0), 525.0);
+    assert_eq!(rvq.bitrate(3, 75.0), 675.0);
+    for (bits_per_second, levels) in [(525.0, 2), (524.9, 1), (0.0, 1), (675.0, 3), (1e9, 3)] {
+        assert_eq!(
+            rvq.levels_for_bitrate(bits_per_second, 75.0),
+            levels,
+            "{bits_per_second} b/s"
+        );
+    }
+    // EnCodec 24 kHz: 32 levels of 1024 codes at 75 frames per second, 1.5 to 24 kb/s.
+    let encodec = EmaResidualVectorQuantizerConfig::new(32, 1024.into(), 2).init(&device);
+    for (kbps, levels) in [(1.5, 2), (3.0, 4), (6.0, 8), (12.0, 16), (24.0, 32)] {
+        assert_eq!(encodec.levels_for_bitrate(kbps * 1000.0, 75.0), levels);
+        assert_eq!(encodec.bitrate(levels, 75.0), kbps * 1000.0);
+    }
+    fn invalid<T: std::fmt::Debug>(result: Result<T, RvqError>, argument: &str, value: &str) {
+        let error = result.unwrap_err();
+        assert!(
+            matches!(&error, RvqError::InvalidArgument { argument: a, .. } if *a == argument),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("`{argument}` = {value}")),
+            "{error}"
+        );
+    }
+    invalid(
+        rvq.try_levels_for_bitrate(f64::NAN, 75.0),
+        "bits_per_second",
+        "NaN",
+    );
+    invalid(
+        rvq.try_levels_for_bitrate(-1.0, 75.0),
+        "bits_per_second",
+        "-1",
+    );
+    invalid(
+        rvq.try_levels_for_bitrate(600.0, 0.0),
+        "frames_per_second",
+        "0",
+    );
+    invalid(
+        rvq.try_bitrate(2, f64::INFINITY),
+        "frames_per_second",
+        "inf",
+    );
+    assert!(matches!(
+        rvq.try_bitrate(4, 75.0),
+        Err(RvqError::LevelCount {
+            requested: 4,
+            available: 3
+        })
+    ));
+}
