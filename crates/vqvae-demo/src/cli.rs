@@ -28,6 +28,11 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --dead-code-threshold F  restart codes whose EMA count falls below F x uniform usage
                        (e.g. 0.1; default 0 = off)
   --quantize-dropout P train each batch at a random depth with probability P (default 0)
+  --rotation-trick     the input's gradient through the rotation trick (Fifty et al. 2024)
+                       instead of the straight-through estimator
+  --mask-random-tail P pad the last 1-3 rows of latent positions of each training digit
+                       with probability P (the digit's rows there set to white) and mask
+                       them: they enter no codebook statistic and no loss (default 0)
   --train-limit N      train on the first N training digits only
   --valid-limit N      validate on the first N validation digits only
   --data-dir DIR       read train-/t10k- MNIST IDX files (raw or .gz) from DIR
@@ -226,6 +231,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
             "--quantize-dropout" => {
                 config.model.quantizer.quantize_dropout = value(&flag, iter.next())?
             }
+            "--rotation-trick" => config.model.quantizer.rotation_trick = true,
+            "--mask-random-tail" => config.mask_random_tail = value(&flag, iter.next())?,
             "--train-limit" => config.train_limit = Some(value(&flag, iter.next())?),
             "--valid-limit" => config.valid_limit = Some(value(&flag, iter.next())?),
             "--data-dir" => data_dir = Some(PathBuf::from(value::<String>(&flag, iter.next())?)),
@@ -257,6 +264,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
     config.model.quantizer.validate()?;
     if devices < 1 {
         return Err(DemoError::Config("--devices must be >= 1, got 0".into()));
+    }
+    if !(0.0..=1.0).contains(&config.mask_random_tail) {
+        return Err(DemoError::Config(format!(
+            "--mask-random-tail must lie in [0, 1], got {}",
+            config.mask_random_tail
+        )));
     }
     if config.learning_rate.is_nan() || config.learning_rate <= 0.0 {
         return Err(DemoError::Config(format!(
@@ -335,6 +348,10 @@ mod tests {
         let q = &cli.config.model.quantizer;
         assert!(q.kmeans_init);
         assert_eq!((q.threshold_ema_dead_code, q.quantize_dropout), (0.1, 0.5));
+        assert!(!q.rotation_trick && cli.config.mask_random_tail == 0.0);
+        let cli = parse(args(&["--rotation-trick", "--mask-random-tail", "0.3"])).unwrap();
+        assert!(cli.config.model.quantizer.rotation_trick);
+        assert_eq!(cli.config.mask_random_tail, 0.3);
         assert_eq!(cli.devices, 1);
         assert_eq!(parse(args(&["--devices", "3"])).unwrap().devices, 3);
         let error = parse(args(&["--devices", "0"])).unwrap_err().to_string();
@@ -347,6 +364,13 @@ mod tests {
         assert!(error.contains("--epochs: cannot read \"many\""), "{error}");
         let error = parse(args(&["--wat"])).unwrap_err().to_string();
         assert!(error.contains("unknown flag \"--wat\""), "{error}");
+        let error = parse(args(&["--mask-random-tail", "1.5"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--mask-random-tail must lie in [0, 1], got 1.5"),
+            "{error}"
+        );
         let error = parse(args(&["--lr", "-1"])).unwrap_err().to_string();
         assert!(error.contains("--lr must be > 0"), "{error}");
         let error = parse(args(&["--config", "/nonexistent.json"]))

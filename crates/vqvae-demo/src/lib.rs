@@ -73,6 +73,11 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
                 "--resume works on one device only (--devices 1)".into(),
             ));
         }
+        if cli.config.mask_random_tail > 0.0 {
+            return Err(DemoError::Config(
+                "--mask-random-tail works on one device only (--devices 1)".into(),
+            ));
+        }
         let devices = cli.backend.devices(cli.devices);
         parallel::train_on_devices(&cli.config, &data, &cli.out, &devices, cli.verbose)?;
     } else {

@@ -8,14 +8,14 @@ use std::time::Instant;
 use burn::config::Config;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 use rvq_burn::{ForwardOptions, RvqMetrics};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Mnist;
 use crate::error::DemoError;
 use crate::evaluation::{Validation, evaluate};
-use crate::model::{VqVae, VqVaeConfig};
+use crate::model::{VqVae, VqVaeConfig, VqVaeOutput};
 use crate::progress::Progress;
 use crate::report;
 
@@ -46,6 +46,11 @@ pub struct TrainingConfig {
     /// Validate on only the first this many validation digits (all when absent).
     #[config(default = "None")]
     pub valid_limit: Option<usize>,
+    /// Probability that a training digit's last 1 to 3 rows of latent positions are padding:
+    /// its pixel rows there set to white and masked out of the quantizer and the
+    /// reconstruction loss, as the padded tail of a shorter sequence. Default: 0.
+    #[config(default = 0.0)]
+    pub mask_random_tail: f64,
 }
 
 /// One line of `OUT/metrics.jsonl`.
@@ -198,9 +203,21 @@ pub fn train(
         let started = Instant::now();
         let mut images_seen = 0;
         let mut restarted = vec![0; config.model.quantizer.num_levels];
-        for batch in &batches {
+        for (step, batch) in batches.iter().enumerate() {
             let images = train_set.batch(batch, &device);
-            let output = model.forward(images, &ForwardOptions::default());
+            let tails = (config.mask_random_tail > 0.0).then(|| {
+                random_tails(
+                    batch.len(),
+                    config.mask_random_tail,
+                    config.seed,
+                    epoch,
+                    step,
+                )
+            });
+            let output = match &tails {
+                None => model.forward(images, &ForwardOptions::default()),
+                Some(rows) => forward_with_padded_tails(&model, images, rows),
+            };
             let loss = output.loss();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(config.learning_rate, model, grads);
@@ -275,6 +292,73 @@ pub fn train(
         epochs: records,
         model,
     })
+}
+
+/// Latent rows (of 7) that are real for each of `count` digits: with probability `p`, 4 to 6
+/// (the last 1 to 3 rows padding), else all 7; a fixed hash of `(seed, epoch, step, digit)`.
+fn random_tails(count: usize, p: f64, seed: u64, epoch: usize, step: usize) -> Vec<usize> {
+    (0..count)
+        .map(|digit| {
+            let mut state = seed
+                ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                ^ (digit as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let mut next = || {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            };
+            let padded = ((next() >> 11) as f64 / (1u64 << 53) as f64) < p;
+            match padded {
+                true => 6 - (next() % 3) as usize,
+                false => 7,
+            }
+        })
+        .collect()
+}
+
+/// A training forward of `images` `[B, 1, 28, 28]` whose digit `b` has `rows[b]` real latent
+/// rows: the pixel rows of the padding (4 per latent row) set to white, the latent positions
+/// there masked out of the quantizer, and the reconstruction loss the mean over real pixels.
+fn forward_with_padded_tails(model: &VqVae, images: Tensor<4>, rows: &[usize]) -> VqVaeOutput {
+    let device = images.device();
+    let [batch, _, side, _] = images.dims();
+    let latent_side = side / 4;
+    let real_latent: Vec<bool> = rows
+        .iter()
+        .flat_map(|&real| (0..latent_side * latent_side).map(move |i| i / latent_side < real))
+        .collect();
+    let real_pixels: Vec<bool> = rows
+        .iter()
+        .flat_map(|&real| (0..side * side).map(move |i| i / side < 4 * real))
+        .collect();
+    let plain = device.clone().without_autodiff();
+    let latent_mask = Tensor::<3, Bool>::from_data(
+        TensorData::new(real_latent, [batch, latent_side, latent_side]),
+        &plain,
+    );
+    let pixel_mask = Tensor::<4, Bool>::from_data(
+        TensorData::new(real_pixels, [batch, 1, side, side]),
+        &device,
+    );
+    let images = images.mask_fill(pixel_mask.clone().bool_not(), 1.0);
+    let mut output = model.forward(
+        images.clone(),
+        &ForwardOptions::new().with_mask(latent_mask),
+    );
+    let real = pixel_mask.clone().float();
+    let count = real.clone().sum();
+    output.reconstruction_loss = output
+        .reconstruction
+        .clone()
+        .sub(images)
+        .powi_scalar(2)
+        .mul(real)
+        .sum()
+        .div(count);
+    output
 }
 
 /// One line a person reads after each epoch.
@@ -475,6 +559,47 @@ mod tests {
             assert_eq!(q.1.epsilon.to_bits(), q.0.epsilon.to_bits());
         }
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// About a share `p` of the digits lose 1 to 3 latent rows, the same for the same step.
+    #[test]
+    fn random_tails_pad_a_share_of_the_digits() {
+        let tails = random_tails(4000, 0.25, 42, 1, 0);
+        assert_eq!(tails, random_tails(4000, 0.25, 42, 1, 0));
+        assert_ne!(tails, random_tails(4000, 0.25, 42, 1, 1));
+        assert!(tails.iter().all(|rows| (4..=7).contains(rows)));
+        let padded = tails.iter().filter(|&&rows| rows < 7).count();
+        assert!((850..1150).contains(&padded), "{padded} of 4000 padded");
+        for rows in 4..=6 {
+            assert!(tails.contains(&rows));
+        }
+        assert!(random_tails(100, 0.0, 42, 1, 0).iter().all(|&r| r == 7));
+    }
+
+    /// Padded tails: white pixels there, masked latents (code -1), and a loss over the real
+    /// pixels only, with gradients that train the model.
+    #[test]
+    fn padded_tails_are_masked_out_of_the_quantizer_and_the_loss() {
+        let device = Device::flex().autodiff();
+        let model = VqVaeConfig::new().try_init_seeded(&device, 1).unwrap();
+        let data = Mnist::embedded();
+        let images = data.train.batch(&[0, 1, 2], &device);
+        let output = forward_with_padded_tails(&model, images, &[7, 5, 4]);
+        let codes: Vec<i64> = output.quantizer.indices[0]
+            .to_data()
+            .iter::<i64>()
+            .collect();
+        let padded = |image: usize, position: usize| position / 7 >= [7, 5, 4][image];
+        for (i, code) in codes.iter().enumerate() {
+            let (image, position) = (i / 49, i % 49);
+            assert_eq!(
+                *code == -1,
+                padded(image, position),
+                "image {image}, position {position}"
+            );
+        }
+        let loss: f64 = output.loss().into_scalar::<f64>();
+        assert!(loss.is_finite() && loss > 0.0);
     }
 
     #[test]
