@@ -316,9 +316,10 @@ mod kernels {
         let row_lane = unit / 16;
         let code_lane = unit % 16;
         let first_row = CUBE_POS * 64;
-        // Tiles of 64 rows (codes) x 16 dimensions, row-major.
-        let mut row_tile = Shared::<[F]>::new_slice(1024usize);
-        let mut code_tile = Shared::<[F]>::new_slice(1024usize);
+        // Tiles of 64 rows (codes) x 16 dimensions, row-major with a stride of 17: the 16
+        // units reading 16 codes' values of one dimension hit 16 different banks.
+        let mut row_tile = Shared::<[F]>::new_slice(1088usize);
+        let mut code_tile = Shared::<[F]>::new_slice(1088usize);
         let mut best = Array::<F>::new(4usize);
         let mut best_code = Array::<u32>::new(4usize);
         #[unroll]
@@ -344,12 +345,12 @@ mod kernels {
                     if first_row + r < n && dim < d {
                         value = rows[(first_row + r) * d + dim];
                     }
-                    row_tile[e] = value;
+                    row_tile[r * 17 + c] = value;
                     let mut code_value = F::new(0.0);
                     if first_code + r < k && dim < d {
                         code_value = codebook[(first_code + r) * d + dim];
                     }
-                    code_tile[e] = code_value;
+                    code_tile[r * 17 + c] = code_value;
                 }
                 sync_cube();
                 #[unroll]
@@ -358,8 +359,8 @@ mod kernels {
                     let mut b = Array::<F>::new(4usize);
                     #[unroll]
                     for i in 0..4usize {
-                        a[i] = row_tile[(row_lane * 4 + i) * 16 + c];
-                        b[i] = code_tile[(code_lane * 4 + i) * 16 + c];
+                        a[i] = row_tile[(row_lane * 4 + i) * 17 + c];
+                        b[i] = code_tile[(code_lane * 4 + i) * 17 + c];
                     }
                     #[unroll]
                     for i in 0..4usize {
