@@ -89,6 +89,23 @@ pub(crate) struct RunningSums {
     pub residuals: Tensor<2>,
 }
 
+impl RunningSums {
+    /// The sums after one more level, which chose `quantized` and left `residual` (the
+    /// first level's are the sums).
+    pub(crate) fn add(sums: Option<Self>, quantized: Tensor<2>, residual: Tensor<2>) -> Self {
+        match sums {
+            None => Self {
+                quantized,
+                residuals: residual,
+            },
+            Some(sums) => Self {
+                quantized: sums.quantized.add(quantized),
+                residuals: sums.residuals.add(residual),
+            },
+        }
+    }
+}
+
 /// One way to run a level's pass. The residual stack is generic over it, and the path is
 /// picked once per call ([`Path`]).
 pub(crate) trait LevelPath {

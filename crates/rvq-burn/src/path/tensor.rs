@@ -66,16 +66,11 @@ impl TensorRows {
         let next = self.residual.clone().sub(quantized.clone()); // r - q
         let squared_error = work.forward.then(|| next.clone().powi_scalar(2).sum());
         if self.forward && work.forward {
-            self.running = Some(match self.running.take() {
-                None => RunningSums {
-                    quantized,
-                    residuals: next.clone(),
-                },
-                Some(sums) => RunningSums {
-                    quantized: sums.quantized.add(quantized),
-                    residuals: sums.residuals.add(next.clone()),
-                },
-            });
+            self.running = Some(RunningSums::add(
+                self.running.take(),
+                quantized,
+                next.clone(),
+            ));
         }
         self.residual = next;
         LevelBatch {
@@ -373,16 +368,7 @@ mod tests {
                     (error - want_error).abs() <= 1e-6 * want_error.max(1e-12),
                     "{what}: squared error {error} vs {want_error}"
                 );
-                running = Some(match running {
-                    None => RunningSums {
-                        quantized,
-                        residuals: next.clone(),
-                    },
-                    Some(sums) => RunningSums {
-                        quantized: sums.quantized.add(quantized),
-                        residuals: sums.residuals.add(next.clone()),
-                    },
-                });
+                running = Some(RunningSums::add(running, quantized, next.clone()));
                 residual = next;
             }
             let got = host.finish(rows).unwrap();
