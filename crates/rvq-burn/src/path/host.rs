@@ -21,7 +21,7 @@
 
 use std::cell::RefCell;
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::{LevelBatch, LevelPath, RunningSums, Work, check_index_range};
@@ -161,22 +161,23 @@ impl LevelPath for HostPath {
     }
 }
 
-/// The values of a float tensor, row-major, on the host, as f32 whatever its dtype. Takes
-/// an f32 tensor's buffer without a copy where the tensor holds it alone.
+/// The values of a float tensor, row-major, on the host, as f32 whatever its float dtype
+/// (converted in bulk). Takes an f32 tensor's buffer without a copy where the tensor holds it
+/// alone.
 pub(crate) fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    let data = tensor.into_data();
-    if data.dtype() != DType::F32 {
-        return data.iter::<f32>().collect();
-    }
-    match data.try_into_vec::<f32>() {
+    match tensor.into_data().try_into_vec_as::<f32>() {
         Ok(values) => values,
-        Err(error) => unreachable!("f32 data reads as f32: {error:?}"),
+        Err(error) => unreachable!("every float dtype converts to f32: {error:?}"),
     }
 }
 
-/// The values of an integer tensor on the host, as i64 whatever its dtype.
+/// The values of an integer tensor on the host, as i64 whatever its integer dtype (converted
+/// in bulk: an element-by-element iterator cost a fifth of `decode`'s time on large batches).
 pub(crate) fn host_ints(tensor: Tensor<1, Int>) -> Vec<i64> {
-    tensor.into_data().iter::<i64>().collect()
+    match tensor.into_data().try_into_vec_as::<i64>() {
+        Ok(values) => values,
+        Err(error) => unreachable!("every integer dtype converts to i64: {error:?}"),
+    }
 }
 
 /// Rows of `d` values, row-major, as a `[N, d]` tensor on `device`.
