@@ -179,3 +179,73 @@ proptest! {
         }
     }
 }
+
+/// The kernel path (WGPU; Mesa's lavapipe in CI) against the tensor path on the same device,
+/// through the public API, over random shapes: N from 1, D and K past the kernels' tiles
+/// (16 dimensions, 64 codes, 64 dimensions per statistics unit). A training step from the same
+/// state gives the same codes but where two codes lie within rounding of each other (and then
+/// no check of what follows on that row's later levels), the same counts, sums within 1e-5.
+#[cfg(feature = "wgpu")]
+mod kernel_path {
+    use super::*;
+    use rvq_burn::Execution;
+
+    fn wgpu_cases() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>)> {
+        (1usize..200, 1usize..80, 1usize..140).prop_flat_map(|(n, d, k)| {
+            (
+                Just(n),
+                Just(d),
+                Just(k),
+                prop::collection::vec(-2.0f32..2.0, n * d),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn kernel_path_equals_tensor_path((n, d, k, values) in wgpu_cases()) {
+            if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
+                eprintln!("RVQ_SKIP_WGPU set: kernel path property SKIPPED");
+                return Ok(());
+            }
+            let device = wgpu_device().autodiff();
+            let config = EmaResidualVectorQuantizerConfig::new(2, k.into(), d);
+            let kernel = seeded_quantizer(&config, &device, 1);
+            let tensor = seeded_quantizer(&config.with_execution(Execution::TensorOps), &device, 1);
+            let x: Tensor<2> = Tensor::from_data(TensorData::new(values.clone(), [n, d]), &device);
+            let a = kernel.forward(x.clone());
+            let b = tensor.forward(x);
+            // The initial codebooks (drawn on the host, the same on every device), searched in
+            // f64 to tell near-ties.
+            let initial = seeded_quantizer(&EmaResidualVectorQuantizerConfig::new(2, k.into(), d), &Device::flex(), 1);
+            let codebooks: Vec<Vec<f32>> = (0..2).map(|l| floats(initial.codebook(l, &Device::flex()))).collect();
+            let host = host_encode(&codebooks, &values, d);
+            let mut diverged = vec![false; n];
+            for (level, (ia, ib)) in a.indices.iter().zip(&b.indices).enumerate() {
+                for (row, (&ca, &cb)) in ints(ia.clone()).iter().zip(&ints(ib.clone())).enumerate() {
+                    if ca != cb && !diverged[row] {
+                        prop_assert!(host[level][row].1 < 1e-4, "level {} row {}: kernel {} vs tensor {}", level, row, ca, cb);
+                        diverged[row] = true;
+                    }
+                }
+            }
+            // Where no row took the other side of a tie, the statistics agree.
+            if !diverged.contains(&true) {
+                for (ca, cb) in a.code_counts.iter().zip(&b.code_counts) {
+                    prop_assert_eq!(floats(ca.clone()), floats(cb.clone()));
+                }
+                kernel.sync_state();
+                tensor.sync_state();
+                let (sa, sb) = (state_bits(&kernel), state_bits(&tensor));
+                for (level_a, level_b) in sa.iter().zip(&sb) {
+                    for (&x, &y) in level_a.iter().zip(level_b) {
+                        let (x, y) = (f32::from_bits(x), f32::from_bits(y));
+                        prop_assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{} vs {}", x, y);
+                    }
+                }
+            }
+        }
+    }
+}
