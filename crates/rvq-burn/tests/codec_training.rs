@@ -284,9 +284,9 @@ fn the_rotation_trick_rotates_the_gradient_and_keeps_the_value() {
             f64::from(u8::from(i == j)) - 2.0 * w[i] * w[j] + 2.0 * qh[i] * u[j]
         };
         // R carries u onto q^, and is a rotation (it keeps lengths).
-        for i in 0..d {
+        for (i, q) in qh.iter().enumerate() {
             let ru: f64 = (0..d).map(|j| r(i, j) * u[j]).sum();
-            assert!((ru - qh[i]).abs() < 1e-9, "row {row}: R u != q^");
+            assert!((ru - q).abs() < 1e-9, "row {row}: R u != q^");
         }
         let rg: Vec<f64> = (0..d)
             .map(|i| (0..d).map(|j| r(i, j) * gr[j]).sum())
