@@ -18,7 +18,7 @@
 //! which cancels in the ratio, while averaging codebooks would not.
 
 use burn::module::{Module, RunningState};
-use burn::tensor::{Bool, Device, Distribution, Tensor};
+use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 
 use crate::error::RvqError;
 use crate::path::{LevelBatch, LevelPath, Work};
@@ -54,13 +54,16 @@ impl EmaCodebook {
     ) -> Self {
         let device = device.clone().without_autodiff();
         let limit = 1.0 / num_embeddings.max(1) as f64;
+        // f32 whatever the device's default float type (see `statistics`).
         let codebook = Tensor::<2>::random(
             [num_embeddings, embedding_dim],
             Distribution::Uniform(-limit, limit),
             &device,
-        );
+        )
+        .cast(FloatDType::F32);
+        let count = Tensor::<1>::ones([num_embeddings], &device).cast(FloatDType::F32);
         Self {
-            ema_count: RunningState::new(Tensor::ones([num_embeddings], &device)),
+            ema_count: RunningState::new(count),
             ema_weight: RunningState::new(codebook),
             num_embeddings,
             embedding_dim,
@@ -68,22 +71,28 @@ impl EmaCodebook {
         }
     }
 
-    /// The current EMA statistics `(counts [K], sums [K, D])` on `device`, without autodiff.
+    /// The current EMA statistics `(counts [K], sums [K, D])` on `device`, without autodiff,
+    /// in f32.
     ///
     /// Reads with `value_sync`, so an update made earlier on this thread is seen, and moves the
-    /// tensors to `device` (under `fork`/`to_device` the shared state may live elsewhere).
+    /// tensors to `device` (under `fork`/`to_device` the shared state may live elsewhere). The
+    /// state is kept in f32 (sums of thousands of vectors lose their low bits in half
+    /// precision); a record saved in another float type (Burn's loaders keep the file's) is
+    /// read as f32 here, so every path computes in f32.
     pub fn statistics(&self, device: &Device) -> (Tensor<1>, Tensor<2>) {
         let device = device.clone().without_autodiff();
         let count = self
             .ema_count
             .value_sync()
             .without_autodiff()
-            .to_device(&device);
+            .to_device(&device)
+            .cast(FloatDType::F32);
         let weight = self
             .ema_weight
             .value_sync()
             .without_autodiff()
-            .to_device(&device);
+            .to_device(&device)
+            .cast(FloatDType::F32);
         (count, weight)
     }
 
@@ -125,7 +134,11 @@ impl EmaCodebook {
                 reason: "must hold finite values".into(),
             });
         }
-        self.store(ema_count.without_autodiff(), ema_weight.without_autodiff());
+        // Kept in f32, whatever float type the statistics came in.
+        self.store(
+            ema_count.without_autodiff().cast(FloatDType::F32),
+            ema_weight.without_autodiff().cast(FloatDType::F32),
+        );
         // Apply it now: left pending under this thread, it would be averaged with the first
         // updates of other threads (Burn's multi-device workers) instead of replacing the state.
         let _ = self.ema_count.valid();

@@ -53,8 +53,9 @@ impl<const N: usize> From<[usize; N]> for CodebookSizes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Execution {
     /// The fastest path for the device's backend, chosen at every call by its type: the host
-    /// path on Burn's CPU backends (`flex`, `ndarray`, with this crate's features of the same
-    /// names), Burn tensor operations elsewhere.
+    /// path on Burn's CPU backends (`flex`, `ndarray`), the kernel path on Burn's CubeCL
+    /// backend (`wgpu`), each with this crate's feature of the same name; Burn tensor
+    /// operations elsewhere.
     #[default]
     Auto,
     /// Burn tensor operations on every backend: the plain version the fast paths are tested
@@ -86,20 +87,21 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// Laplace smoothing constant of the EMA counts. Must be finite and > 0. Default: 1e-5.
     #[config(default = 1e-5)]
     pub epsilon: f64,
-    /// Largest distance matrix (rows x codes) computed at once; a batch with more
-    /// `N x K` entries is searched in row chunks, so memory stays bounded for large `N`.
-    /// On Burn's CPU backends the search works in small tiles anyway, one per worker
-    /// thread (2^16 distances, or 16 rows of codebooks over 4096 codes), and this only caps
-    /// them further. Does not change any result. Must be at least 1. Default: 2^24 (64 MiB
-    /// of f32).
+    /// Largest distance matrix (rows x codes) computed at once on the tensor path; a batch
+    /// with more `N x K` entries is searched in row chunks, so memory stays bounded for large
+    /// `N`. The host path works in small tiles anyway, one per worker thread (2^16
+    /// distances, or 16 rows of codebooks over 4096 codes), and this only caps them further;
+    /// the kernel path never forms the matrix. Does not change any result. Must be at least
+    /// 1. Default: 2^24 (64 MiB of f32).
     #[config(default = 16777216)]
     pub max_distance_elements: usize,
-    /// Accumulate each batch's per-code counts and sums as products of 0/1 assignment
-    /// matrices (in blocks, within `max_distance_elements`) instead of scatter-adds. Same
-    /// values up to the order of float additions, and deterministic. For GPUs: on WGPU the
-    /// scatter-adds dominate a training step (an H200: 5.2 ms of float scatter-add per level
-    /// against 1.2 ms dense, medium shape; README, Benchmarks); on CPUs the scatter-add is
-    /// the faster one. Default: false.
+    /// On the tensor path, accumulate each batch's per-code counts and sums as products of
+    /// 0/1 assignment matrices (in blocks, within `max_distance_elements`) instead of
+    /// scatter-adds. Same values up to the order of float additions, and deterministic. For
+    /// the tensor path on GPUs: there (WGPU on an H200, before the kernel path) the
+    /// scatter-adds dominated a training step (README, Benchmarks); on CPUs the scatter-add
+    /// is the faster one. The host and kernel paths accumulate in their own passes and
+    /// ignore it. Default: false.
     #[config(default = false)]
     pub dense_statistics: bool,
     /// Initialize every level's codebook by k-means on the first training batch, level by

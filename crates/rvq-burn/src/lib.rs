@@ -46,7 +46,8 @@
 //!   data-parallel init, k-means init, dead-code restarts), chosen once per forward.
 //! - `path` (internal): how a level's pass runs, chosen once per call by the device's backend
 //!   type ([`Execution`]): `path/host.rs` on Burn's CPU backends (one pass over cache-sized
-//!   tiles of rows), `path/tensor.rs` as Burn tensor operations on any backend.
+//!   tiles of rows), `path/kernel.rs` on Burn's CubeCL backend (CubeCL kernels, feature
+//!   `wgpu`), `path/tensor.rs` as Burn tensor operations on any backend.
 //! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode, a
 //!   short loop over the levels.
 //! - [`options`], [`output`], [`metrics`]: what a forward takes and returns.

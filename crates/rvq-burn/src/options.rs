@@ -1,6 +1,6 @@
 //! Per-call options of the forward pass.
 
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::error::RvqError;
 
@@ -88,10 +88,12 @@ impl Mask {
     pub fn new<const L: usize>(mask: Tensor<L, Bool>) -> Self {
         let shape = mask.dims().to_vec();
         let len: usize = shape.iter().product();
-        Self {
-            values: mask.reshape([len]),
-            shape,
-        }
+        // Burn reads a 0 in a reshape target as "keep this dimension": an empty mask is built.
+        let values = match len {
+            0 => Tensor::from_data(TensorData::new(Vec::<bool>::new(), [0]), &mask.device()),
+            _ => mask.reshape([len]),
+        };
+        Self { values, shape }
     }
 
     /// The mask's shape.

@@ -23,7 +23,8 @@ pub struct RvqOutput<const R: usize> {
     /// histogram the metrics are computed from.
     pub code_counts: Vec<Tensor<1>>,
     /// Per level that ran, how many dead codes this step restarted (0 unless
-    /// `threshold_ema_dead_code` is set and this was a checked training step).
+    /// `threshold_ema_dead_code` is set and this was a checked training step). When
+    /// `update_skipped` reports a non-finite batch, the state kept none of them.
     pub restarted_codes: Vec<usize>,
     /// In a training step that would update the EMA statistics: `[1]`, true when the input
     /// held a NaN or an infinity and the update was skipped (the state is unchanged).

@@ -493,6 +493,10 @@ impl EmaResidualVectorQuantizer {
         let num_vectors = self.check_input(&shape)?;
         let num_levels = self.check_num_levels(Some(num_levels))?;
         let real = Mask::new(mask).real_rows(&shape[..R - 1], &x.device())?;
+        if num_vectors == 0 {
+            let device = x.device().without_autodiff();
+            return Ok(vec![Tensor::<1, Int>::zeros([0], &device); num_levels]);
+        }
         let flat = x
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim])

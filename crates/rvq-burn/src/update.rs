@@ -37,7 +37,8 @@ pub(crate) enum Rule {
     /// The batch's counts and sums replace the state: a Lloyd step from the codebook the
     /// assignment was made with (the data-parallel init). Averaged over devices, a code
     /// becomes exactly the mean of the vectors that chose it on any device; a code no vector
-    /// chose gets count 0 and the zero vector, and is split off a busy code later.
+    /// chose gets count 0 and the zero vector, split off a busy code at the next init step
+    /// (k-means init) or by the dead-code restarts, if either is on.
     Replace,
 }
 
@@ -195,7 +196,8 @@ impl StepPlan {
 /// vector and keeps it through the next EMA update. Returns the new statistics and how
 /// many codes were restarted.
 ///
-/// Reads the dead-code mask back to the host once. Deterministic: the same state and
+/// Reads the dead-code mask back to the host, and, when there are dead codes, the rows
+/// that replace them. Deterministic: the same state and
 /// batch give the same restarts.
 fn restart_dead_codes(
     count: Tensor<1>,

@@ -165,6 +165,49 @@ fn a_masked_batch_is_the_batch_without_its_padding_on_every_path() {
                 );
             }
         }
+        // A batch of padding alone: zero output, codes -1, zero loss, no update.
+        let before = state_bits(&masked);
+        let none = Tensor::<2, Bool>::from_data(TensorData::new(vec![false; 6], [2, 3]), &plain);
+        let x = Rng::new(5)
+            .normal_tensor([2, 3, d], 0.0, 1.0, &plain)
+            .autodiff()
+            .require_grad();
+        let out = masked.forward_with(x.clone(), &ForwardOptions::new().with_mask(none));
+        masked.sync_state();
+        assert_eq!(
+            state_bits(&masked),
+            before,
+            "{path}: a batch of padding updated"
+        );
+        assert!(
+            floats(out.quantized.clone().without_autodiff())
+                .iter()
+                .all(|v| *v == 0.0)
+        );
+        assert!(
+            out.indices
+                .iter()
+                .all(|codes| ints(codes.clone()) == vec![-1; 6])
+        );
+        assert_eq!(
+            floats(out.loss.clone().without_autodiff()),
+            vec![0.0],
+            "{path}"
+        );
+        let grads = (out.quantized.sum() + out.loss).backward();
+        assert!(floats(x.grad(&grads).unwrap()).iter().all(|g| *g == 0.0));
+        // An empty mask over an empty batch.
+        let empty =
+            Tensor::<2, Bool>::from_data(TensorData::new(Vec::<bool>::new(), [2, 0]), &plain);
+        let x = Tensor::<3>::zeros([2, 0, d], &plain);
+        let codes = masked
+            .valid()
+            .try_encode_masked(x.clone(), 2, empty.clone())
+            .unwrap();
+        assert!(codes.iter().all(|c| c.dims() == [0]));
+        let out = masked.forward_with(x.autodiff(), &ForwardOptions::new().with_mask(empty));
+        assert_eq!(out.quantized.dims(), [2, 0, d]);
+
         // The padding value (50 in every dimension) never became a code.
         for level in 0..2 {
             let codebook = floats(masked.codebook(level, &Device::flex()));
@@ -363,10 +406,17 @@ fn half_precision_inputs_give_the_f32_codes_and_keep_an_f32_state() {
             rvq.sync_state();
             reference.sync_state();
             assert_eq!(state_bits(&rvq), state_bits(&reference), "{what}: state");
-            for level in &rvq.levels {
-                let (count, weight) = level.statistics(&device);
-                assert_eq!((count.dtype(), weight.dtype()), (DType::F32, DType::F32));
-            }
+            // The state as stored (`statistics` would read any dtype back as f32).
+            let stored = |rvq: &EmaResidualVectorQuantizer| -> Vec<(DType, DType)> {
+                rvq.levels
+                    .iter()
+                    .map(|level| {
+                        let count = level.ema_count.value_sync().dtype();
+                        (count, level.ema_weight.value_sync().dtype())
+                    })
+                    .collect()
+            };
+            assert_eq!(stored(&rvq), vec![(DType::F32, DType::F32); 3], "{what}");
             for (a, b) in out.indices.iter().zip(&want.indices) {
                 assert_eq!(ints(a.clone()), ints(b.clone()), "{what}: codes");
             }
@@ -409,6 +459,18 @@ fn half_precision_inputs_give_the_f32_codes_and_keep_an_f32_state() {
             // reach of a tie, and fewer are compared (89 of 256 against 229 for f16 when written).
             let enough = if half == FloatDType::BF16 { 64 } else { 128 };
             assert!(compared >= enough, "{what}: only {compared} rows compared");
+            // Statistics imported in half precision are kept in f32.
+            let imported = seeded_quantizer(&config, &autodiff, 7);
+            let (count, weight) = rvq.levels[0].statistics(&device);
+            imported
+                .try_set_statistics(0, count.cast(half), weight.cast(half))
+                .unwrap();
+            assert_eq!(
+                stored(&imported),
+                vec![(DType::F32, DType::F32); 3],
+                "{what}"
+            );
+            let _ = imported.forward(x_half.clone().autodiff());
             // The f32 state survives a save and a load.
             let path = std::env::temp_dir().join(format!(
                 "rvq-half-{}-{backend}-{half:?}.bpk",
@@ -417,9 +479,7 @@ fn half_precision_inputs_give_the_f32_codes_and_keep_an_f32_state() {
             rvq.clone().save_file(&path).unwrap();
             let loaded = seeded_quantizer(&config, &autodiff, 99).load_file(&path);
             assert_eq!(state_bits(&loaded), state_bits(&rvq), "{what}: saved state");
-            for level in &loaded.levels {
-                assert_eq!(level.statistics(&device).0.dtype(), DType::F32);
-            }
+            assert_eq!(stored(&loaded), vec![(DType::F32, DType::F32); 3], "{what}");
             let _ = std::fs::remove_file(path);
             let _ = EmaResidualVectorQuantizer::num_levels(&loaded);
         }

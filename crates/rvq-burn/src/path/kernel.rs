@@ -197,6 +197,7 @@ impl RvqKernels for CubeBackend {
         );
         let n = rows.shape()[0];
         let (client, float_dtype) = (rows.client.clone(), rows.dtype);
+        debug_assert_eq!((codebook.dtype, norms.dtype), (float_dtype, float_dtype));
         let int_dtype = DType::from(int_dtype);
         let indices = empty_device_dtype(
             client.clone(),
@@ -538,7 +539,7 @@ mod tests {
     /// counts, sums within 1e-5; over shapes with K below, at and past the 64-code tile, D
     /// below, at and past the 16-wide depth tile and the 64 dimensions a statistics unit
     /// covers, N = 1 and N past one cube's 64 rows; and a decode of three levels equal to the
-    /// tensor path's.
+    /// tensor path's; exact ties resolved to the first code.
     #[test]
     fn kernel_path_equals_tensor_path() {
         let Some(device) = device() else { return };
@@ -629,6 +630,27 @@ mod tests {
         let got = host_floats(KernelPath.decode(codebooks.clone(), &indices).unwrap());
         let want = host_floats(tensor_path.decode(codebooks.clone(), &indices).unwrap());
         assert_eq!(got, want, "decode");
+        // Ties: codes equal to the nearest one in another lane of the same 64-code tile (2 and
+        // 5) and in a later tile (67): the first wins, as on every path.
+        let (n, d, k) = (70, 3, 130);
+        let mut codes = vec![9.0f32; k * d];
+        for code in [2, 5, 67] {
+            codes[code * d..(code + 1) * d].copy_from_slice(&[0.25, -0.5, 0.125]);
+        }
+        let rows: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32 * 0.01).collect();
+        let (x, codebook) = (
+            tensor(&rows, [n, d], &device),
+            tensor(&codes, [k, d], &device),
+        );
+        assert_eq!(
+            host_ints(nearest(x.clone(), codebook)),
+            vec![2; n],
+            "2 = 5 = 67"
+        );
+        codes[2 * d..3 * d].copy_from_slice(&[9.0; 3]);
+        let codebook = tensor(&codes, [k, d], &device);
+        assert_eq!(host_ints(nearest(x, codebook)), vec![5; n], "5 = 67");
+
         let mut bad = indices.clone();
         bad[1] = super::super::host::int_tensor(vec![64; n], &device);
         assert!(matches!(

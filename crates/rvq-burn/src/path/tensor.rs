@@ -418,7 +418,8 @@ mod tests {
         }
     }
 
-    /// Of codes at the same distance, every path takes the first, like `argmin`.
+    /// Of codes at the same distance, the host and tensor paths take the first, like
+    /// `argmin` (the kernel path: `kernel::tests`).
     #[test]
     fn equal_codes_resolve_to_the_first() {
         let device = Device::flex();
