@@ -9,7 +9,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::tensor::activation::{relu, sigmoid};
@@ -73,6 +73,17 @@ impl VqVaeOutput {
 /// start from weights its seed does not give.
 static INIT: Mutex<()> = Mutex::new(());
 
+/// Draws every weight now. Burn's layers draw a weight's initial value at its first use, not
+/// at `init`; left lazy, the draws would happen after [`INIT`] is released, from a generator
+/// other threads may have moved on (or re-seeded) in between.
+struct DrawWeights;
+
+impl ModuleVisitor for DrawWeights {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.val();
+    }
+}
+
 impl VqVaeConfig {
     /// [`VqVaeConfig::try_init`] with the device's random generator seeded with `seed` first:
     /// the same initial weights for the same seed, whatever else in this process initializes
@@ -80,14 +91,18 @@ impl VqVaeConfig {
     pub fn try_init_seeded(&self, device: &Device, seed: u64) -> Result<VqVae, RvqError> {
         let _drawing = INIT.lock().unwrap_or_else(PoisonError::into_inner);
         device.seed(seed);
-        self.init_weights(device)
+        let model = self.init_weights(device)?;
+        model.visit(&mut DrawWeights);
+        Ok(model)
     }
 
     /// Builds the model on `device` with weights from the device's random generator; fails on
     /// an invalid quantizer configuration.
     pub fn try_init(&self, device: &Device) -> Result<VqVae, RvqError> {
         let _drawing = INIT.lock().unwrap_or_else(PoisonError::into_inner);
-        self.init_weights(device)
+        let model = self.init_weights(device)?;
+        model.visit(&mut DrawWeights);
+        Ok(model)
     }
 
     fn init_weights(&self, device: &Device) -> Result<VqVae, RvqError> {
@@ -157,5 +172,40 @@ impl VqVae {
         let latent = self.quantizer.embedding_dim;
         let latents = self.quantizer.decode(codes, [batch, 7, 7, latent]);
         self.decode(latents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Distribution;
+
+    use super::*;
+
+    fn weights(model: &VqVae) -> Vec<f32> {
+        let latents = Tensor::<4>::ones([1, 7, 7, 16], &Device::flex());
+        let images = Tensor::<4>::ones([1, 1, 28, 28], &Device::flex());
+        let mut values: Vec<f32> = model.encode(images).into_data().iter::<f32>().collect();
+        values.extend(model.decode(latents).into_data().iter::<f32>());
+        values
+    }
+
+    /// A seeded model has its seed's weights even when the generator is re-seeded and drawn
+    /// from between its init and its first use (as other tests and threads do): its weights
+    /// are drawn inside `try_init_seeded`, not at first use.
+    #[test]
+    fn seeded_weights_do_not_depend_on_later_draws() {
+        let device = Device::flex();
+        let config = VqVaeConfig::new();
+        let first = config.try_init_seeded(&device, 7).unwrap();
+        let second = config.try_init_seeded(&device, 7).unwrap();
+        device.seed(12345);
+        let _ = Tensor::<1>::random([1000], Distribution::Default, &device).into_data();
+        let third = config.try_init_seeded(&device, 7).unwrap();
+        // first used only now, after two more seedings and other draws
+        let want = weights(&first);
+        assert_eq!(weights(&second), want);
+        assert_eq!(weights(&third), want);
+        let other = config.try_init_seeded(&device, 8).unwrap();
+        assert_ne!(weights(&other), want);
     }
 }
