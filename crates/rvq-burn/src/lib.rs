@@ -79,3 +79,8 @@ pub use options::{ForwardOptions, Mask};
 pub use output::RvqOutput;
 pub use residual::EmaResidualVectorQuantizer;
 pub use stream::{CodeStream, StreamError};
+
+/// The crate README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

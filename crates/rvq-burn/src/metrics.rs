@@ -12,7 +12,8 @@
 //!
 //! and the aggregates `rvq_perplexity_mean`, `rvq_usage_mean` (means over levels) and
 //! `rvq_bits_per_index_sum` (sum over levels). Batch perplexity depends on the batch size
-//! (a batch of 64 vectors cannot use more than 64 codes); see `ANCHORS.md` item 8.
+//! (a batch of 64 vectors cannot use more than 64 codes); for a batch-independent view use
+//! [`CodebookHealth`], from the EMA counts.
 
 use std::collections::BTreeMap;
 

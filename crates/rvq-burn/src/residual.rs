@@ -478,7 +478,7 @@ impl EmaResidualVectorQuantizer {
     }
 
     /// The codes of the real positions of `x` `[..., D]` alone (`mask` over its leading
-    /// shape, true where a position is real; see [`Mask`](crate::options::Mask)), in
+    /// shape, true where a position is real; see [`Mask`]), in
     /// row-major order, `[N_real]` per level: what
     /// [`EmaResidualVectorQuantizer::try_decode`] takes back with the shape `[N_real, D]`.
     /// Fails as [`EmaResidualVectorQuantizer::try_encode`] does, or if the mask's shape is not
