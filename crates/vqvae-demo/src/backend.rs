@@ -9,7 +9,7 @@ use crate::error::DemoError;
 pub enum Backend {
     /// Burn's pure-Rust CPU backend.
     Flex,
-    /// Burn's ndarray CPU backend.
+    /// Burn's ndarray CPU backend, with `--features ndarray`.
     NdArray,
     /// WGPU (Vulkan, Metal, DX12 or GL; any GPU), with `--features wgpu`.
     Wgpu,
@@ -32,7 +32,10 @@ impl std::str::FromStr for Backend {
     fn from_str(name: &str) -> Result<Self, DemoError> {
         match name {
             "flex" => Ok(Self::Flex),
-            "ndarray" => Ok(Self::NdArray),
+            "ndarray" if cfg!(feature = "ndarray") => Ok(Self::NdArray),
+            "ndarray" => Err(DemoError::Config(
+                "--backend ndarray needs the demo built with --features ndarray".into(),
+            )),
             "wgpu" if cfg!(feature = "wgpu") => Ok(Self::Wgpu),
             "wgpu" => Err(DemoError::Config(
                 "--backend wgpu needs the demo built with --features wgpu".into(),
@@ -50,7 +53,10 @@ impl Backend {
     pub fn device(self) -> Device {
         match self {
             Self::Flex => Device::flex(),
+            #[cfg(feature = "ndarray")]
             Self::NdArray => Device::ndarray(),
+            #[cfg(not(feature = "ndarray"))]
+            Self::NdArray => unreachable!("parsing refuses ndarray without the feature"),
             #[cfg(feature = "wgpu")]
             Self::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
             #[cfg(not(feature = "wgpu"))]

@@ -38,12 +38,14 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --data-dir DIR       read train-/t10k- MNIST IDX files (raw or .gz) from DIR
                        instead of the 10,000 embedded digits
   --out DIR            outputs: config.json, metrics.jsonl, checkpoint/, PNGs (default runs/vqvae)
+                       (reconstructions, codebook_usage, training_curves)
   --resume             continue from the last checkpoint in OUT
-  --backend NAME       flex | ndarray | wgpu (with --features wgpu)   (default: see README)
-  --devices N          train on N devices with Burn's ExecutionStrategy::multi: N copies
-                       of the CPU device, or the first N discrete GPUs with wgpu; the
-                       quantizer runs in data-parallel mode, --batch-size is per device
-                       (default 1: the demo's own loop)
+  --backend NAME       flex (the default CPU backend), ndarray (built with --features
+                       ndarray), wgpu (built with --features wgpu, then the default)
+  --devices N          train on N devices, data-parallel: each step gives each device
+                       --batch-size images, sums their gradients on the first, and runs
+                       the quantizer in data-parallel mode; N copies of the CPU device, or
+                       the first N discrete GPUs with wgpu (default 1)
   --quiet              no progress bar or epoch lines
   --help               this text
 ";
@@ -67,7 +69,7 @@ decompress:
   --in FILE            the stream to decode                     (required)
   --png FILE           the decoded digits                       (default RUN/decompressed.png)
 both:
-  --backend NAME       flex | ndarray | wgpu (with --features wgpu)
+  --backend NAME       flex, ndarray (with --features ndarray), wgpu (with --features wgpu)
   --help               this text
 ";
 
@@ -178,7 +180,7 @@ pub struct Cli {
     pub data_dir: Option<PathBuf>,
     /// `--backend`.
     pub backend: Backend,
-    /// `--devices`: 1, or train on several with Burn's `ExecutionStrategy::multi`.
+    /// `--devices`: 1, or train on several, data-parallel.
     pub devices: usize,
     /// Not `--quiet`.
     pub verbose: bool,
@@ -295,6 +297,32 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A backend's flag without its cargo feature names the feature; with it, it parses.
+    #[test]
+    fn a_backend_without_its_feature_names_the_feature() {
+        for (name, compiled, backend) in [
+            ("ndarray", cfg!(feature = "ndarray"), Backend::NdArray),
+            ("wgpu", cfg!(feature = "wgpu"), Backend::Wgpu),
+        ] {
+            let parsed = parse(args(&["--backend", name]));
+            match compiled {
+                true => assert_eq!(parsed.unwrap().backend, backend, "{name}"),
+                false => {
+                    let error = parsed.unwrap_err().to_string();
+                    let wanted =
+                        format!("--backend {name} needs the demo built with --features {name}");
+                    assert!(error.contains(&wanted), "{error}");
+                }
+            }
+        }
+        assert_eq!(
+            parse(args(&["--backend", "flex"])).unwrap().backend,
+            Backend::Flex
+        );
+        let error = parse(args(&["--backend", "cuda"])).unwrap_err().to_string();
+        assert!(error.contains("expected flex, ndarray or wgpu"), "{error}");
     }
 
     #[test]

@@ -14,12 +14,13 @@ use burn::tensor::Device;
 use rvq_burn::LevelMetrics;
 use rvq_burn::stream::{indices_to_device, indices_to_host};
 
+use crate::checkpoint;
 use crate::data::{Digits, IMAGE_PIXELS, Mnist, parse_images};
 use crate::error::DemoError;
 use crate::evaluation::psnr_db;
 use crate::model::VqVae;
 use crate::report::{COLUMNS, to_pixels, write_digit_rows, write_pairs};
-use crate::training::{TrainingConfig, checkpoint_dir, last_checkpoint};
+use crate::training::TrainingConfig;
 
 /// Latent positions per image (7 x 7).
 const POSITIONS: usize = 49;
@@ -124,13 +125,13 @@ pub fn load_trained(run: &Path, device: &Device) -> Result<VqVae, DemoError> {
             run.display()
         ))
     })?;
-    let epoch = last_checkpoint(run)?.ok_or_else(|| {
+    let epoch = checkpoint::last_epoch(run)?.ok_or_else(|| {
         DemoError::Checkpoint(format!(
             "no checkpoint in {}",
-            checkpoint_dir(run).display()
+            checkpoint::dir(run).display()
         ))
     })?;
-    let file = checkpoint_dir(run).join(format!("model-{epoch}.bpk"));
+    let file = checkpoint::dir(run).join(format!("model-{epoch}.bpk"));
     let model = config
         .model
         .try_init(device)?

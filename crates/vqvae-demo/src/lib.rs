@@ -5,22 +5,26 @@
 //!
 //! - [`data`]: the embedded 10,000 digits and the IDX loader for the full set.
 //! - [`model`]: encoder, quantizer, decoder.
-//! - [`training`]: [`TrainingConfig`](training::TrainingConfig), the loop, checkpoints.
-//! - [`parallel`]: training on several devices with Burn's `ExecutionStrategy::multi`.
+//! - [`training`]: [`TrainingConfig`](training::TrainingConfig) and the loop, on one device
+//!   or several (data-parallel).
+//! - [`checkpoint`]: checkpoints committed so that a killed run resumes; [`metrics`]: the
+//!   per-epoch records of `metrics.jsonl`.
 //! - [`evaluation`]: validation PSNR and codebook health.
-//! - [`report`]: the PNG pictures; [`progress`]: the progress bar.
+//! - [`report`]: the pictures (digits, codebook usage, training curves); [`progress`]: the
+//!   progress bar.
 //! - [`codec`]: the trained model as an image codec (`compress`, `decompress`).
 //! - [`cli`], [`backend`]: command line and device.
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod data;
 pub mod error;
 pub mod evaluation;
+pub mod metrics;
 pub mod model;
-pub mod parallel;
 pub mod progress;
 pub mod report;
 pub mod training;
@@ -47,11 +51,11 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
         Some(dir) => Mnist::from_dir(dir)?,
         None => Mnist::embedded(),
     };
-    let device = cli.backend.device();
     if cli.verbose {
         println!(
-            "device: {} ({device:?}{}) | train {} / validation {} digits | {} levels x {:?} codes, D = {}",
+            "device: {} ({:?}{}) | train {} / validation {} digits | {} levels x {:?} codes, D = {}",
             cli.backend.name(),
+            cli.backend.device(),
             match cli.devices {
                 1 => String::new(),
                 n => format!(", {n} devices"),
@@ -67,28 +71,13 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
             cli.config.model.quantizer.embedding_dim,
         );
     }
-    if cli.devices > 1 {
-        if cli.resume {
-            return Err(DemoError::Config(
-                "--resume works on one device only (--devices 1)".into(),
-            ));
-        }
-        if cli.config.mask_random_tail > 0.0 {
-            return Err(DemoError::Config(
-                "--mask-random-tail works on one device only (--devices 1)".into(),
-            ));
-        }
-        let devices = cli.backend.devices(cli.devices);
-        parallel::train_on_devices(&cli.config, &data, &cli.out, &devices, cli.verbose)?;
-    } else {
-        let options = RunOptions {
-            out: cli.out.clone(),
-            resume: cli.resume,
-            device,
-            verbose: cli.verbose,
-        };
-        training::train(&cli.config, &data, &options)?;
-    }
+    let options = RunOptions {
+        out: cli.out.clone(),
+        resume: cli.resume,
+        devices: cli.backend.devices(cli.devices),
+        verbose: cli.verbose,
+    };
+    training::train(&cli.config, &data, &options)?;
     if cli.verbose {
         println!("outputs in {}", cli.out.display());
     }

@@ -1,13 +1,20 @@
-//! The pictures a run leaves: reconstructions and codebook usage, as greyscale PNG.
+//! The pictures a run leaves: reconstructed digits (greyscale PNG), and the codebook usage
+//! and training curves as charts (plotters, with an embedded font).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use rvq_burn::ForwardOptions;
 
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
 use crate::data::{Digits, IMAGE_PIXELS, IMAGE_SIDE};
 use crate::error::DemoError;
+use crate::evaluation::Validation;
+use crate::metrics::EpochRecord;
 use crate::model::VqVae;
 
 /// Digits per row of every picture.
@@ -121,34 +128,242 @@ pub fn write_digit_rows(path: &Path, rows: &[&[u8]]) -> Result<(), DemoError> {
     canvas.save(path)
 }
 
-/// `codebook_usage.png`: one panel per level (level 1 on top), one bar per code, sorted from
-/// the most to the least used; bar height is the code's share relative to the most used.
-pub fn write_codebook_usage(path: &Path, histograms: &[Vec<f32>]) -> Result<(), DemoError> {
-    const BAR: usize = 4;
-    const PANEL: usize = 80;
-    let widest = histograms.iter().map(Vec::len).max().unwrap_or(1);
-    let mut canvas = Canvas::new(
-        widest * BAR + 2 * GAP,
-        histograms.len() * (PANEL + GAP) + GAP,
-        255,
-    );
-    for (level, histogram) in histograms.iter().enumerate() {
-        let mut sorted = histogram.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let max = sorted.first().copied().unwrap_or(0.0).max(1e-12);
-        let bottom = (level + 1) * (PANEL + GAP);
-        for x in 0..histogram.len() * BAR + 2 * GAP {
-            canvas.set(x, bottom, 0); // baseline
-        }
-        for (code, &count) in sorted.iter().enumerate() {
-            let height = ((count / max) * (PANEL - 4) as f32).round() as usize;
-            let height = if count > 0.0 { height.max(1) } else { 0 };
-            for dy in 1..=height {
-                for dx in 0..BAR - 1 {
-                    canvas.set(GAP + code * BAR + dx, bottom - dy, 60);
-                }
-            }
-        }
+/// The font of every chart: DejaVu Sans, embedded (no system font needed).
+const FONT: &str = "sans-serif";
+
+/// Registers the embedded font with plotters, once per process.
+fn register_font() -> Result<(), DemoError> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let registered = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok()
+    });
+    match registered {
+        true => Ok(()),
+        false => Err(DemoError::Io(
+            "the embedded DejaVu Sans font did not load".into(),
+        )),
     }
-    canvas.save(path)
+}
+
+/// What drawing a chart may fail with.
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Draws a `width x height` chart with `draw` and writes it to `path` as an RGB PNG.
+fn write_chart(
+    path: &Path,
+    (width, height): (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult,
+) -> Result<(), DemoError> {
+    register_font()?;
+    let failed = |e: &dyn std::fmt::Display| DemoError::Io(format!("{}: {e}", path.display()));
+    let mut rgb = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| failed(&e))?;
+        draw(&root).map_err(|e| failed(&e))?;
+        root.present().map_err(|e| failed(&e))?;
+    }
+    let file = std::fs::File::create(path).map_err(|e| DemoError::io(path, e))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| failed(&e))?;
+    writer.write_image_data(&rgb).map_err(|e| failed(&e))?;
+    writer.finish().map_err(|e| failed(&e))
+}
+
+/// `codebook_usage.png`: one panel per level (level 1 on top), its codes sorted from the most
+/// to the least used over the validation set, each bar a code's number of uses on a log
+/// axis; the title gives the level, how many codes were used and the perplexity.
+pub fn write_codebook_usage(path: &Path, validation: &Validation) -> Result<(), DemoError> {
+    let histograms = &validation.code_histograms;
+    let panel = 220;
+    let height = (histograms.len().max(1) * panel) as u32;
+    write_chart(path, (900, height), |root| {
+        for (level, (area, histogram)) in root
+            .split_evenly((histograms.len().max(1), 1))
+            .iter()
+            .zip(histograms)
+            .enumerate()
+        {
+            let mut sorted = histogram.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let codes = sorted.len();
+            let used = sorted.iter().filter(|&&count| count > 0.0).count();
+            let top = f64::from(sorted.first().copied().unwrap_or(1.0)).max(1.0);
+            let perplexity = validation
+                .val_perplexity
+                .get(level)
+                .copied()
+                .unwrap_or(f64::NAN);
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!(
+                        "level {}: {used} of {codes} codes used ({:.0} %), perplexity {perplexity:.1}",
+                        level + 1,
+                        100.0 * used as f64 / codes.max(1) as f64,
+                    ),
+                    (FONT, 17),
+                )
+                .margin(8)
+                .x_label_area_size(34)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0..codes.max(1), (0.5f64..top * 2.0).log_scale())?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_desc("codes, most used first")
+                .y_desc("uses")
+                .y_label_formatter(&|count| format!("{count:.0}"))
+                .label_style((FONT, 12))
+                .axis_desc_style((FONT, 13))
+                .draw()?;
+            chart.draw_series(sorted.iter().enumerate().filter(|(_, c)| **c > 0.0).map(
+                |(code, &count)| {
+                    Rectangle::new(
+                        [(code, 0.5), (code + 1, f64::from(count))],
+                        BLUE.mix(0.75).filled(),
+                    )
+                },
+            ))?;
+        }
+        Ok(())
+    })
+}
+
+/// `training_curves.png`, per epoch: the training loss (log axis), the validation PSNR when
+/// decoding with the first 1, 2, ..., M levels, and each level's codebook usage on the
+/// validation set.
+pub fn write_training_curves(path: &Path, records: &[EpochRecord]) -> Result<(), DemoError> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok(());
+    };
+    let epochs = first.epoch as f64 - 0.5..last.epoch as f64 + 0.5;
+    let levels = last.validation.val_psnr_db_by_levels.len();
+    let epoch_labels = (last.epoch - first.epoch + 2).min(12);
+    let whole_epochs = |x: &f64| match x.fract() == 0.0 {
+        true => format!("{x:.0}"),
+        false => String::new(),
+    };
+    let legend = |color: RGBColor| {
+        move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+    };
+    write_chart(path, (1500, 420), |root| {
+        let panels = root.split_evenly((1, 3));
+
+        let losses: Vec<f64> = records.iter().map(|r| r.train_loss).collect();
+        let low = losses
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .max(1e-9);
+        let high = losses.iter().copied().fold(0.0, f64::max).max(low * 1.01);
+        let mut chart = ChartBuilder::on(&panels[0])
+            .caption("training loss", (FONT, 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(epochs.clone(), (low / 1.2..high * 1.2).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(epoch_labels)
+            .x_label_formatter(&whole_epochs)
+            .y_desc("loss (MSE + commitment)")
+            .y_label_formatter(&|loss| format!("{loss:.3}"))
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 13))
+            .draw()?;
+        chart.draw_series(LineSeries::new(
+            records.iter().map(|r| (r.epoch as f64, r.train_loss)),
+            BLUE.stroke_width(2),
+        ))?;
+
+        let psnr = records
+            .iter()
+            .flat_map(|r| r.validation.val_psnr_db_by_levels.iter().copied());
+        let (low, high) = psnr.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+        let mut chart = ChartBuilder::on(&panels[1])
+            .caption("validation PSNR by levels decoded", (FONT, 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(epochs.clone(), low - 1.0..high + 1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(epoch_labels)
+            .x_label_formatter(&whole_epochs)
+            .y_desc("PSNR (dB)")
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 13))
+            .draw()?;
+        for level in 0..levels {
+            let color = Palette99::pick(level).to_rgba();
+            let color = RGBColor(color.0, color.1, color.2);
+            let name = match level {
+                0 => "1 level".to_string(),
+                n => format!("{} levels", n + 1),
+            };
+            chart
+                .draw_series(LineSeries::new(
+                    records.iter().filter_map(|r| {
+                        let value = r.validation.val_psnr_db_by_levels.get(level)?;
+                        Some((r.epoch as f64, *value))
+                    }),
+                    color.stroke_width(2),
+                ))?
+                .label(name)
+                .legend(legend(color));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+
+        let mut chart = ChartBuilder::on(&panels[2])
+            .caption("codebook usage (validation)", (FONT, 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(epochs, 0.0..105.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(epoch_labels)
+            .x_label_formatter(&whole_epochs)
+            .y_desc("codes used (%)")
+            .y_label_formatter(&|share| format!("{share:.0}"))
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 13))
+            .draw()?;
+        for level in 0..levels {
+            let color = Palette99::pick(level).to_rgba();
+            let color = RGBColor(color.0, color.1, color.2);
+            let name = format!("level {}", level + 1);
+            chart
+                .draw_series(LineSeries::new(
+                    records.iter().filter_map(|r| {
+                        let value = r.validation.val_usage.get(level)?;
+                        Some((r.epoch as f64, 100.0 * value))
+                    }),
+                    color.stroke_width(2),
+                ))?
+                .label(name)
+                .legend(legend(color));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
+    })
 }

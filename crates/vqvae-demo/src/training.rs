@@ -1,20 +1,20 @@
-//! The training run: configuration, loop, checkpoints, per-epoch metrics.
+//! The training run on one device or several: configuration, loop, per-epoch records.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
-use rvq_burn::{ForwardOptions, RvqMetrics};
-use serde::{Deserialize, Serialize};
+use rvq_burn::{CodebookHealth, ForwardOptions, RvqMetrics};
 
+use crate::checkpoint;
 use crate::data::Mnist;
 use crate::error::DemoError;
 use crate::evaluation::{Validation, evaluate};
+use crate::metrics::{self, EpochRecord};
 use crate::model::{VqVae, VqVaeConfig, VqVaeOutput};
 use crate::progress::Progress;
 use crate::report;
@@ -53,34 +53,6 @@ pub struct TrainingConfig {
     pub mask_random_tail: f64,
 }
 
-/// One line of `OUT/metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean training loss (reconstruction + commitment) over the epoch's steps.
-    pub train_loss: f64,
-    /// Mean pixel MSE over the epoch's steps.
-    pub train_mse: f64,
-    /// Mean commitment loss over the epoch's steps.
-    pub train_commitment: f64,
-    /// Mean over steps of the per-batch mean perplexity over levels.
-    pub train_perplexity_mean: f64,
-    /// Codes restarted by the dead-code check during the epoch, per level.
-    pub train_restarted_codes: Vec<usize>,
-    /// After the epoch, per level: entropy of the EMA counts / log K (batch-independent).
-    pub ema_entropy: Vec<f64>,
-    /// After the epoch, per level: share of codes alive by their EMA counts.
-    pub ema_active_share: Vec<f64>,
-    /// Wall time of the epoch's training steps.
-    pub train_seconds: f64,
-    /// Training images per second.
-    pub images_per_second: f64,
-    /// Validation figures.
-    #[serde(flatten)]
-    pub validation: Validation,
-}
-
 /// Where and on what a run happens (not part of the saved configuration).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -88,8 +60,9 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue from the last checkpoint in `out`.
     pub resume: bool,
-    /// The device to train on (autodiff is added).
-    pub device: Device,
+    /// The devices to train on (autodiff is added): one, or several for data-parallel
+    /// training, the first of which runs the optimizer and the validation.
+    pub devices: Vec<Device>,
     /// Print a progress bar and per-epoch lines.
     pub verbose: bool,
 }
@@ -99,7 +72,7 @@ pub struct RunOptions {
 pub struct TrainingSummary {
     /// One record per epoch of this run (resumed epochs excluded).
     pub epochs: Vec<EpochRecord>,
-    /// The trained model (on the training device).
+    /// The trained model (on the first training device).
     pub model: VqVae,
 }
 
@@ -122,37 +95,41 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-pub(crate) fn checkpoint_dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
-}
-
-/// The last epoch whose checkpoint is complete, from `OUT/checkpoint/last_epoch`.
-pub(crate) fn last_checkpoint(out: &Path) -> Result<Option<usize>, DemoError> {
-    let marker = checkpoint_dir(out).join("last_epoch");
-    if !marker.exists() {
-        return Ok(None);
-    }
-    let text = fs::read_to_string(&marker).map_err(|e| DemoError::io(&marker, e))?;
-    text.trim().parse().map(Some).map_err(|_| {
-        DemoError::Checkpoint(format!(
-            "{}: not an epoch number: {text:?}",
-            marker.display()
-        ))
-    })
-}
-
-/// Trains `config` on `data` and writes everything to `options.out`.
+/// Trains `config` on `data` and writes everything to `options.out`: `config.json`,
+/// `metrics.jsonl`, `checkpoint/` and the pictures.
+///
+/// On several devices every step gives each device `batch_size` images of the step's
+/// `devices x batch_size` (the last step's fewer images shared evenly); each device runs the forward and backward pass on its own thread
+/// with its copy of the model, the gradients are summed on the first device (as Burn's
+/// `ExecutionStrategy::multi` does), and the quantizer runs in data-parallel mode, its
+/// devices' EMA updates averaged after the step (the codebooks of one device trained on the
+/// union of the batches: [`rvq_burn::EmaResidualVectorQuantizerConfig::data_parallel`]).
 pub fn train(
     config: &TrainingConfig,
     data: &Mnist,
     options: &RunOptions,
 ) -> Result<TrainingSummary, DemoError> {
+    let mut config = config.clone();
+    let Some(main) = options.devices.first() else {
+        return Err(DemoError::Config(
+            "training needs at least one device, got 0".into(),
+        ));
+    };
+    let main = main.clone().autodiff();
+    let devices: Vec<Device> = options
+        .devices
+        .iter()
+        .map(|d| d.clone().autodiff())
+        .collect();
+    if devices.len() > 1 {
+        config.model.quantizer.data_parallel = true;
+    }
     config.model.quantizer.validate()?;
     if config.batch_size == 0 {
         return Err(DemoError::Config("batch_size must be >= 1, got 0".into()));
     }
     let out = &options.out;
-    fs::create_dir_all(checkpoint_dir(out)).map_err(|e| DemoError::io(out, e))?;
+    fs::create_dir_all(checkpoint::dir(out)).map_err(|e| DemoError::io(out, e))?;
     let train_set = data.train.take(config.train_limit.unwrap_or(usize::MAX));
     let valid_set = data.valid.take(config.valid_limit.unwrap_or(usize::MAX));
     if train_set.is_empty() || valid_set.is_empty() {
@@ -163,32 +140,25 @@ pub fn train(
 
     // Before anything draws from the device's random generator.
     let resume_from = match options.resume {
-        true => Some(last_checkpoint(out)?.ok_or_else(|| {
+        true => Some(checkpoint::last_epoch(out)?.ok_or_else(|| {
             DemoError::Checkpoint(format!(
                 "--resume: no checkpoint in {}",
-                checkpoint_dir(out).display()
+                checkpoint::dir(out).display()
             ))
         })?),
         false => None,
     };
-    let device = options.device.clone().autodiff();
-    let mut model = config.model.try_init_seeded(&device, config.seed)?;
+    let mut model = config.model.try_init_seeded(&main, config.seed)?;
     let mut optimizer = config.optimizer.init();
     let mut first_epoch = 1;
     let config_path = out.join("config.json");
     if let Some(epoch) = resume_from {
-        let dir = checkpoint_dir(out);
-        model = model
-            .try_load_file(dir.join(format!("model-{epoch}.bpk")))
-            .map_err(|e| DemoError::Checkpoint(format!("model-{epoch}.bpk: {e}")))?;
-        optimizer = optimizer
-            .load(dir.join(format!("optim-{epoch}.bpk")))
-            .map_err(|e| DemoError::Checkpoint(format!("optim-{epoch}.bpk: {e}")))?;
-        truncate_metrics(&out.join("metrics.jsonl"), epoch)?;
+        model = checkpoint::load_model(model, out, epoch)?;
+        optimizer = checkpoint::load_optimizer(optimizer, out, epoch)?;
+        metrics::truncate(&out.join("metrics.jsonl"), epoch)?;
         first_epoch = epoch + 1;
     } else {
-        let _ = fs::remove_file(out.join("metrics.jsonl"));
-        let _ = fs::remove_file(checkpoint_dir(out).join("last_epoch"));
+        checkpoint::clear(out);
     }
     config
         .save(&config_path)
@@ -197,77 +167,59 @@ pub fn train(
     let mut records = Vec::new();
     for epoch in first_epoch..=config.epochs {
         let order = epoch_order(train_set.len(), config.seed, epoch);
-        let batches: Vec<&[usize]> = order.chunks(config.batch_size).collect();
-        let mut progress = Progress::new(epoch, config.epochs, batches.len(), options.verbose);
-        let (mut loss_sum, mut mse_sum, mut commit_sum, mut perplexity_sum) = (0.0, 0.0, 0.0, 0.0);
+        let steps: Vec<&[usize]> = order.chunks(config.batch_size * devices.len()).collect();
+        let mut progress = Progress::new(epoch, config.epochs, steps.len(), options.verbose);
+        let mut totals = EpochTotals::new(config.model.quantizer.num_levels);
         let started = Instant::now();
-        let mut images_seen = 0;
-        let mut restarted = vec![0; config.model.quantizer.num_levels];
-        for (step, batch) in batches.iter().enumerate() {
-            let images = train_set.batch(batch, &device);
+        for (step, indices) in steps.iter().enumerate() {
             let tails = (config.mask_random_tail > 0.0).then(|| {
                 random_tails(
-                    batch.len(),
+                    indices.len(),
                     config.mask_random_tail,
                     config.seed,
                     epoch,
                     step,
                 )
             });
-            let output = match &tails {
-                None => model.forward(images, &ForwardOptions::default()),
-                Some(rows) => forward_with_padded_tails(&model, images, rows),
-            };
-            let loss = output.loss();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(config.learning_rate, model, grads);
-
-            let values: Vec<f64> = burn::tensor::Tensor::cat(
-                vec![
-                    output.reconstruction_loss.clone().without_autodiff(),
-                    output.quantizer.loss.clone().without_autodiff(),
-                ],
-                0,
-            )
-            .into_data()
-            .iter::<f64>()
-            .collect();
-            let metrics: RvqMetrics = output.quantizer.metrics();
-            mse_sum += values[0];
-            commit_sum += values[1];
-            loss_sum += values[0] + values[1];
-            perplexity_sum += metrics.perplexity_mean();
-            for (total, level) in restarted.iter_mut().zip(&output.quantizer.restarted_codes) {
-                *total += level;
+            // `batch_size` images per device; a shorter last step is shared evenly, so
+            // that every device's update weighs the same in the average.
+            let per_device = indices.len().div_ceil(devices.len());
+            let shards: Vec<Shard> = indices
+                .chunks(per_device)
+                .zip(&devices)
+                .enumerate()
+                .map(|(i, (images, device))| {
+                    let first = i * per_device;
+                    Shard {
+                        images: train_set.batch(images, device),
+                        tails: tails
+                            .as_ref()
+                            .map(|rows| rows[first..first + images.len()].to_vec()),
+                    }
+                })
+                .collect();
+            let figures;
+            (model, figures) =
+                train_step(model, &mut optimizer, config.learning_rate, shards, &main)?;
+            if devices.len() > 1 {
+                // Each device's EMA update is pending under the thread that ran it: average
+                // them now, before the next step's threads read the state.
+                model.quantizer.sync_state();
             }
-            images_seen += batch.len();
+            totals.add(&figures);
             progress.step(
-                values[0] + values[1],
-                images_seen,
+                totals.last_loss,
+                totals.images,
                 started.elapsed().as_secs_f64(),
             );
         }
         let train_seconds = started.elapsed().as_secs_f64();
         progress.finish();
-        let steps = batches.len() as f64;
 
-        let validation = evaluate(&model, &valid_set, config.batch_size, &device);
+        let validation = evaluate(&model, &valid_set, config.batch_size, &main);
         let health = model.quantizer.codebook_health();
-        let record = EpochRecord {
-            epoch,
-            train_loss: loss_sum / steps,
-            train_mse: mse_sum / steps,
-            train_commitment: commit_sum / steps,
-            train_perplexity_mean: perplexity_sum / steps,
-            train_restarted_codes: restarted,
-            ema_entropy: health.iter().map(|h| h.ema_entropy).collect(),
-            ema_active_share: health.iter().map(|h| h.active_share).collect(),
-            train_seconds,
-            images_per_second: images_seen as f64 / train_seconds.max(1e-9),
-            validation,
-        };
-        save_checkpoint(&model, &optimizer, out, epoch)?;
-        append_metrics(&out.join("metrics.jsonl"), &record)?;
+        let record = totals.record(epoch, devices.len(), train_seconds, &health, validation);
+        checkpoint::commit(&model, Some(&optimizer), out, &record)?;
         if options.verbose {
             println!("{}", summary_line(&record, config.epochs));
         }
@@ -276,22 +228,178 @@ pub fn train(
 
     let final_validation = match records.last() {
         Some(record) => record.validation.clone(),
-        None => evaluate(&model, &valid_set, config.batch_size, &device),
+        None => evaluate(&model, &valid_set, config.batch_size, &main),
     };
-    report::write_reconstructions(
-        &out.join("reconstructions.png"),
-        &model,
-        &valid_set,
-        &device,
-    )?;
-    report::write_codebook_usage(
-        &out.join("codebook_usage.png"),
-        &final_validation.code_histograms,
+    report::write_reconstructions(&out.join("reconstructions.png"), &model, &valid_set, &main)?;
+    report::write_codebook_usage(&out.join("codebook_usage.png"), &final_validation)?;
+    report::write_training_curves(
+        &out.join("training_curves.png"),
+        &metrics::read(&out.join("metrics.jsonl"))?,
     )?;
     Ok(TrainingSummary {
         epochs: records,
         model,
     })
+}
+
+/// A device's part of a training step: its images and, with padded tails, each image's
+/// real latent rows.
+struct Shard {
+    images: Tensor<4>,
+    tails: Option<Vec<usize>>,
+}
+
+/// What one shard's forward gave, read back once per shard and step.
+struct ShardFigures {
+    mse: f64,
+    commitment: f64,
+    perplexity: f64,
+    restarted: Vec<usize>,
+    images: usize,
+}
+
+/// The forward pass of one shard: its loss (to differentiate) and its figures.
+fn shard_forward(model: &VqVae, shard: Shard) -> (Tensor<1>, ShardFigures) {
+    let images = shard.images.dims()[0];
+    let output = match &shard.tails {
+        None => model.forward(shard.images, &ForwardOptions::default()),
+        Some(rows) => forward_with_padded_tails(model, shard.images, rows),
+    };
+    let values: Vec<f64> = Tensor::cat(
+        vec![
+            output.reconstruction_loss.clone().without_autodiff(),
+            output.quantizer.loss.clone().without_autodiff(),
+        ],
+        0,
+    )
+    .into_data()
+    .iter::<f64>()
+    .collect();
+    let metrics: RvqMetrics = output.quantizer.metrics();
+    let figures = ShardFigures {
+        mse: values[0],
+        commitment: values[1],
+        perplexity: metrics.perplexity_mean(),
+        restarted: output.quantizer.restarted_codes.clone(),
+        images,
+    };
+    (output.loss(), figures)
+}
+
+/// One optimizer step over `shards` (one per device, the first on `main`).
+fn train_step(
+    model: VqVae,
+    optimizer: &mut ModuleOptimizer,
+    learning_rate: f64,
+    shards: Vec<Shard>,
+    main: &Device,
+) -> Result<(VqVae, Vec<ShardFigures>), DemoError> {
+    if let [_] = shards.as_slice() {
+        let shard = shards.into_iter().next().expect("one shard");
+        let (loss, figures) = shard_forward(&model, shard);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        return Ok((optimizer.step(learning_rate, model, grads), vec![figures]));
+    }
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .into_iter()
+            .map(|shard| {
+                let replica = model.clone();
+                scope.spawn(move || {
+                    let replica = replica.fork(&shard.images.device());
+                    let (loss, figures) = shard_forward(&replica, shard);
+                    (
+                        GradientsParams::from_grads(loss.backward(), &replica),
+                        figures,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join()).collect()
+    });
+    let mut accumulator = GradientsAccumulator::<VqVae>::new();
+    let mut figures = Vec::with_capacity(results.len());
+    for (device, result) in results.into_iter().enumerate() {
+        let (grads, shard) = result.map_err(|_| {
+            DemoError::Config(format!("the training step on device {device} panicked"))
+        })?;
+        accumulator.accumulate(&model, grads.to_device(main, &model));
+        figures.push(shard);
+    }
+    Ok((
+        optimizer.step(learning_rate, model, accumulator.grads()),
+        figures,
+    ))
+}
+
+/// The running sums of an epoch's steps.
+struct EpochTotals {
+    loss: f64,
+    mse: f64,
+    commitment: f64,
+    perplexity: f64,
+    shards: usize,
+    images: usize,
+    restarted: Vec<usize>,
+    last_loss: f64,
+}
+
+impl EpochTotals {
+    fn new(levels: usize) -> Self {
+        Self {
+            loss: 0.0,
+            mse: 0.0,
+            commitment: 0.0,
+            perplexity: 0.0,
+            shards: 0,
+            images: 0,
+            restarted: vec![0; levels],
+            last_loss: f64::NAN,
+        }
+    }
+
+    fn add(&mut self, figures: &[ShardFigures]) {
+        let mut step_loss = 0.0;
+        for shard in figures {
+            self.mse += shard.mse;
+            self.commitment += shard.commitment;
+            self.loss += shard.mse + shard.commitment;
+            self.perplexity += shard.perplexity;
+            self.images += shard.images;
+            self.shards += 1;
+            for (total, level) in self.restarted.iter_mut().zip(&shard.restarted) {
+                *total += level;
+            }
+            step_loss += shard.mse + shard.commitment;
+        }
+        self.last_loss = step_loss / figures.len().max(1) as f64;
+    }
+
+    /// The epoch's record: means over the shards of all steps (the steps on one device).
+    fn record(
+        self,
+        epoch: usize,
+        devices: usize,
+        train_seconds: f64,
+        health: &[CodebookHealth],
+        validation: Validation,
+    ) -> EpochRecord {
+        let shards = self.shards.max(1) as f64;
+        EpochRecord {
+            epoch,
+            devices,
+            train_loss: self.loss / shards,
+            train_mse: self.mse / shards,
+            train_commitment: self.commitment / shards,
+            train_perplexity_mean: self.perplexity / shards,
+            train_restarted_codes: self.restarted,
+            ema_entropy: health.iter().map(|h| h.ema_entropy).collect(),
+            ema_active_share: health.iter().map(|h| h.active_share).collect(),
+            train_seconds,
+            images_per_second: self.images as f64 / train_seconds.max(1e-9),
+            validation,
+        }
+    }
 }
 
 /// Latent rows (of 7) that are real for each of `count` digits: with probability `p`, 4 to 6
@@ -386,166 +494,18 @@ pub fn summary_line(record: &EpochRecord, epochs: usize) -> String {
     )
 }
 
-fn save_checkpoint(
-    model: &VqVae,
-    optimizer: &burn::optim::ModuleOptimizer,
-    out: &Path,
-    epoch: usize,
-) -> Result<(), DemoError> {
-    let dir = checkpoint_dir(out);
-    // RunningState defers the last EMA update until read: apply it before saving.
-    model.quantizer.sync_state();
-    model
-        .clone()
-        .save_file(dir.join(format!("model-{epoch}.bpk")))
-        .map_err(|e| DemoError::Checkpoint(format!("saving model-{epoch}.bpk: {e}")))?;
-    optimizer
-        .save(dir.join(format!("optim-{epoch}.bpk")))
-        .map_err(|e| DemoError::Checkpoint(format!("saving optim-{epoch}.bpk: {e}")))?;
-    let marker = dir.join("last_epoch");
-    fs::write(&marker, epoch.to_string()).map_err(|e| DemoError::io(&marker, e))?;
-    // Keep the last two checkpoints.
-    if epoch > 2 {
-        for name in [
-            format!("model-{}.bpk", epoch - 2),
-            format!("optim-{}.bpk", epoch - 2),
-        ] {
-            let _ = fs::remove_file(dir.join(name));
-        }
-    }
-    Ok(())
-}
-
-fn append_metrics(path: &Path, record: &EpochRecord) -> Result<(), DemoError> {
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| DemoError::io(path, e))?;
-    let line = serde_json::to_string(record).expect("records serialize");
-    writeln!(file, "{line}").map_err(|e| DemoError::io(path, e))
-}
-
-/// Drops the lines of epochs after `last_epoch` (written after the checkpoint a resume starts
-/// from).
-fn truncate_metrics(path: &Path, last_epoch: usize) -> Result<(), DemoError> {
-    let Ok(text) = fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["epoch"].as_u64())
-                .is_some_and(|epoch| epoch as usize <= last_epoch)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    fs::write(path, body).map_err(|e| DemoError::io(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evaluation::Validation;
 
-    /// f64s that serde_json's default parser reads back off by one bit (the two seen in a
-    /// failed resume test), the extremes, and many arbitrary bit patterns.
-    fn awkward_floats() -> Vec<f64> {
-        let mut values = vec![
-            0.20794587941297019,
-            0.12329578816813107,
-            0.1 + 0.2,
-            f64::MIN_POSITIVE,
-            5e-324,
-            f64::MAX,
-            -1.0 / 3.0,
-        ];
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        while values.len() < 4000 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let value = f64::from_bits(state);
-            if value.is_finite() {
-                values.push(value);
-            }
-        }
-        values
-    }
-
-    /// Every f64 a run writes to `metrics.jsonl` and `config.json` reads back bit for bit.
+    /// Every f64 of `config.json`, through Burn's Config save/load as `--config` and
+    /// `--resume` use it, reads back bit for bit.
     #[test]
-    fn floats_in_metrics_and_config_read_back_bit_for_bit() {
-        let dir = std::env::temp_dir().join(format!("vqvae-json-{}", std::process::id()));
+    fn floats_in_config_read_back_bit_for_bit() {
+        let dir = std::env::temp_dir().join(format!("vqvae-config-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let metrics = dir.join("metrics.jsonl");
-        let _ = fs::remove_file(&metrics);
-        let values = awkward_floats();
-        let records: Vec<EpochRecord> = values
-            .chunks(8)
-            .enumerate()
-            .map(|(epoch, v)| EpochRecord {
-                epoch,
-                train_loss: v[0],
-                train_mse: v[1 % v.len()],
-                train_commitment: v[2 % v.len()],
-                train_perplexity_mean: v[3 % v.len()],
-                train_restarted_codes: vec![epoch],
-                ema_entropy: v.to_vec(),
-                ema_active_share: vec![v[4 % v.len()]],
-                train_seconds: v[5 % v.len()],
-                images_per_second: v[6 % v.len()],
-                validation: Validation {
-                    val_mse: v[7 % v.len()],
-                    val_psnr_db: v[0],
-                    val_usage: v.to_vec(),
-                    val_perplexity: v.to_vec(),
-                    val_bits_per_vector: v[1 % v.len()],
-                    val_psnr_db_by_levels: v.to_vec(),
-                    code_histograms: Vec::new(),
-                },
-            })
-            .collect();
-        for record in &records {
-            append_metrics(&metrics, record).unwrap();
-        }
-        let text = fs::read_to_string(&metrics).unwrap();
-        let read: Vec<EpochRecord> = text
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect();
-        let bits = |r: &EpochRecord| {
-            let mut all = vec![
-                r.train_loss,
-                r.train_mse,
-                r.train_commitment,
-                r.train_perplexity_mean,
-                r.train_seconds,
-                r.images_per_second,
-                r.validation.val_mse,
-                r.validation.val_psnr_db,
-                r.validation.val_bits_per_vector,
-            ];
-            all.extend(&r.ema_entropy);
-            all.extend(&r.ema_active_share);
-            all.extend(&r.validation.val_usage);
-            all.extend(&r.validation.val_perplexity);
-            all.extend(&r.validation.val_psnr_db_by_levels);
-            all.into_iter().map(f64::to_bits).collect::<Vec<_>>()
-        };
-        assert_eq!(read.len(), records.len());
-        for (got, want) in read.iter().zip(&records) {
-            assert_eq!(bits(got), bits(want), "epoch {}", want.epoch);
-        }
-
-        // config.json, through Burn's Config save/load as `--config` and `--resume` use it.
         let path = dir.join("config.json");
-        for v in values.chunks(4).take(200) {
+        for v in crate::metrics::tests::awkward_floats().chunks(4).take(200) {
             let mut config = TrainingConfig::new().with_learning_rate(v[0]);
             config.model.quantizer.beta = v[1 % v.len()];
             config.model.quantizer.ema_decay = v[2 % v.len()];
