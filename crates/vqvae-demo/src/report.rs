@@ -241,13 +241,6 @@ pub fn write_training_curves(path: &Path, records: &[EpochRecord]) -> Result<(),
     let epochs = first.epoch as f64 - 0.5..last.epoch as f64 + 0.5;
     let levels = last.validation.val_psnr_db_by_levels.len();
     let epoch_labels = (last.epoch - first.epoch + 2).min(12);
-    let whole_epochs = |x: &f64| match x.fract() == 0.0 {
-        true => format!("{x:.0}"),
-        false => String::new(),
-    };
-    let legend = |color: RGBColor| {
-        move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-    };
     write_chart(path, (1500, 420), |root| {
         let panels = root.split_evenly((1, 3));
 
@@ -285,77 +278,79 @@ pub fn write_training_curves(path: &Path, records: &[EpochRecord]) -> Result<(),
         let (low, high) = psnr.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         });
-        let mut chart = ChartBuilder::on(&panels[1])
-            .caption("validation PSNR by levels decoded", (FONT, 18))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(epochs.clone(), low - 1.0..high + 1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_labels(epoch_labels)
-            .x_label_formatter(&whole_epochs)
-            .y_desc("PSNR (dB)")
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 13))
-            .draw()?;
-        for level in 0..levels {
-            let color = Palette99::pick(level).to_rgba();
-            let color = RGBColor(color.0, color.1, color.2);
-            let name = match level {
+        let psnr_panel = PerLevelPanel {
+            caption: "validation PSNR by levels decoded",
+            y_desc: "PSNR (dB)",
+            y_range: low - 1.0..high + 1.0,
+            name: &|level| match level {
                 0 => "1 level".to_string(),
                 n => format!("{} levels", n + 1),
-            };
-            chart
-                .draw_series(LineSeries::new(
-                    records.iter().filter_map(|r| {
-                        let value = r.validation.val_psnr_db_by_levels.get(level)?;
-                        Some((r.epoch as f64, *value))
-                    }),
-                    color.stroke_width(2),
-                ))?
-                .label(name)
-                .legend(legend(color));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font((FONT, 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+            },
+            value: &|r, level| r.validation.val_psnr_db_by_levels.get(level).copied(),
+        };
+        psnr_panel.draw(&panels[1], records, levels, epochs.clone(), epoch_labels)?;
+        let usage_panel = PerLevelPanel {
+            caption: "codebook usage (validation)",
+            y_desc: "codes used (%)",
+            y_range: 0.0..105.0,
+            name: &|level| format!("level {}", level + 1),
+            value: &|r, level| Some(100.0 * r.validation.val_usage.get(level)?),
+        };
+        usage_panel.draw(&panels[2], records, levels, epochs, epoch_labels)?;
+        Ok(())
+    })
+}
 
-        let mut chart = ChartBuilder::on(&panels[2])
-            .caption("codebook usage (validation)", (FONT, 18))
+/// A panel of per-epoch lines, one per level, with a legend.
+struct PerLevelPanel<'a> {
+    caption: &'a str,
+    y_desc: &'a str,
+    y_range: std::ops::Range<f64>,
+    /// A level's name in the legend.
+    name: &'a dyn Fn(usize) -> String,
+    /// A record's value for a level, if it has one.
+    value: &'a dyn Fn(&EpochRecord, usize) -> Option<f64>,
+}
+
+impl PerLevelPanel<'_> {
+    fn draw(
+        &self,
+        area: &DrawingArea<BitMapBackend<'_>, Shift>,
+        records: &[EpochRecord],
+        levels: usize,
+        epochs: std::ops::Range<f64>,
+        epoch_labels: usize,
+    ) -> DrawResult {
+        let mut chart = ChartBuilder::on(area)
+            .caption(self.caption, (FONT, 18))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d(epochs, 0.0..105.0)?;
+            .build_cartesian_2d(epochs, self.y_range.clone())?;
         chart
             .configure_mesh()
             .x_desc("epoch")
             .x_labels(epoch_labels)
             .x_label_formatter(&whole_epochs)
-            .y_desc("codes used (%)")
-            .y_label_formatter(&|share| format!("{share:.0}"))
+            .y_desc(self.y_desc)
+            .y_label_formatter(&|y| format!("{y:.1}"))
             .label_style((FONT, 12))
             .axis_desc_style((FONT, 13))
             .draw()?;
         for level in 0..levels {
             let color = Palette99::pick(level).to_rgba();
             let color = RGBColor(color.0, color.1, color.2);
-            let name = format!("level {}", level + 1);
             chart
                 .draw_series(LineSeries::new(
-                    records.iter().filter_map(|r| {
-                        let value = r.validation.val_usage.get(level)?;
-                        Some((r.epoch as f64, 100.0 * value))
-                    }),
+                    records
+                        .iter()
+                        .filter_map(|r| Some((r.epoch as f64, (self.value)(r, level)?))),
                     color.stroke_width(2),
                 ))?
-                .label(name)
-                .legend(legend(color));
+                .label((self.name)(level))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -365,5 +360,13 @@ pub fn write_training_curves(path: &Path, records: &[EpochRecord]) -> Result<(),
             .border_style(BLACK)
             .draw()?;
         Ok(())
-    })
+    }
+}
+
+/// An epoch axis label: whole epochs only.
+fn whole_epochs(x: &f64) -> String {
+    match x.fract() == 0.0 {
+        true => format!("{x:.0}"),
+        false => String::new(),
+    }
 }
