@@ -204,8 +204,14 @@ mod tests {
         // first used only now, after two more seedings and other draws
         let want = weights(&first);
         assert!(weights(&second) == want, "the same seed gave other weights");
-        assert!(weights(&third) == want, "a draw in between changed the weights");
+        assert!(
+            weights(&third) == want,
+            "a draw in between changed the weights"
+        );
         let other = config.try_init_seeded(&device, 8).unwrap();
-        assert!(weights(&other) != want, "another seed gave the same weights");
+        assert!(
+            weights(&other) != want,
+            "another seed gave the same weights"
+        );
     }
 }
