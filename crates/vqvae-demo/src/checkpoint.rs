@@ -60,11 +60,11 @@ fn abort_point(stage: &str, epoch: usize) {
     }
 }
 
-/// Commits `epoch`: the model (and the optimizer, when training goes on from it), the
-/// epoch's `record`, then the marker; keeps the last two checkpoints.
+/// Commits `epoch`: the model and the optimizer, the epoch's `record`, then the marker; keeps
+/// the last two checkpoints.
 pub fn commit(
     model: &VqVae,
-    optimizer: Option<&ModuleOptimizer>,
+    optimizer: &ModuleOptimizer,
     out: &Path,
     record: &EpochRecord,
 ) -> Result<(), DemoError> {
@@ -77,11 +77,9 @@ pub fn commit(
         .save_file(model_file(out, epoch))
         .map_err(|e| DemoError::Checkpoint(format!("saving model-{epoch}.bpk: {e}")))?;
     abort_point("model", epoch);
-    if let Some(optimizer) = optimizer {
-        optimizer
-            .save(optimizer_file(out, epoch))
-            .map_err(|e| DemoError::Checkpoint(format!("saving optim-{epoch}.bpk: {e}")))?;
-    }
+    optimizer
+        .save(optimizer_file(out, epoch))
+        .map_err(|e| DemoError::Checkpoint(format!("saving optim-{epoch}.bpk: {e}")))?;
     abort_point("optimizer", epoch);
     let metrics_path = out.join("metrics.jsonl");
     if std::env::var(ABORT_ENV).is_ok_and(|t| t == format!("metrics-cut:{epoch}")) {
@@ -111,9 +109,10 @@ pub fn commit(
 
 /// Loads the model of `epoch` into `model`.
 pub fn load_model(model: VqVae, out: &Path, epoch: usize) -> Result<VqVae, DemoError> {
+    let file = model_file(out, epoch);
     model
-        .try_load_file(model_file(out, epoch))
-        .map_err(|e| DemoError::Checkpoint(format!("model-{epoch}.bpk: {e}")))
+        .try_load_file(&file)
+        .map_err(|e| DemoError::Checkpoint(format!("{}: {e}", file.display())))
 }
 
 /// Loads the optimizer state of `epoch` into `optimizer`.
@@ -122,9 +121,10 @@ pub fn load_optimizer(
     out: &Path,
     epoch: usize,
 ) -> Result<ModuleOptimizer, DemoError> {
+    let file = optimizer_file(out, epoch);
     optimizer
-        .load(optimizer_file(out, epoch))
-        .map_err(|e| DemoError::Checkpoint(format!("optim-{epoch}.bpk: {e}")))
+        .load(&file)
+        .map_err(|e| DemoError::Checkpoint(format!("{}: {e}", file.display())))
 }
 
 /// Forgets any earlier run in `out`: its marker and its metrics (a new run starts over).

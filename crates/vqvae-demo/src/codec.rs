@@ -131,12 +131,7 @@ pub fn load_trained(run: &Path, device: &Device) -> Result<VqVae, DemoError> {
             checkpoint::dir(run).display()
         ))
     })?;
-    let file = checkpoint::dir(run).join(format!("model-{epoch}.bpk"));
-    let model = config
-        .model
-        .try_init(device)?
-        .try_load_file(&file)
-        .map_err(|e| DemoError::Checkpoint(format!("{}: {e}", file.display())))?;
+    let model = checkpoint::load_model(config.model.try_init(device)?, run, epoch)?;
     Ok(model.valid())
 }
 

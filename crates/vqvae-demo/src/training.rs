@@ -219,7 +219,7 @@ pub fn train(
         let validation = evaluate(&model, &valid_set, config.batch_size, &main);
         let health = model.quantizer.codebook_health();
         let record = totals.record(epoch, devices.len(), train_seconds, &health, validation);
-        checkpoint::commit(&model, Some(&optimizer), out, &record)?;
+        checkpoint::commit(&model, &optimizer, out, &record)?;
         if options.verbose {
             println!("{}", summary_line(&record, config.epochs));
         }
