@@ -20,6 +20,7 @@
 use burn::module::{Module, RunningState};
 use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 
+use crate::config::CodebookRule;
 use crate::error::RvqError;
 use crate::path::{LevelBatch, LevelPath, Work};
 use crate::update::StepPlan;
@@ -39,8 +40,11 @@ pub struct EmaCodebook {
     pub num_embeddings: usize,
     /// `D`.
     pub embedding_dim: usize,
-    /// Laplace smoothing constant.
+    /// Smoothing constant of the counts.
     pub epsilon: f64,
+    /// How the codebook is derived from the statistics.
+    #[module(skip)]
+    pub rule: CodebookRule,
 }
 
 impl EmaCodebook {
@@ -50,6 +54,7 @@ impl EmaCodebook {
         num_embeddings: usize,
         embedding_dim: usize,
         epsilon: f64,
+        rule: CodebookRule,
         device: &Device,
     ) -> Self {
         let device = device.clone().without_autodiff();
@@ -68,6 +73,7 @@ impl EmaCodebook {
             num_embeddings,
             embedding_dim,
             epsilon,
+            rule,
         }
     }
 
@@ -99,7 +105,7 @@ impl EmaCodebook {
     /// The codebook `[K, D]` derived from the statistics, on `device`, without autodiff.
     pub fn codebook(&self, device: &Device) -> Tensor<2> {
         let (count, weight) = self.statistics(device);
-        codebook_from_statistics(count, weight, self.epsilon)
+        codebook_from_statistics(count, weight, self.rule, self.epsilon)
     }
 
     /// Replaces the statistics (e.g. to import a trained codebook).
@@ -168,14 +174,16 @@ impl EmaCodebook {
     ) -> LevelStep {
         let state = self.statistics(device);
         let Some(plan) = plan else {
-            let codebook = codebook_from_statistics(state.0, state.1, self.epsilon);
+            let codebook = codebook_from_statistics(state.0, state.1, self.rule, self.epsilon);
             return LevelStep {
                 batch: path.level(codebook, rows, work),
                 restarted: 0,
             };
         };
-        let (count, weight, split) = plan.prepare(path, rows, index, state.clone(), self.epsilon);
-        let codebook = codebook_from_statistics(count.clone(), weight.clone(), self.epsilon);
+        let (count, weight, split) =
+            plan.prepare(path, rows, index, state.clone(), self.rule, self.epsilon);
+        let codebook =
+            codebook_from_statistics(count.clone(), weight.clone(), self.rule, self.epsilon);
         let input = plan.restarts_from_batch().then(|| path.residual(rows));
         let batch = path.level(codebook, rows, Work::TRAINING);
         let residuals = input.map(|input| (input, path.residual(rows)));
@@ -210,14 +218,20 @@ pub(crate) struct LevelStep {
     pub restarted: usize,
 }
 
-/// `e_k = m_k / c^_k` with the Laplace-smoothed counts `c^_k = (c_k + eps) / (n + K eps) * n`.
+/// The codebook by `rule`: `e_k = m_k / c^_k` with the Laplace-smoothed counts
+/// `c^_k = (c_k + eps) / (n + K eps) * n`, or `e_k = m_k / max(c_k, eps)` (Mimi's clamp).
 ///
-/// The order of operations is the reference's, so the result agrees to the rounding.
+/// The order of operations is the reference's (and EnCodec's, and Mimi's for the clamp), so
+/// the result agrees to the rounding.
 pub(crate) fn codebook_from_statistics(
     count: Tensor<1>,
     weight: Tensor<2>,
+    rule: CodebookRule,
     epsilon: f64,
 ) -> Tensor<2> {
+    if rule == CodebookRule::Clamp {
+        return weight.div(count.clamp_min(epsilon).unsqueeze_dim(1));
+    }
     let [k] = count.dims();
     let total = count.clone().sum(); // [1]
     let denominator = total.clone().add_scalar(k as f64 * epsilon); // [1]

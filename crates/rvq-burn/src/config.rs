@@ -63,6 +63,40 @@ pub enum Execution {
     TensorOps,
 }
 
+/// How a level's codebook is derived from its EMA statistics (counts `c_k`, sums `m_k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CodebookRule {
+    /// `e_k = m_k / c^_k` with the Laplace-smoothed counts `c^_k = (c_k + eps) / (n + K eps) *
+    /// n`, `n` the total count: the reference's rule, and EnCodec's and
+    /// vector-quantize-pytorch's.
+    #[default]
+    Laplace,
+    /// `e_k = m_k / max(c_k, eps)`, without smoothing: Mimi's (moshi `EuclideanCodebook`).
+    Clamp,
+}
+
+/// When dead codes are found and restarted within a training step (with
+/// `threshold_ema_dead_code > 0`). Either way a code is dead when its EMA count is below
+/// `threshold_ema_dead_code * n / K`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum DeadCodeRule {
+    /// After the EMA update, on the updated counts; a restarted code gets count `n / K` and a
+    /// batch vector. Default.
+    #[default]
+    AfterUpdate,
+    /// Mimi's rule (moshi `threshold_usage_ratio`): before the EMA update, on the counts the
+    /// batch was assigned with; a restarted code gets count `replaced_usage_ratio * n / K`
+    /// (`n` before the restart) and a batch vector, and the batch's statistics then enter by
+    /// the EMA as for every code. Mimi draws the vectors at random; this crate takes the
+    /// batch rows represented worst, so the vectors differ while the codes restarted and
+    /// their counts do not.
+    BeforeUpdate {
+        /// Count of a restarted code relative to the mean count (moshi's
+        /// `replaced_usage_ratio`, default 1). Finite and > 0.
+        replaced_usage_ratio: f64,
+    },
+}
+
 /// Configuration of an [`EmaResidualVectorQuantizer`](crate::EmaResidualVectorQuantizer).
 ///
 /// The defaults are those of the reference layer (helia-edge 0.6.2
@@ -84,9 +118,14 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// (1 freezes the codebook). Default: 0.99.
     #[config(default = 0.99)]
     pub ema_decay: f64,
-    /// Laplace smoothing constant of the EMA counts. Must be finite and > 0. Default: 1e-5.
+    /// Smoothing constant of the EMA counts (see `codebook_rule`). Must be finite and > 0.
+    /// Default: 1e-5.
     #[config(default = 1e-5)]
     pub epsilon: f64,
+    /// How the codebook is derived from the EMA statistics. Default:
+    /// [`CodebookRule::Laplace`] (the reference's); [`CodebookRule::Clamp`] is Mimi's.
+    #[config(default = "CodebookRule::Laplace")]
+    pub codebook_rule: CodebookRule,
     /// Largest distance matrix (rows x codes) computed at once on the tensor path; a batch
     /// with more `N x K` entries is searched in row chunks, so memory stays bounded for large
     /// `N`. The host path works in small tiles anyway, one per worker thread (2^16
@@ -121,6 +160,11 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// Look for dead codes every this many training steps. Must be >= 1. Default: 1.
     #[config(default = 1)]
     pub dead_code_check_every: usize,
+    /// When in a step dead codes are found and restarted. Default:
+    /// [`DeadCodeRule::AfterUpdate`]; [`DeadCodeRule::BeforeUpdate`] is Mimi's. Not with
+    /// `data_parallel`, whose restarts split busy codes.
+    #[config(default = "DeadCodeRule::AfterUpdate")]
+    pub dead_code_rule: DeadCodeRule,
     /// Quantizer dropout: probability that a training batch is quantized with a random number
     /// of levels, drawn uniformly from `quantize_dropout_min_levels..=num_levels`, so that one
     /// model serves every bitrate (SoundStream). In `[0, 1]`. Default: 0.
@@ -251,6 +295,25 @@ impl EmaResidualVectorQuantizerConfig {
                 "must be >= 1",
             ));
         }
+        if let DeadCodeRule::BeforeUpdate {
+            replaced_usage_ratio,
+        } = self.dead_code_rule
+        {
+            if !(replaced_usage_ratio.is_finite() && replaced_usage_ratio > 0.0) {
+                return Err(invalid(
+                    "dead_code_rule",
+                    format!("BeforeUpdate {{ replaced_usage_ratio: {replaced_usage_ratio} }}"),
+                    "needs a finite replaced_usage_ratio > 0",
+                ));
+            }
+            if self.data_parallel {
+                return Err(invalid(
+                    "dead_code_rule",
+                    format!("BeforeUpdate {{ replaced_usage_ratio: {replaced_usage_ratio} }}"),
+                    "is not available with data_parallel = true (its restarts split busy codes)",
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.quantize_dropout) {
             return Err(invalid(
                 "quantize_dropout",
@@ -303,6 +366,8 @@ mod tests {
         assert!(!config.kmeans_init);
         assert_eq!(config.threshold_ema_dead_code, 0.0);
         assert_eq!(config.quantize_dropout, 0.0);
+        assert_eq!(config.codebook_rule, CodebookRule::Laplace);
+        assert_eq!(config.dead_code_rule, DeadCodeRule::AfterUpdate);
         assert!(config.validate().is_ok());
     }
 
@@ -331,6 +396,22 @@ mod tests {
                 config().with_max_distance_elements(0),
                 "max_distance_elements",
                 "0",
+            ),
+            (
+                config().with_dead_code_rule(DeadCodeRule::BeforeUpdate {
+                    replaced_usage_ratio: 0.0,
+                }),
+                "dead_code_rule",
+                "BeforeUpdate { replaced_usage_ratio: 0 }",
+            ),
+            (
+                config()
+                    .with_data_parallel(true)
+                    .with_dead_code_rule(DeadCodeRule::BeforeUpdate {
+                        replaced_usage_ratio: 1.0,
+                    }),
+                "dead_code_rule",
+                "BeforeUpdate { replaced_usage_ratio: 1 }",
             ),
         ];
         for (config, parameter, value) in cases {

@@ -20,7 +20,7 @@ use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param,
 use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
 
 use crate::codebook::{EmaCodebook, LevelStep};
-use crate::config::{EmaResidualVectorQuantizerConfig, Execution};
+use crate::config::{DeadCodeRule, EmaResidualVectorQuantizerConfig, Execution};
 use crate::error::RvqError;
 use crate::hash::SplitMix64;
 use crate::metrics::CodebookHealth;
@@ -78,6 +78,9 @@ pub struct EmaResidualVectorQuantizer {
     pub threshold_ema_dead_code: f64,
     /// See [`EmaResidualVectorQuantizerConfig::dead_code_check_every`].
     pub dead_code_check_every: usize,
+    /// See [`EmaResidualVectorQuantizerConfig::dead_code_rule`].
+    #[module(skip)]
+    pub dead_code_rule: DeadCodeRule,
     /// See [`EmaResidualVectorQuantizerConfig::quantize_dropout`].
     pub quantize_dropout: f64,
     /// See [`EmaResidualVectorQuantizerConfig::quantize_dropout_min_levels`].
@@ -110,7 +113,15 @@ impl EmaResidualVectorQuantizerConfig {
         let levels = self
             .sizes()
             .into_iter()
-            .map(|size| EmaCodebook::init(size, self.embedding_dim, self.epsilon, device))
+            .map(|size| {
+                EmaCodebook::init(
+                    size,
+                    self.embedding_dim,
+                    self.epsilon,
+                    self.codebook_rule,
+                    device,
+                )
+            })
             .collect();
         Ok(EmaResidualVectorQuantizer {
             levels,
@@ -125,6 +136,7 @@ impl EmaResidualVectorQuantizerConfig {
             kmeans_iterations: self.kmeans_iterations,
             threshold_ema_dead_code: self.threshold_ema_dead_code,
             dead_code_check_every: self.dead_code_check_every,
+            dead_code_rule: self.dead_code_rule,
             quantize_dropout: self.quantize_dropout,
             quantize_dropout_min_levels: self.quantize_dropout_min_levels,
             data_parallel: self.data_parallel,
@@ -583,6 +595,7 @@ impl EmaResidualVectorQuantizer {
             kmeans_iterations: self.kmeans_iterations,
             threshold_ema_dead_code: self.threshold_ema_dead_code,
             dead_code_check_every: self.dead_code_check_every,
+            dead_code_rule: self.dead_code_rule,
             data_parallel: self.data_parallel,
         }
     }

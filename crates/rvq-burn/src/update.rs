@@ -7,7 +7,7 @@
 use burn::tensor::{Bool, IndexingUpdateOp, Tensor, TensorData};
 
 use crate::codebook::codebook_from_statistics;
-use crate::config::EmaResidualVectorQuantizerConfig;
+use crate::config::{CodebookRule, DeadCodeRule, EmaResidualVectorQuantizerConfig};
 use crate::hash::SplitMix64;
 use crate::path::host::int_tensor;
 use crate::path::{LevelBatch, LevelPath, Work};
@@ -45,9 +45,13 @@ pub(crate) enum Rule {
 /// Which codes a step restarts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Restart {
-    /// After the update, the codes whose EMA count is below `threshold` times the uniform
-    /// rate take the batch vectors represented worst.
-    BatchVectors { threshold: f64 },
+    /// The codes whose EMA count is below `threshold` times the uniform rate take the batch
+    /// vectors represented worst: after the update (`before_update: None`), or before it with
+    /// count `ratio` times the uniform rate (`Some(ratio)`, Mimi's rule).
+    BatchVectors {
+        threshold: f64,
+        before_update: Option<f64>,
+    },
     /// Before the assignment, the codes whose synchronized count is below
     /// `absolute + rate * n / K` are split off the busiest codes (data-parallel mode, where
     /// every device must make the same change); `salt` varies the offsets.
@@ -62,6 +66,7 @@ pub(crate) struct PlanConfig {
     pub kmeans_iterations: usize,
     pub threshold_ema_dead_code: f64,
     pub dead_code_check_every: usize,
+    pub dead_code_rule: DeadCodeRule,
     pub data_parallel: bool,
 }
 
@@ -73,6 +78,7 @@ impl From<&EmaResidualVectorQuantizerConfig> for PlanConfig {
             kmeans_iterations: config.kmeans_iterations,
             threshold_ema_dead_code: config.threshold_ema_dead_code,
             dead_code_check_every: config.dead_code_check_every,
+            dead_code_rule: config.dead_code_rule,
             data_parallel: config.data_parallel,
         }
     }
@@ -95,7 +101,15 @@ impl StepPlan {
                 kmeans_iterations: (config.kmeans_init && step == Some(0))
                     .then_some(config.kmeans_iterations),
                 rule: ema,
-                restart: rate.map(|threshold| Restart::BatchVectors { threshold }),
+                restart: rate.map(|threshold| Restart::BatchVectors {
+                    threshold,
+                    before_update: match config.dead_code_rule {
+                        DeadCodeRule::AfterUpdate => None,
+                        DeadCodeRule::BeforeUpdate {
+                            replaced_usage_ratio,
+                        } => Some(replaced_usage_ratio),
+                    },
+                }),
             };
         }
         // Data-parallel: the first step (the first `kmeans_iterations` with k-means init)
@@ -141,6 +155,7 @@ impl StepPlan {
         rows: &P::Rows,
         level: usize,
         (count, weight): (Tensor<1>, Tensor<2>),
+        rule: CodebookRule,
         epsilon: f64,
     ) -> (Tensor<1>, Tensor<2>, usize) {
         let [k, _] = weight.dims();
@@ -156,7 +171,7 @@ impl StepPlan {
                 salt,
             }) => {
                 let salt = SplitMix64::new(salt ^ ((level as u64) << 48)).next_u64();
-                split_codes(count, weight, epsilon, (absolute, rate), salt)
+                split_codes(count, weight, (rule, epsilon), (absolute, rate), salt)
             }
             _ => (count, weight, 0),
         }
@@ -174,6 +189,23 @@ impl StepPlan {
     ) -> (Tensor<1>, Tensor<2>, usize) {
         let counts = batch.counts.clone().expect("a training pass counts");
         let sums = batch.sums.clone().expect("a training pass sums");
+        // Mimi's rule: restart on the state the batch was assigned with, then the EMA.
+        let (count, weight, restarted_before) = match (self.restart, &residuals) {
+            (
+                Some(Restart::BatchVectors {
+                    threshold,
+                    before_update: Some(ratio),
+                }),
+                Some((residual, next_residual)),
+            ) => restart_dead_codes(
+                count,
+                weight,
+                (residual.clone(), next_residual.clone()),
+                threshold,
+                Some(ratio),
+            ),
+            _ => (count, weight, 0),
+        };
         let (count, weight) = match self.rule {
             Rule::Ema { decay } => (
                 count.mul_scalar(decay).add(counts.mul_scalar(1.0 - decay)),
@@ -182,19 +214,24 @@ impl StepPlan {
             Rule::Replace => (counts, sums),
         };
         match (self.restart, residuals) {
-            (Some(Restart::BatchVectors { threshold }), Some((residual, next_residual))) => {
-                restart_dead_codes(count, weight, residual, next_residual, threshold)
-            }
-            _ => (count, weight, 0),
+            (
+                Some(Restart::BatchVectors {
+                    threshold,
+                    before_update: None,
+                }),
+                Some(residuals),
+            ) => restart_dead_codes(count, weight, residuals, threshold, None),
+            _ => (count, weight, restarted_before),
         }
     }
 }
 
 /// Replaces the codes whose EMA count is below `threshold * n / K` by the rows of `residual`
-/// (a level's input) the codebook represented worst (the largest rows of `next_residual`), with a consistent state: count `n / K` (the
-/// uniform rate, above any threshold < 1) and sum `vector * n / K`, so the code *is* that
-/// vector and keeps it through the next EMA update. Returns the new statistics and how
-/// many codes were restarted.
+/// (a level's input) the codebook represented worst (the largest rows of `next_residual`),
+/// with a consistent state: count `n / K` (the uniform rate, above any threshold < 1), or
+/// `ratio * n / K` with `replaced: Some(ratio)` (Mimi's rule, computed in Mimi's order of
+/// operations so the same codes fall below the threshold), and sum `vector * count`, so the
+/// code *is* that vector. Returns the new statistics and how many codes were restarted.
 ///
 /// Reads the dead-code mask back to the host, and, when there are dead codes, the rows
 /// that replace them. Deterministic: the same state and
@@ -202,17 +239,26 @@ impl StepPlan {
 fn restart_dead_codes(
     count: Tensor<1>,
     weight: Tensor<2>,
-    residual: Tensor<2>,
-    next_residual: Tensor<2>,
+    (residual, next_residual): (Tensor<2>, Tensor<2>),
     threshold: f64,
+    replaced: Option<f64>,
 ) -> (Tensor<1>, Tensor<2>, usize) {
     let [k, d] = weight.dims();
     let [n, _] = residual.dims();
     let device = weight.device();
-    let uniform = count.clone().sum().div_scalar(k as f64); // [1]: n / K
-    let dead_mask = count
-        .clone()
-        .lower(uniform.clone().mul_scalar(threshold).expand([k]));
+    let total = count.clone().sum(); // [1]
+    let (limit, uniform) = match replaced {
+        None => {
+            let uniform = total.div_scalar(k as f64); // n / K
+            (uniform.clone().mul_scalar(threshold), uniform)
+        }
+        // moshi: `ratio * cluster_usage.sum() / codebook_size`.
+        Some(ratio) => (
+            total.clone().mul_scalar(threshold).div_scalar(k as f64),
+            total.mul_scalar(ratio).div_scalar(k as f64),
+        ),
+    };
+    let dead_mask = count.clone().lower(limit.expand([k]));
     let dead: Vec<i64> = dead_mask
         .clone()
         .int()
@@ -263,7 +309,7 @@ fn restart_dead_codes(
 fn split_codes(
     count: Tensor<1>,
     weight: Tensor<2>,
-    epsilon: f64,
+    (rule, epsilon): (CodebookRule, f64),
     (absolute, rate): (f64, f64),
     salt: u64,
 ) -> (Tensor<1>, Tensor<2>, usize) {
@@ -310,7 +356,7 @@ fn split_codes(
             offsets.push(sign / (d as f32).sqrt());
         }
     }
-    let codebook = codebook_from_statistics(count, weight.clone(), epsilon);
+    let codebook = codebook_from_statistics(count, weight.clone(), rule, epsilon);
     let rms = codebook
         .clone()
         .powi_scalar(2)
