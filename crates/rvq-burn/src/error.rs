@@ -89,6 +89,16 @@ pub enum RvqError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A PyTorch checkpoint could not be imported or exported (module `interop`, feature
+    /// `pytorch`).
+    Checkpoint {
+        /// The file's path (`<bytes>` for in-memory files, `<export>` while exporting).
+        file: String,
+        /// The key at fault, when one is.
+        key: Option<String>,
+        /// What is wrong, with what was expected and what came.
+        problem: String,
+    },
     /// A compressed stream could not be written or read (see [`StreamError`]).
     Stream(StreamError),
 }
@@ -152,6 +162,10 @@ impl fmt::Display for RvqError {
                 "state `{field}` has shape {got:?}, expected {expected:?}"
             ),
             Self::InvalidState { field, reason } => write!(f, "state `{field}` {reason}"),
+            Self::Checkpoint { file, key, problem } => match key {
+                Some(key) => write!(f, "checkpoint {file}: `{key}` {problem}"),
+                None => write!(f, "checkpoint {file} {problem}"),
+            },
             Self::Stream(error) => error.fmt(f),
         }
     }

@@ -54,6 +54,8 @@
 //! - [`entropy`], [`stream`]: codes to bytes. [`EntropyModels`] built from the EMA counts,
 //!   and the self-describing, checksummed ANS stream ([`EmaResidualVectorQuantizer::try_compress`],
 //!   [`EmaResidualVectorQuantizer::try_decompress`]).
+//! - `interop` (feature `pytorch`): the quantizer state of PyTorch codecs (EnCodec, Mimi,
+//!   vector-quantize-pytorch) in and out, through burn-store.
 //! - [`error`]: [`RvqError`], returned by every `try_*` call.
 #![warn(missing_docs)]
 
@@ -62,6 +64,8 @@ pub mod config;
 pub mod entropy;
 pub mod error;
 mod hash;
+#[cfg(feature = "pytorch")]
+pub mod interop;
 pub mod metrics;
 pub mod options;
 pub mod output;
@@ -71,9 +75,13 @@ pub mod stream;
 mod update;
 
 pub use codebook::EmaCodebook;
-pub use config::{CodebookSizes, EmaResidualVectorQuantizerConfig, Execution};
+pub use config::{
+    CodebookRule, CodebookSizes, DeadCodeRule, EmaResidualVectorQuantizerConfig, Execution,
+};
 pub use entropy::{EntropyModels, LevelModel};
 pub use error::RvqError;
+#[cfg(feature = "pytorch")]
+pub use interop::{ImportReport, KeyStyle, Layout, PytorchState};
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
 pub use options::{ForwardOptions, Mask};
 pub use output::RvqOutput;

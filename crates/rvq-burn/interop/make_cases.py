@@ -1,0 +1,165 @@
+"""Writes the interop cases (format `rvq-interop/1`, crates/rvq-burn/tests/fixtures/interop/README.md)
+from the real EnCodec, Mimi (moshi) and vector-quantize-pytorch quantizers.
+
+    .venv/bin/python crates/rvq-burn/interop/make_cases.py [OUT_DIR]
+
+Each case: a quantizer trained for a few steps on clustered data (k-means init done, dead-code
+replacement off unless the case is about it), its `state_dict()` under a key prefix
+(`NAME.before.safetensors`), the same keys after one more training forward on `input`
+(`NAME.after.safetensors`), and `encode(input)` and `decode(codes)` of the `before` state
+(`NAME.json`). Deterministic for a given torch build (seeded).
+"""
+
+import json
+import zlib
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_codecs import Codec, to_transformers  # noqa: E402
+
+SOURCES = {
+    "encodec": "encodec 0.1.1 encodec.quantization.core_vq.ResidualVectorQuantization",
+    "mimi": "moshi 0.2.13 moshi.quantization.core_vq.ResidualVectorQuantization",
+    "vqp": "vector-quantize-pytorch 1.32.0 ResidualVQ",
+}
+
+CASES = [
+    # name, layout, key style, prefix, levels, K, D, decay, epsilon, extra
+    ("encodec_m4_k64_d8", "encodec", "original", "quantizer.vq.", 4, 64, 8, 0.99, 1e-5, {}),
+    ("encodec_hf_m6_k128_d24", "encodec", "transformers", "quantizer.", 6, 128, 24, 0.95, 1e-5, {}),
+    ("mimi_m4_k64_d8", "mimi", "original", "quantizer.rvq_rest.vq.", 4, 64, 8, 0.99, 1e-5,
+     {"whole_model_pt": True}),
+    ("mimi_hf_m5_k128_d16", "mimi", "transformers",
+     "quantizer.acoustic_residual_vector_quantizer.", 5, 128, 16, 0.9, 1e-5, {}),
+    ("vqp_m4_k64_d8", "vqp", "original", "quantizer.", 4, 64, 8, 0.8, 1e-5, {}),
+    ("vqp_m3_k128_d16", "vqp", "original", "", 3, 128, 16, 0.95, 1e-5, {}),
+    # Mimi's dead-code rule: checked at every step, a code below 0.9 of the mean usage is
+    # replaced before the EMA update. `expired` lists the codes Mimi replaced in the `after`
+    # forward; their sums hold Mimi's random batch vectors, everything else is exact.
+    ("mimi_dead_codes_m3_k64_d8", "mimi", "original", "", 3, 64, 8, 0.9, 1e-5,
+     {"dead_code": {"threshold_usage_ratio": 0.9, "replaced_usage_ratio": 1.0, "check_every": 1}}),
+    # EnCodec right after its k-means init, with no training step since (it runs the init in an
+    # eval forward too): `embed` holds the centroids but `embed_avg` holds them too, not
+    # centroid x count. The import rebuilds the sums from `embed` and says so; there is no
+    # `after` (EnCodec's next update starts from the inconsistent sums, and so differs).
+    ("encodec_fresh_init_m3_k32_d8", "encodec", "original", "quantizer.vq.", 3, 32, 8, 0.99, 1e-5,
+     {"fresh_init": True}),
+]
+
+
+def clustered(generator, centers, rows, spread=0.35):
+    """`rows` vectors around random picks of `centers`."""
+    picks = torch.randint(0, centers.shape[0], (rows,), generator=generator)
+    return centers[picks] + spread * torch.randn(rows, centers.shape[1], generator=generator)
+
+
+def floats(t):
+    return [[float(v) for v in row] for row in t.tolist()]
+
+
+def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, extra):
+    torch.manual_seed(zlib.crc32(name.encode()))
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    centers = torch.randn(3 * k, d, generator=generator)
+    codec = Codec(layout, levels, k, d, decay, epsilon, extra.get("dead_code"))
+    fresh = extra.get("fresh_init", False)
+    if fresh:
+        codec.eval_forward(clustered(generator, centers, 512))
+    else:
+        # Mimi initializes one level per step (a level waits for the one before it).
+        for _ in range(levels + 6):
+            codec.train_step(clustered(generator, centers, 512))
+    inputs = clustered(generator, centers, 96)
+
+    before = codec.state()
+    codes = codec.encode(inputs)
+    quantized = codec.decode(codes)
+    expired = None
+    if not fresh:
+        if layout == "mimi" and "dead_code" in extra:
+            expired = record_expired(codec, inputs)
+        else:
+            codec.train_step(inputs)
+    after = codec.state()
+
+    def write(state, suffix):
+        if style == "transformers":
+            state = to_transformers(layout, state)
+        save_file({prefix + key: value for key, value in state.items()},
+                  os.path.join(out_dir, f"{name}.{suffix}.safetensors"))
+
+    write(before, "before")
+    if extra.get("whole_model_pt"):
+        # The same state inside a whole model's torch.save checkpoint, nested under "model",
+        # next to other weights (one of them another quantizer of another size).
+        model = {"encoder.conv.weight": torch.randn(4, 3, 5), "encoder.conv.bias": torch.randn(4)}
+        other = Codec(layout, 1, k // 2, d, decay, epsilon)
+        other.train_step(clustered(generator, centers, 128))
+        model.update({"quantizer.rvq_first.vq." + key: v for key, v in other.state().items()})
+        model.update({prefix + key: value for key, value in before.items()})
+        torch.save({"model": model, "epoch": 12, "config": {"codebook_size": k}},
+                   os.path.join(out_dir, f"{name}.model.pt"))
+    if not fresh:
+        write(after, "after")
+    case = {
+        "format": "rvq-interop/1",
+        "source": SOURCES[layout] + (" (keys renamed as in transformers)" if style == "transformers" else ""),
+        "layout": layout,
+        "prefix": prefix,
+        "num_levels": levels,
+        "codebook_size": k,
+        "dim": d,
+        "decay": decay,
+        "epsilon": epsilon,
+        "before": f"{name}.before.safetensors",
+        "after": None if fresh else f"{name}.after.safetensors",
+        "input": floats(inputs),
+        "codes": codes.tolist(),
+        "quantized": floats(quantized),
+    }
+    if fresh:
+        case["rebuilt_levels"] = list(range(levels))
+    if expired is not None:
+        case["dead_code"] = dict(extra["dead_code"], expired=expired)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(case, f)
+        f.write("\n")
+    summary = f"expired per level {[len(e) for e in expired]}" if expired else ""
+    print(f"{name}: {layout} ({style}), {levels} levels, K={k}, D={d} {summary}")
+
+
+def record_expired(codec, inputs):
+    """Runs the training forward, recording the codes each Mimi level replaces."""
+    expired = []
+    for layer in codec.module.layers:
+        book = layer._codebook
+        original = book._replace_expired_codes
+
+        def replace(samples, mask, original=original):
+            expired.append([int(i) for i in mask.nonzero().flatten()])
+            original(samples, mask)
+
+        book._replace_expired_codes = replace
+    codec.train_step(inputs)
+    for layer in codec.module.layers:
+        del layer._codebook._replace_expired_codes
+    if len(expired) != len(codec.module.layers):
+        raise SystemExit("the dead-code check did not run at every level")
+    return expired
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "tests", "fixtures", "interop")
+    os.makedirs(out_dir, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    for case in CASES:
+        make(out_dir, *case)
+
+
+if __name__ == "__main__":
+    main()
