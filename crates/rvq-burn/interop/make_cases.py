@@ -42,6 +42,11 @@ CASES = [
     # forward; their sums hold Mimi's random batch vectors, everything else is exact.
     ("mimi_dead_codes_m3_k64_d8", "mimi", "original", "", 3, 64, 8, 0.9, 1e-5,
      {"dead_code": {"threshold_usage_ratio": 0.9, "replaced_usage_ratio": 1.0, "check_every": 1}}),
+    # The same, checked every 5 steps: the `after` state is 5 training forwards after loading
+    # `before` into a fresh module (moshi counts the steps to the next check from there, as
+    # the import does), so only the 5th forward checks.
+    ("mimi_dead_codes_every5_m3_k64_d8", "mimi", "original", "", 3, 64, 8, 0.9, 1e-5,
+     {"dead_code": {"threshold_usage_ratio": 0.9, "replaced_usage_ratio": 1.0, "check_every": 5}}),
     # EnCodec right after its k-means init, with no training step since (it runs the init in an
     # eval forward too): `embed` holds the centroids but `embed_avg` holds them too, not
     # centroid x count. The import rebuilds the sums from `embed` and says so; there is no
@@ -79,8 +84,15 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
     codes = codec.encode(inputs)
     quantized = codec.decode(codes)
     expired = None
+    after_steps = 1
     if not fresh:
         if layout == "mimi" and "dead_code" in extra:
+            # A fresh module with the `before` state, as after loading a checkpoint.
+            codec = Codec(layout, levels, k, d, decay, epsilon, extra["dead_code"])
+            codec.load(before)
+            after_steps = extra["dead_code"]["check_every"]
+            for _ in range(after_steps - 1):
+                codec.train_step(inputs)
             expired = record_expired(codec, inputs)
         else:
             codec.train_step(inputs)
@@ -125,6 +137,7 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
         case["rebuilt_levels"] = list(range(levels))
     if expired is not None:
         case["dead_code"] = dict(extra["dead_code"], expired=expired)
+        case["after_steps"] = after_steps
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(case, f)
         f.write("\n")
@@ -152,6 +165,26 @@ def record_expired(codec, inputs):
     return expired
 
 
+class Evil:
+    """Pickles as a call of os.system, as a malicious checkpoint would."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this command ran > /tmp/rvq-interop-pwned",))
+
+
+def malicious(out_dir):
+    """A torch.save zip whose state dict is a valid EnCodec quantizer state, plus an entry that
+    calls os.system when PyTorch loads the file (saving it calls nothing)."""
+    state = load_state(os.path.join(out_dir, "encodec_m4_k64_d8.before.safetensors"))
+    torch.save({"model": state, "hook": Evil()}, os.path.join(out_dir, "malicious.pt"))
+
+
+def load_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "tests", "fixtures", "interop")
@@ -159,6 +192,7 @@ def main():
     torch.use_deterministic_algorithms(True)
     for case in CASES:
         make(out_dir, *case)
+    malicious(out_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@
 //! ```
 //!
 //! which is exactly what the reference assigns after every update, and equals its initial
-//! codebook (counts one, sums equal to the codebook, so `c^ = 1`). Deriving it instead of
+//! codebook (counts one, sums equal to the codebook, so `c^ = 1`). With
+//! [`CodebookRule::Clamp`] (Mimi's) the divisor is `max(c_k, eps)` instead. The rule is
+//! configuration, not state: records and streams do not carry it, so load them into a layer
+//! configured with the rule they were made with. Deriving it instead of
 //! storing it a second time keeps the three consistent by construction, and is what makes the
 //! statistics correct when several devices update them at once: `RunningState` averages the
 //! pending per-thread values, and averaging counts and sums scales both by the same factor,

@@ -7,9 +7,9 @@
 //! helia-edge 0.6.2 (its recorded outputs, indices, losses, metrics, input gradients and EMA
 //! state are replayed by this crate's tests to 1e-5): per level, the nearest code by squared
 //! distance; exponential moving averages of the per-code counts and sums of assigned vectors;
-//! Laplace-smoothed counts; codebook = sums / smoothed counts; only the commitment loss
-//! `beta * mean((sg(q) - r)^2)` is back-propagated; one straight-through estimator on the
-//! summed output.
+//! Laplace-smoothed counts (or Mimi's clamp, [`CodebookRule`]); codebook = sums / smoothed
+//! counts; only the commitment loss `beta * mean((sg(q) - r)^2)` is back-propagated; one
+//! straight-through estimator on the summed output.
 //!
 //! ```
 //! use burn::module::Module;
@@ -58,6 +58,7 @@
 //!   vector-quantize-pytorch) in and out, through burn-store.
 //! - [`error`]: [`RvqError`], returned by every `try_*` call.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod codebook;
 pub mod config;
@@ -65,6 +66,7 @@ pub mod entropy;
 pub mod error;
 mod hash;
 #[cfg(feature = "pytorch")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pytorch")))]
 pub mod interop;
 pub mod metrics;
 pub mod options;

@@ -244,7 +244,9 @@ impl EmaResidualVectorQuantizer {
     }
 
     /// Replaces the EMA statistics of `level` (0-based), e.g. to import a trained quantizer.
-    /// The codebook becomes `ema_weight / smoothed(ema_count)`.
+    /// The codebook becomes `ema_weight / smoothed(ema_count)` by the configured
+    /// [`CodebookRule`](crate::CodebookRule). For a PyTorch codec's state see the `interop`
+    /// module (feature `pytorch`).
     ///
     /// Fails, leaving the state as it was, if `level` does not exist, a shape is not
     /// `[K_l]`/`[K_l, D]`, a count is negative or not finite, the counts sum to zero, or a

@@ -273,12 +273,24 @@ fn restart_dead_codes(
     }
     // The rows with the largest quantization error, as many as there are dead codes
     // (cycled when the batch is smaller).
-    let errors = next_residual.powi_scalar(2).sum_dim(1).reshape([n]); // [N]
-    // A non-finite batch is discarded by the caller; keep the sort well defined meanwhile.
-    let errors = errors.clone().mask_fill(errors.is_nan(), -1.0);
+    // Sorted on the host (N values read back on a step that restarts): Burn's top-k on WGPU
+    // compiles kernels per k, which on a software Vulkan driver costs seconds a restart.
+    let errors: Vec<f32> = next_residual
+        .powi_scalar(2)
+        .sum_dim(1)
+        .into_data()
+        .iter::<f32>()
+        .collect(); // [N]
     let take = dead.len().min(n);
-    let (_, worst) = errors.topk_with_indices(take, 0); // [take]
-    let worst: Vec<i64> = worst.into_data().iter::<i64>().collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    // Largest error first, ties by row; a non-finite batch is discarded by the caller, NaN
+    // sorts last meanwhile.
+    let key = |row: usize| match errors[row] {
+        e if e.is_nan() => -1.0,
+        e => e,
+    };
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    let worst: Vec<i64> = order[..take].iter().map(|&row| row as i64).collect();
     let rows: Vec<i64> = (0..dead.len()).map(|i| worst[i % take]).collect();
     let rows = int_tensor(rows, &device);
     let dead_codes = int_tensor(dead.clone(), &device);

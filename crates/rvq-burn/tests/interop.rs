@@ -38,6 +38,13 @@ struct Case {
     rebuilt_levels: Vec<usize>,
     #[serde(default)]
     dead_code: Option<DeadCode>,
+    /// Training forwards on `input` from `before` to `after` (1 unless given).
+    #[serde(default = "one")]
+    after_steps: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Mimi's dead-code rule, and the codes Mimi replaced in the `after` forward.
@@ -193,6 +200,13 @@ fn replay_case(path: &Path, device: &Device, execution: Execution) -> Result<(),
     let n = case.input.len();
     let x = rows(&case.input, device);
     let codes = rvq.encode(x.clone());
+    if codes.len() != case.codes.len() {
+        return Err(format!(
+            "{} levels of codes, expected {}",
+            codes.len(),
+            case.codes.len()
+        ));
+    }
     for (level, (got, want)) in codes.iter().zip(&case.codes).enumerate() {
         let got = ints(got.clone());
         if &got != want {
@@ -247,7 +261,17 @@ fn replay_case(path: &Path, device: &Device, execution: Execution) -> Result<(),
     let Some(after_name) = &case.after else {
         return Ok(());
     };
-    let out = rvq.forward(x.without_autodiff().autodiff().require_grad());
+    let x = x.without_autodiff().autodiff().require_grad();
+    for step in 1..case.after_steps {
+        let out = rvq.forward(x.clone());
+        if out.restarted_codes.iter().any(|&n| n > 0) {
+            return Err(format!(
+                "forward {step} of {} restarted codes {:?}; the codec checks on the last only",
+                case.after_steps, out.restarted_codes
+            ));
+        }
+    }
+    let out = rvq.forward(x);
     rvq.sync_state();
     if let Some(dead) = &case.dead_code {
         let want: Vec<usize> = dead.expired.iter().map(Vec::len).collect();
@@ -279,7 +303,14 @@ fn replay_all(backend: &str, device: &Device, execution: Execution) -> BTreeMap<
     let mut per_layout = BTreeMap::new();
     let mut failures = Vec::new();
     for path in case_paths() {
-        match replay_case(&path, device, execution) {
+        let start = std::time::Instant::now();
+        let result = replay_case(&path, device, execution);
+        eprintln!(
+            "{} on {backend} ({execution:?}): {:.1} s",
+            path.file_name().unwrap().to_string_lossy(),
+            start.elapsed().as_secs_f64()
+        );
+        match result {
             Ok(()) => {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let case: Case = serde_json::from_str(&text).unwrap();
@@ -423,6 +454,7 @@ fn a_whole_model_pt_checkpoint_imports_through_the_pytorch_store() {
     assert_eq!(report.keys.len(), 3 * case.num_levels, "{report}");
     assert!(report.other_keys > 0, "{report}");
     let codes = rvq.encode(rows(&case.input, &device));
+    assert_eq!(codes.len(), case.codes.len());
     for (got, want) in codes.iter().zip(&case.codes) {
         assert_eq!(&ints(got.clone()), want);
     }
@@ -430,7 +462,7 @@ fn a_whole_model_pt_checkpoint_imports_through_the_pytorch_store() {
 
 /// The cases `bad_files` runs: a description, the file, the layout, the expected words.
 fn bad_file(rvq: &EmaResidualVectorQuantizer, path: &Path, state: &PytorchState, words: &[&str]) {
-    let before = state_bits(rvq);
+    let before = (state_bits(rvq), floats(rvq.steps.value()));
     let error = rvq
         .try_import_pytorch(path, state)
         .expect_err("a bad file must be refused")
@@ -439,7 +471,11 @@ fn bad_file(rvq: &EmaResidualVectorQuantizer, path: &Path, state: &PytorchState,
     for word in words {
         assert!(error.contains(word), "`{word}` not in: {error}");
     }
-    assert_eq!(state_bits(rvq), before, "a failed import changed the state");
+    assert_eq!(
+        (state_bits(rvq), floats(rvq.steps.value())),
+        before,
+        "a failed import changed the state or the step counter"
+    );
 }
 
 #[test]
@@ -546,6 +582,57 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         &[&key("cluster_size"), "I32", "floats"],
     );
 
+    // Both namings of one tensor.
+    let path = edited("two-namings.safetensors", &|t| {
+        let entry = t[&key("cluster_size")].clone();
+        t.insert(format!("{prefix}layers.1.codebook.cluster_size"), entry);
+    });
+    bad_file(
+        &rvq,
+        &path,
+        &state,
+        &[
+            "layers.1.codebook.cluster_size",
+            &key("cluster_size"),
+            "both",
+        ],
+    );
+    // Statistics whose codebook is not finite: EnCodec's sums rebuilt from an `embed` so
+    // large that they overflow (the rebuild comes after the file's values are checked), and
+    // Mimi's clamp dividing a huge sum by a tiny count.
+    let fresh = fixtures().join("encodec_fresh_init_m3_k32_d8.before.safetensors");
+    let path = dir.join("huge-embed.safetensors");
+    rewrite(&fresh, &path, |t| {
+        let data = &mut t.get_mut(&key("embed")).unwrap().2;
+        data[..4].copy_from_slice(&3e38f32.to_le_bytes());
+    });
+    let small = EmaResidualVectorQuantizerConfig::new(3, 32.into(), 8).init(&device);
+    bad_file(
+        &small,
+        &path,
+        &state,
+        &["rebuilt from `embed`", "inf", "code 0"],
+    );
+    let mimi_file = fixtures().join("mimi_m4_k64_d8.before.safetensors");
+    let mimi_state = PytorchState::new(Layout::Mimi).with_prefix("quantizer.rvq_rest.vq.");
+    let mimi_key = |field: &str| format!("quantizer.rvq_rest.vq.layers.2._codebook.{field}");
+    let path = dir.join("huge-sum.safetensors");
+    rewrite(&mimi_file, &path, |t| {
+        t.get_mut(&mimi_key("cluster_usage")).unwrap().2[..4]
+            .copy_from_slice(&1e-30f32.to_le_bytes());
+        t.get_mut(&mimi_key("embedding_sum")).unwrap().2[..4]
+            .copy_from_slice(&3e38f32.to_le_bytes());
+    });
+    let mimi_layer = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+        .with_codebook_rule(CodebookRule::Clamp)
+        .init(&device);
+    bad_file(
+        &mimi_layer,
+        &path,
+        &mimi_state,
+        &[&mimi_key("embedding_sum"), "inf at code 0", "Clamp"],
+    );
+
     // Another layout's file, a wrong prefix: no keys of the layout, and what was found.
     let mimi = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
         .with_codebook_rule(CodebookRule::Clamp)
@@ -646,44 +733,52 @@ fn a_pickle_naming_a_callable_is_refused_and_never_run() {
     let device = Device::flex();
     let rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8).init(&device);
     let state = PytorchState::new(Layout::Encodec);
-    // A plain pickle file, and the same pickle as the root of a torch.save zip archive.
-    let plain = dir.join("malicious.pt");
-    std::fs::write(&plain, malicious_pickle(&command)).unwrap();
-    bad_file(
-        &rvq,
-        &plain,
-        &state,
-        &["malicious.pt", "`x`", "os.system", "refused"],
-    );
+    let refused = |name: &str, bytes: Vec<u8>, global: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        bad_file(&rvq, &path, &state, &[name, global, "refused"]);
+    };
+    // `{"x": os.system(command)}`, a plain pickle.
+    refused("malicious.pt", malicious_pickle(&command), "os.system");
+    // The call's result thrown away (POP) before an empty dict: burn-store's reader would see
+    // a clean state dict, PyTorch would run the command.
+    let mut popped = vec![0x80, 2];
+    popped.extend(b"cos\nsystem\n");
+    popped.push(b'X');
+    popped.extend((command.len() as u32).to_le_bytes());
+    popped.extend(command.as_bytes());
+    popped.extend([0x85, b'R', b'0', b'}', b'.']);
+    refused("popped.pt", popped, "os.system");
     // An unexpected class, instantiated: `{"w": __main__.Evil()}`.
     let mut class = vec![0x80, 2, b'}', b'X'];
     class.extend(1u32.to_le_bytes());
     class.push(b'w');
     class.extend(b"c__main__\nEvil\n");
     class.extend([b')', 0x81, b's', b'.']); // EMPTY_TUPLE, NEWOBJ, SETITEM, STOP
-    let unexpected = dir.join("class.pt");
-    std::fs::write(&unexpected, class).unwrap();
-    bad_file(
-        &rvq,
-        &unexpected,
-        &state,
-        &["class.pt", "`w`", "__main__.Evil", "refused"],
-    );
-    // The callable at the root: refused by the reader.
-    let mut root = vec![0x80, 2];
-    root.extend(b"cos\nsystem\n");
-    root.push(b'X');
-    root.extend((command.len() as u32).to_le_bytes());
-    root.extend(command.as_bytes());
-    root.extend([0x85, b'R', b'.']);
-    let at_root = dir.join("malicious-root.pt");
-    std::fs::write(&at_root, root).unwrap();
-    bad_file(&rvq, &at_root, &state, &["malicious-root.pt", "os.system"]);
+    refused("class.pt", class, "__main__.Evil");
     assert!(
         !marker.exists(),
         "the pickle's command ran: {} exists",
         marker.display()
     );
+
+    // A torch.save zip (made by make_cases.py) whose state dict is a valid EnCodec state, next
+    // to an entry that calls os.system (`posix.system` on Linux) when PyTorch loads it.
+    let malicious = fixtures().join("malicious.pt");
+    let state = PytorchState::new(Layout::Encodec)
+        .with_prefix("quantizer.vq.")
+        .with_top_level_key("model");
+    bad_file(
+        &rvq,
+        &malicious,
+        &state,
+        &["malicious.pt", "posix.system", "refused"],
+    );
+    // Trusting the name reads the tensors, and still runs nothing.
+    let trusting = state.with_trusted_global("posix.system");
+    let report = rvq.try_import_pytorch(&malicious, &trusting).unwrap();
+    assert_eq!(report.keys.len(), 16, "{report}");
+    assert!(!Path::new("/tmp/rvq-interop-pwned").exists());
 }
 
 /// Round trip through the PyTorch layouts in both key styles: export, import into a fresh
@@ -724,6 +819,7 @@ fn export_then_import_is_the_identity_in_every_layout_and_style() {
                 "{layout} {style:?}"
             );
             let (a, b) = (trained.encode(x.clone()), fresh.encode(x.clone()));
+            assert_eq!(a.len(), b.len());
             for (a, b) in a.iter().zip(&b) {
                 assert_eq!(ints(a.clone()), ints(b.clone()));
             }

@@ -13,6 +13,36 @@
 //! layout's keys mapped onto the layer's by the store's `KeyRemapper`; everything else in
 //! the file (a whole model's weights) is left alone. Exports are safetensors files the
 //! PyTorch module loads with `load_state_dict`.
+//!
+//! ```
+//! # let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/interop");
+//! use burn::tensor::{Device, Distribution, Tensor};
+//! use rvq_burn::{EmaResidualVectorQuantizerConfig, KeyStyle, Layout, PytorchState};
+//!
+//! let device = Device::flex();
+//! // Mimi's acoustic quantizer: its levels, sizes and dimension, and its codebook rule.
+//! let rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+//!     .with_codebook_rule(Layout::Mimi.codebook_rule())
+//!     .init(&device);
+//! // A whole moshi checkpoint: only the keys under the prefix are read.
+//! let state = PytorchState::new(Layout::Mimi)
+//!     .with_prefix("quantizer.rvq_rest.vq.")
+//!     .with_top_level_key("model");
+//! let report = rvq.try_import_pytorch(format!("{fixtures}/mimi_m4_k64_d8.model.pt"), &state)?;
+//! assert_eq!(report.keys.len(), 12);
+//!
+//! // Fine-tune in Burn, then hand the state back, named as transformers names it.
+//! let x = Tensor::<2>::random([256, 8], Distribution::Normal(0.0, 1.0), &device);
+//! let _ = rvq.forward(x.autodiff());
+//! rvq.sync_state();
+//! let out = std::env::temp_dir().join("rvq-interop-doc.safetensors");
+//! let hf = PytorchState::new(Layout::Mimi)
+//!     .with_prefix("quantizer.acoustic_residual_vector_quantizer.")
+//!     .with_key_style(KeyStyle::Transformers);
+//! rvq.try_export_pytorch(&out, &hf)?;
+//! # std::fs::remove_file(out).ok();
+//! # Ok::<(), rvq_burn::RvqError>(())
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +54,8 @@ use burn::store::{KeyRemapper, ModuleStore, PytorchStore, SafetensorsStore, brid
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::CodebookRule;
+
+mod pickle;
 use crate::error::RvqError;
 use crate::residual::EmaResidualVectorQuantizer;
 
@@ -179,6 +211,10 @@ pub struct PytorchState {
     pub key_style: KeyStyle,
     /// For `.pt` files that nest the state dict under a key (e.g. `state_dict`, `model`).
     pub top_level_key: Option<String>,
+    /// Globals (`module.name`) a `.pt` file's pickle may name besides tensors, storages,
+    /// dtypes and containers, e.g. `numpy.core.multiarray.scalar` in a training checkpoint
+    /// you trust. Nothing is ever called either way; without this such a file is refused.
+    pub trusted_globals: Vec<String>,
 }
 
 impl PytorchState {
@@ -189,6 +225,7 @@ impl PytorchState {
             prefix: String::new(),
             key_style: KeyStyle::Original,
             top_level_key: None,
+            trusted_globals: Vec::new(),
         }
     }
 
@@ -207,6 +244,13 @@ impl PytorchState {
     /// With a `.pt` file's state dict read from under `key`.
     pub fn with_top_level_key(mut self, key: impl Into<String>) -> Self {
         self.top_level_key = Some(key.into());
+        self
+    }
+
+    /// With `module.name` accepted in a `.pt` file's pickle (see
+    /// [`PytorchState::trusted_globals`]).
+    pub fn with_trusted_global(mut self, name: impl Into<String>) -> Self {
+        self.trusted_globals.push(name.into());
         self
     }
 }
@@ -280,7 +324,9 @@ impl EmaResidualVectorQuantizer {
     /// [`Layout::codebook_rule`]. The import counts as the end of any initialization: the step
     /// counter moves to the first multiple of `dead_code_check_every` past the init steps, so
     /// no k-means init runs on it and the next dead-code check comes that many training steps
-    /// later (as in Mimi after loading). On error the quantizer is unchanged.
+    /// later (as in Mimi after loading). On error the quantizer is unchanged. Import with no
+    /// training forward in flight on other threads: their pending updates would be averaged
+    /// into the imported state (Burn's `RunningState`).
     pub fn try_import_pytorch(
         &self,
         path: impl AsRef<Path>,
@@ -293,7 +339,9 @@ impl EmaResidualVectorQuantizer {
             use std::io::Read;
             let mut reader = std::fs::File::open(path)
                 .map_err(|error| checkpoint_error(&file, None, format!("cannot open: {error}")))?;
-            let read = reader.read(&mut head).unwrap_or(0);
+            let read = reader
+                .read(&mut head)
+                .map_err(|error| checkpoint_error(&file, None, format!("cannot read: {error}")))?;
             read == 9 && head[8] == b'{'
         };
         let remapper = remapper(state)?;
@@ -301,7 +349,7 @@ impl EmaResidualVectorQuantizer {
             let mut store = SafetensorsStore::from_file(path).remap(remapper);
             read_all(&mut store, &file, "safetensors")?
         } else {
-            refuse_unexpected_objects(path, &file)?;
+            refuse_unexpected_globals(path, state, &file)?;
             let mut store = PytorchStore::from_file(path)
                 .map_indices_contiguous(false)
                 .remap(remapper);
@@ -459,7 +507,18 @@ impl EmaResidualVectorQuantizer {
         for (name, tensor) in &tensors {
             match parse_canonical(name) {
                 Some((level, style, field)) => {
-                    found.insert((level, field), (style, tensor));
+                    if let Some((other, _)) = found.insert((level, field), (style, tensor)) {
+                        let key = |style| layout.file_key(&state.prefix, style, level, field);
+                        return Err(checkpoint_error(
+                            file,
+                            Some(&key(style)),
+                            format!(
+                                "and `{}` are both in the file: one naming expected (the \
+                                 codec's own or transformers')",
+                                key(other)
+                            ),
+                        ));
+                    }
                 }
                 None => other_keys += 1,
             }
@@ -558,7 +617,25 @@ impl EmaResidualVectorQuantizer {
                     ));
                 }
                 compare_embed(&mut level_state, &embed, d, level.epsilon);
+                if level_state.rebuilt {
+                    let sum_key = format!("{} (rebuilt from `embed`)", key(Field::Sum));
+                    let keys = (key(Field::Count), sum_key);
+                    check_values(
+                        &level_state.count,
+                        &level_state.sum,
+                        d,
+                        file,
+                        (&keys.0, &keys.1),
+                    )?;
+                }
             }
+            check_codebook(
+                &level_state,
+                d,
+                (level.rule, level.epsilon),
+                file,
+                &key(Field::Sum),
+            )?;
             levels.push(level_state);
         }
         // Everything is checked: replace the state.
@@ -597,100 +674,30 @@ impl EmaResidualVectorQuantizer {
     }
 }
 
-/// The names a `.pt` file may use besides plain values: tensors, storages, dtypes, shapes,
-/// devices (what `torch.load(weights_only=True)` needs for a state dict).
-const SAFE_TORCH_NAMES: &[&str] = &[
-    "Tensor",
-    "TypedStorage",
-    "UntypedStorage",
-    "Size",
-    "device",
-    "dtype",
-    "float",
-    "float16",
-    "float32",
-    "float64",
-    "half",
-    "double",
-    "bfloat16",
-    "int",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "long",
-    "short",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "bool",
-    "FloatStorage",
-    "DoubleStorage",
-    "HalfStorage",
-    "BFloat16Storage",
-    "LongStorage",
-    "IntStorage",
-    "ShortStorage",
-    "CharStorage",
-    "ByteStorage",
-    "BoolStorage",
-];
-
-/// Refuses a `.pt` file whose pickle names anything but tensors and plain values (e.g.
-/// `os.system`, or a class of the program that saved it). burn-store's reader never runs
-/// anything from the file, but silently drops what it cannot represent; in PyTorch the same
-/// file would call it, so it is no checkpoint to trust.
-fn refuse_unexpected_objects(path: &Path, file: &str) -> Result<(), RvqError> {
-    use burn::store::pytorch::PytorchReader;
-    use burn::store::pytorch_reader::PickleValue;
-    let root = PytorchReader::read_pickle_data(path, None).map_err(|error| {
-        checkpoint_error(
+/// Refuses a `.pt` file whose pickles name anything but what a state dict needs (see
+/// `pickle`).
+fn refuse_unexpected_globals(
+    path: &Path,
+    state: &PytorchState,
+    file: &str,
+) -> Result<(), RvqError> {
+    match pickle::check_file(path, &state.trusted_globals) {
+        Ok(()) => Ok(()),
+        Err(pickle::Refusal::Global(name)) => Err(checkpoint_error(
             file,
             None,
-            format!("is not a readable PyTorch file: {error}"),
-        )
-    })?;
-    let mut stack = vec![(String::new(), &root)];
-    while let Some((at, value)) = stack.pop() {
-        match value {
-            PickleValue::Dict(entries) => {
-                stack.extend(entries.iter().map(|(key, value)| (join(&at, key), value)))
-            }
-            PickleValue::List(items) => stack.extend(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, value)| (join(&at, &i.to_string()), value)),
+            format!(
+                "names `{name}` in its pickle, expected only tensors, storages, dtypes and \
+                 plain containers: PyTorch would call it on loading the file; refused \
+                 (nothing from the file was run; `PytorchState::with_trusted_global({name:?})` \
+                 accepts it if you know the file)"
             ),
-            PickleValue::Unsupported(name) => {
-                let safe = name == "int"
-                    || name
-                        .strip_prefix("torch.")
-                        .is_some_and(|rest| SAFE_TORCH_NAMES.contains(&rest));
-                if !safe {
-                    return Err(checkpoint_error(
-                        file,
-                        (!at.is_empty()).then_some(at.as_str()),
-                        format!(
-                            "is `{name}`, expected tensors and plain values: the pickle names a \
-                             Python callable or class that PyTorch would call on loading it; \
-                             refused (nothing from the file was run)"
-                        ),
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-fn join(at: &str, key: &str) -> String {
-    if at.is_empty() {
-        key.to_string()
-    } else {
-        format!("{at}.{key}")
+        )),
+        Err(pickle::Refusal::Unreadable(reason)) => Err(checkpoint_error(
+            file,
+            None,
+            format!("is not a readable PyTorch file: {reason}"),
+        )),
     }
 }
 
@@ -894,6 +901,37 @@ fn check_values(
                 at % d
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The codebook the statistics derive (by the level's rule, in f32 as the paths compute it)
+/// must be finite: counts so small that the smoothing underflows, or sums so large that the
+/// division overflows, are refused here rather than found as NaN in training.
+fn check_codebook(
+    level: &LevelState,
+    d: usize,
+    (rule, epsilon): (CodebookRule, f64),
+    file: &str,
+    sum_key: &str,
+) -> Result<(), RvqError> {
+    let divisors: Vec<f32> = match rule {
+        CodebookRule::Laplace => laplace_smoothed(&level.count, epsilon),
+        CodebookRule::Clamp => level.count.iter().map(|&c| c.max(epsilon as f32)).collect(),
+    };
+    for (code, &divisor) in divisors.iter().enumerate() {
+        let row = &level.sum[code * d..(code + 1) * d];
+        if let Some(value) = row.iter().map(|&m| m / divisor).find(|v| !v.is_finite()) {
+            return Err(checkpoint_error(
+                file,
+                Some(sum_key),
+                format!(
+                    "gives a codebook entry of {value} at code {code} (count {}, divided by \
+                     {divisor} under CodebookRule::{rule:?}), expected finite values",
+                    level.count[code]
+                ),
+            ));
+        }
     }
     Ok(())
 }
