@@ -148,10 +148,10 @@ fn compare_files(
         let tolerance = tolerance(key);
         let skipped = skip_rows(key);
         for (i, (&g, &w)) in got_values.iter().zip(values).enumerate() {
-            if let Some((row_len, rows)) = &skipped {
-                if rows.contains(&(i / row_len)) {
-                    continue;
-                }
+            if let Some((row_len, rows)) = &skipped
+                && rows.contains(&(i / row_len))
+            {
+                continue;
             }
             if (f64::from(g) - f64::from(w)).abs() > tolerance * f64::from(w).abs().max(1.0) {
                 return Err(format!(
@@ -363,16 +363,14 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Rewrites a safetensors file with `edit` applied to its tensors (name -> (dtype, shape,
-/// bytes)).
-fn rewrite(
-    from: &Path,
-    to: &Path,
-    edit: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+/// A safetensors file's tensors: name -> (dtype, shape, bytes).
+type RawTensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites a safetensors file with `edit` applied to its tensors.
+fn rewrite(from: &Path, to: &Path, edit: impl FnOnce(&mut RawTensors)) {
     let bytes = std::fs::read(from).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = file
+    let mut tensors: RawTensors = file
         .tensors()
         .into_iter()
         .map(|(name, view)| {
@@ -488,7 +486,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     let config = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8);
     let rvq = config.init(&device);
     let key = |field: &str| format!("{prefix}layers.1._codebook.{field}");
-    let edited = |name: &str, edit: &dyn Fn(&mut BTreeMap<_, (_, Vec<usize>, Vec<u8>)>)| {
+    let edited = |name: &str, edit: &dyn Fn(&mut RawTensors)| {
         let path = dir.join(name);
         rewrite(&encodec, &path, |tensors| edit(tensors));
         path

@@ -276,7 +276,7 @@ fn walk(bytes: &[u8], extra: &[String]) -> Result<usize, Refusal> {
                 pop(&mut stack, 3)?;
                 stack.push(Item::Other);
             }
-            0x85 | 0x86 | 0x87 => {
+            0x85..=0x87 => {
                 pop(&mut stack, usize::from(op - 0x84))?;
                 stack.push(Item::Other);
             }
