@@ -45,10 +45,11 @@ KEYS = {
 }
 
 
-def to_transformers(layout, state):
-    """The keys of a quantizer's `state_dict()` as the transformers conversion names them."""
-    module, fields = KEYS[layout]["original"]
-    new_module, new_fields = KEYS[layout]["transformers"]
+def rename(layout, state, source, target):
+    """A quantizer's keys in the `source` naming ("original" or "transformers") renamed to the
+    `target` one, as the transformers conversion does."""
+    module, fields = KEYS[layout][source]
+    new_module, new_fields = KEYS[layout][target]
     renamed = {}
     for key, value in state.items():
         head, _, field = key.rpartition(".")
@@ -56,19 +57,14 @@ def to_transformers(layout, state):
         name = next(k for k, v in fields.items() if v == field)
         renamed[f"{head}.{new_fields[name]}"] = value
     return renamed
+
+
+def to_transformers(layout, state):
+    return rename(layout, state, "original", "transformers")
 
 
 def from_transformers(layout, state):
-    """The inverse of `to_transformers`."""
-    module, fields = KEYS[layout]["transformers"]
-    new_module, new_fields = KEYS[layout]["original"]
-    renamed = {}
-    for key, value in state.items():
-        head, _, field = key.rpartition(".")
-        head = head[: -len(module.rstrip("."))] + new_module.rstrip(".")
-        name = next(k for k, v in fields.items() if v == field)
-        renamed[f"{head}.{new_fields[name]}"] = value
-    return renamed
+    return rename(layout, state, "transformers", "original")
 
 
 class Codec:
