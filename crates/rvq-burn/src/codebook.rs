@@ -125,22 +125,16 @@ impl EmaCodebook {
         check_shape(level, "ema_count", &[k], &ema_count.dims())?;
         check_shape(level, "ema_weight", &[k, d], &ema_weight.dims())?;
         let counts: Vec<f32> = ema_count.to_data().iter::<f32>().collect();
-        if counts.iter().any(|c| !c.is_finite() || *c < 0.0) {
+        let sums: Vec<f32> = ema_weight.to_data().iter::<f32>().collect();
+        if let Err(problem) = check_statistics(&counts, &sums) {
+            let (field, reason) = match problem {
+                BadStatistics::Count { .. } => ("ema_count", "must hold finite values >= 0"),
+                BadStatistics::ZeroTotal => ("ema_count", "must have a positive total"),
+                BadStatistics::Sum { .. } => ("ema_weight", "must hold finite values"),
+            };
             return Err(RvqError::InvalidState {
-                field: format!("levels.{level}.ema_count"),
-                reason: "must hold finite values >= 0".into(),
-            });
-        }
-        if counts.iter().map(|&c| c as f64).sum::<f64>() <= 0.0 {
-            return Err(RvqError::InvalidState {
-                field: format!("levels.{level}.ema_count"),
-                reason: "must have a positive total".into(),
-            });
-        }
-        if ema_weight.to_data().iter::<f32>().any(|w| !w.is_finite()) {
-            return Err(RvqError::InvalidState {
-                field: format!("levels.{level}.ema_weight"),
-                reason: "must hold finite values".into(),
+                field: format!("levels.{level}.{field}"),
+                reason: reason.into(),
             });
         }
         // Kept in f32, whatever float type the statistics came in.
@@ -211,6 +205,36 @@ impl EmaCodebook {
         let weight = weight.mask_where(skip.clone().reshape([1, 1]).expand([k, d]), old_weight);
         self.store(count, weight);
     }
+}
+
+/// What makes EMA statistics unusable: the first offending count or sum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum BadStatistics {
+    /// A count is negative or not finite (index, value).
+    Count { at: usize, value: f32 },
+    /// The counts sum to zero: no codebook can be derived.
+    ZeroTotal,
+    /// A sum is not finite (flat index into `[K, D]`, value).
+    Sum { at: usize, value: f32 },
+}
+
+/// Counts finite and >= 0 with a positive total, sums finite: what every state given to a
+/// level must satisfy (`try_set_statistics`, the PyTorch import).
+pub(crate) fn check_statistics(counts: &[f32], sums: &[f32]) -> Result<(), BadStatistics> {
+    if let Some((at, &value)) = counts
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !c.is_finite() || **c < 0.0)
+    {
+        return Err(BadStatistics::Count { at, value });
+    }
+    if counts.iter().map(|&c| f64::from(c)).sum::<f64>() <= 0.0 {
+        return Err(BadStatistics::ZeroTotal);
+    }
+    if let Some((at, &value)) = sums.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(BadStatistics::Sum { at, value });
+    }
+    Ok(())
 }
 
 /// What a level's step gives back.

@@ -53,6 +53,7 @@ use burn::module::Module;
 use burn::store::{KeyRemapper, ModuleStore, PytorchStore, SafetensorsStore, bridge, burn_pack};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+use crate::codebook::{BadStatistics, check_statistics, codebook_from_statistics};
 use crate::config::CodebookRule;
 
 mod pickle;
@@ -142,6 +143,12 @@ impl Layout {
     /// Whether its tensors carry a leading heads axis (`[1, K]`, `[1, K, D]`).
     fn heads_axis(self) -> bool {
         self == Layout::VectorQuantizePytorch
+    }
+
+    /// The file's shape of a layer's `[K]` or `[K, D]` tensor.
+    fn file_shape(self, shape: &[usize]) -> Vec<usize> {
+        let heads: &[usize] = if self.heads_axis() { &[1] } else { &[] };
+        [heads, shape].concat()
     }
 
     /// The submodule holding the buffers.
@@ -413,15 +420,7 @@ impl EmaResidualVectorQuantizer {
         };
         for (index, level) in self.levels.iter().enumerate() {
             let (count, sum) = level.statistics(&device);
-            let codebook = level.codebook(&device);
             let (k, d) = (level.num_embeddings, level.embedding_dim);
-            let heads = |shape: &[usize]| {
-                let mut shape = shape.to_vec();
-                if layout.heads_axis() {
-                    shape.insert(0, 1);
-                }
-                shape
-            };
             let initialized = match layout {
                 Layout::VectorQuantizePytorch => (safetensors::Dtype::BOOL, vec![], vec![1u8]),
                 _ => (
@@ -436,26 +435,30 @@ impl EmaResidualVectorQuantizer {
                 initialized.1,
                 initialized.2,
             ));
+            if layout.key(state.key_style, Field::Embed).is_some() {
+                // The codebook from the statistics just read (`EmaCodebook::codebook` would
+                // read them again).
+                let codebook =
+                    codebook_from_statistics(count.clone(), sum.clone(), level.rule, level.epsilon);
+                tensors.push((
+                    key(index, Field::Embed),
+                    safetensors::Dtype::F32,
+                    layout.file_shape(&[k, d]),
+                    f32_bytes(codebook),
+                ));
+            }
             tensors.push((
                 key(index, Field::Count),
                 safetensors::Dtype::F32,
-                heads(&[k]),
+                layout.file_shape(&[k]),
                 f32_bytes(count),
             ));
             tensors.push((
                 key(index, Field::Sum),
                 safetensors::Dtype::F32,
-                heads(&[k, d]),
+                layout.file_shape(&[k, d]),
                 f32_bytes(sum),
             ));
-            if layout.key(state.key_style, Field::Embed).is_some() {
-                tensors.push((
-                    key(index, Field::Embed),
-                    safetensors::Dtype::F32,
-                    heads(&[k, d]),
-                    f32_bytes(codebook),
-                ));
-            }
         }
         let views = tensors
             .iter()
@@ -571,17 +574,10 @@ impl EmaResidualVectorQuantizer {
                 keys.push(key.clone());
                 read_tensor(tensor, field, shape, layout, file, &key).map(Some)
             };
-            let heads = |shape: &[usize]| {
-                let mut shape = shape.to_vec();
-                if layout.heads_axis() {
-                    shape.insert(0, 1);
-                }
-                shape
-            };
             let initialized = read(Field::Initialized, &[])?.unwrap_or_default();
-            let count = read(Field::Count, &heads(&[k]))?.unwrap_or_default();
-            let sum = read(Field::Sum, &heads(&[k, d]))?.unwrap_or_default();
-            let embed = read(Field::Embed, &heads(&[k, d]))?;
+            let count = read(Field::Count, &layout.file_shape(&[k]))?.unwrap_or_default();
+            let sum = read(Field::Sum, &layout.file_shape(&[k, d]))?.unwrap_or_default();
+            let embed = read(Field::Embed, &layout.file_shape(&[k, d]))?;
             let key = |field| layout.file_key(&state.prefix, key_style, index, field);
             if initialized.first().is_none_or(|&flag| flag == 0.0) {
                 return Err(checkpoint_error(
@@ -865,7 +861,8 @@ fn read_tensor(
     Ok(data.iter::<f32>().collect())
 }
 
-/// Counts finite and >= 0 with a positive total, sums finite.
+/// The statistics as every level needs them (`codebook::check_statistics`), the error naming
+/// the file's keys and where the value sits.
 fn check_values(
     count: &[f32],
     sum: &[f32],
@@ -873,36 +870,27 @@ fn check_values(
     file: &str,
     (count_key, sum_key): (&str, &str),
 ) -> Result<(), RvqError> {
-    if let Some((at, value)) = count
-        .iter()
-        .enumerate()
-        .find(|(_, c)| !c.is_finite() || **c < 0.0)
-    {
-        return Err(checkpoint_error(
-            file,
-            Some(count_key),
+    let (key, problem) = match check_statistics(count, sum) {
+        Ok(()) => return Ok(()),
+        Err(BadStatistics::Count { at, value }) => (
+            count_key,
             format!("holds {value} at code {at}, expected finite counts >= 0"),
-        ));
-    }
-    if count.iter().map(|&c| f64::from(c)).sum::<f64>() <= 0.0 {
-        return Err(checkpoint_error(
-            file,
-            Some(count_key),
-            "sums to 0, expected a positive total (no training step has run on this level)",
-        ));
-    }
-    if let Some((at, value)) = sum.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(checkpoint_error(
-            file,
-            Some(sum_key),
+        ),
+        Err(BadStatistics::ZeroTotal) => (
+            count_key,
+            "sums to 0, expected a positive total (no training step has run on this level)"
+                .to_string(),
+        ),
+        Err(BadStatistics::Sum { at, value }) => (
+            sum_key,
             format!(
                 "holds {value} at code {}, dimension {}, expected finite values",
                 at / d,
                 at % d
             ),
-        ));
-    }
-    Ok(())
+        ),
+    };
+    Err(checkpoint_error(file, Some(key), problem))
 }
 
 /// The codebook the statistics derive (by the level's rule, in f32 as the paths compute it)

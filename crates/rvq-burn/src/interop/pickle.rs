@@ -85,13 +85,13 @@ pub(crate) enum Refusal {
 /// Checks every pickle of the `.pt` file at `path`; `extra` holds `module.name` globals the
 /// caller trusts besides the list.
 pub(crate) fn check_file(path: &std::path::Path, extra: &[String]) -> Result<(), Refusal> {
+    use std::io::Seek;
     let mut file = std::fs::File::open(path)
         .map_err(|error| Refusal::Unreadable(format!("cannot open: {error}")))?;
     let mut head = [0u8; 2];
     let zip = file.read_exact(&mut head).is_ok() && &head == b"PK";
-    drop(file);
-    let file = std::fs::File::open(path)
-        .map_err(|error| Refusal::Unreadable(format!("cannot open: {error}")))?;
+    file.rewind()
+        .map_err(|error| Refusal::Unreadable(format!("cannot read: {error}")))?;
     if zip {
         return check_zip(std::io::BufReader::new(file), extra);
     }
