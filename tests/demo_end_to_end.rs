@@ -240,3 +240,62 @@ fn trains_on_two_devices_and_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&resumed);
 }
+
+/// `--backend tch` (feature `tch`, LibTorch on the CPU): the same loop trains, the quantizer
+/// runs its host path on LibTorch's tensors, a resumed run matches an uninterrupted one, and
+/// the checkpoint codes digits on LibTorch and, moved, on flex alike.
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // Burn 0.22 deprecates its LibTorch backend but still offers it.
+fn trains_on_libtorch_and_resumes_exactly() {
+    let data = Mnist::embedded();
+    let libtorch = |out: &Path, resume| RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        devices: vec![Device::libtorch()],
+        verbose: false,
+    };
+    let out = out_dir("libtorch");
+    let summary = train(&small_config(2), &data, &libtorch(&out, false)).expect("runs");
+    let records = read_metrics(&out);
+    assert_eq!(records.len(), 2);
+    assert!(records[1].train_loss < records[0].train_loss, "{records:?}");
+    for record in &records {
+        let v = &record.validation;
+        assert!(
+            v.val_psnr_db.is_finite() && v.val_psnr_db > 5.0,
+            "{record:?}"
+        );
+        assert!(v.val_usage.iter().all(|u| (0.0..=1.0).contains(u)));
+        assert_eq!(record.ema_entropy.len(), 2);
+    }
+    let images = data
+        .valid
+        .take(16)
+        .batch(&(0..16).collect::<Vec<_>>(), &Device::libtorch());
+    let codes = summary.model.quantizer.encode(summary.model.encode(images));
+    for level in codes {
+        let values: Vec<i64> = level.into_data().iter::<i64>().collect();
+        assert_eq!(values.len(), 16 * 49);
+        assert!(values.iter().all(|&i| (0..16).contains(&i)));
+    }
+    for device in [Device::libtorch(), Device::flex()] {
+        let options = CompressOptions {
+            run: out.clone(),
+            idx: None,
+            images: Some(8),
+            levels: None,
+            output: out.join("digits.rvqz"),
+            picture: out.join("compressed.png"),
+        };
+        let report = compress(&options, &device).expect("the run's checkpoint codes digits");
+        assert_eq!(report.images, 8);
+    }
+
+    let resumed = out_dir("libtorch-resumed");
+    train(&small_config(1), &data, &libtorch(&resumed, false)).unwrap();
+    train(&small_config(2), &data, &libtorch(&resumed, true)).unwrap();
+    same_training(&records, &read_metrics(&resumed));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&resumed);
+}

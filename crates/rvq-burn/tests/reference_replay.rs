@@ -228,6 +228,22 @@ fn reference_cases_replay_on_the_tensor_path() {
     }
 }
 
+/// LibTorch's CPU device (feature `tch`): every case through the host path and through
+/// LibTorch's own tensor operations.
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // Burn 0.22 deprecates its LibTorch backend but still offers it.
+fn reference_cases_replay_on_libtorch() {
+    let device = Device::libtorch();
+    for variant in [Variant::Auto, Variant::Tensor, Variant::TensorDense] {
+        let replayed = replay_all("libtorch", &device, variant, |_| true);
+        assert!(
+            replayed >= 4,
+            "libtorch, {variant:?}: only {replayed} cases replayed"
+        );
+    }
+}
+
 /// WGPU on Mesa's software Vulkan in CI (`cargo test --all-features`; set `RVQ_SKIP_WGPU=1` on
 /// a machine with no Vulkan or GL driver at all; CI installs one, so there it runs): every
 /// case through the kernel path, the multi-level ones through the tensor path too.

@@ -1,8 +1,10 @@
 //! Where one training step of the demo's default recipe spends its time:
-//! `cargo run --release -p vqvae-demo --example step_profile -- [--steps N] [--batch-size B]`.
+//! `cargo run --release -p vqvae-demo --example step_profile -- [--steps N] [--batch-size B]
+//! [--backend flex|tch|ndarray]`.
 //!
-//! Runs the demo's step piece by piece on the `flex` CPU backend (eager: an operation's time
-//! is spent when it is called) and prints, per piece, the median milliseconds over `N` steps
+//! Runs the demo's step piece by piece on a CPU backend, `flex` unless `--backend` names
+//! another the demo was built with (all three are eager: an operation's time is spent when it
+//! is called), and prints, per piece, the median milliseconds over `N` steps
 //! (after 5 warm-up steps) and its share of the step, then the same as one JSON line:
 //! data (the batch to a tensor), encoder convolutions, quantizer, decoder convolutions and
 //! loss, backward (almost all of it the convolutions' backward: the quantizer's is one
@@ -12,8 +14,9 @@
 use std::time::Instant;
 
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use rvq_burn::ForwardOptions;
+use vqvae_demo::backend::Backend;
 use vqvae_demo::data::Mnist;
 use vqvae_demo::model::VqVaeConfig;
 use vqvae_demo::training::epoch_order;
@@ -31,19 +34,32 @@ const PARTS: [&str; 7] = [
 fn main() {
     let mut steps = 60;
     let mut batch_size = 64;
+    let mut backend = Backend::Flex;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().and_then(|v| v.parse().ok());
+        let text = args.next().unwrap_or_default();
+        let value = text.parse().ok();
         match (flag.as_str(), value) {
             ("--steps", Some(v)) => steps = v,
             ("--batch-size", Some(v)) => batch_size = v,
+            ("--backend", _) => match text.parse::<Backend>() {
+                Ok(Backend::Wgpu) => {
+                    eprintln!("step_profile times eager CPU backends; wgpu runs asynchronously");
+                    std::process::exit(2);
+                }
+                Ok(named) => backend = named,
+                Err(error) => {
+                    eprintln!("{error}");
+                    std::process::exit(2);
+                }
+            },
             _ => {
-                eprintln!("usage: step_profile [--steps N] [--batch-size B]");
+                eprintln!("usage: step_profile [--steps N] [--batch-size B] [--backend NAME]");
                 std::process::exit(2);
             }
         }
     }
-    let device = Device::flex().autodiff();
+    let device = backend.device().autodiff();
     let data = Mnist::embedded();
     let mut model = VqVaeConfig::new()
         .try_init_seeded(&device, 42)
@@ -99,7 +115,8 @@ fn main() {
     let medians: Vec<f64> = (0..PARTS.len()).map(median).collect();
     let total: f64 = medians.iter().sum();
     println!(
-        "{} steps of {batch_size} images (medians, ms; sum {total:.1} ms = {:.0} images/s):",
+        "{}: {} steps of {batch_size} images (medians, ms; sum {total:.1} ms = {:.0} images/s):",
+        backend.name(),
         times.len(),
         batch_size as f64 / total * 1e3
     );
@@ -112,7 +129,8 @@ fn main() {
         .map(|(part, ms)| format!("\"{part}_ms\":{ms}"))
         .collect();
     println!(
-        "{{\"steps\":{},\"batch_size\":{batch_size},{},\"step_ms\":{total}}}",
+        "{{\"backend\":\"{}\",\"steps\":{},\"batch_size\":{batch_size},{},\"step_ms\":{total}}}",
+        backend.name(),
         times.len(),
         fields.join(",")
     );

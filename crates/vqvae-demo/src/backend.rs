@@ -13,13 +13,19 @@ pub enum Backend {
     NdArray,
     /// WGPU (Vulkan, Metal, DX12 or GL; any GPU), with `--features wgpu`.
     Wgpu,
+    /// Burn's LibTorch backend on the CPU (PyTorch's own kernels; deprecated by Burn), with
+    /// `--features tch` and LibTorch 2.9.0 (`scripts/libtorch-env.sh`).
+    Tch,
 }
 
 impl Default for Backend {
-    /// WGPU when compiled in, else the faster CPU backend (measured on the demo: README).
+    /// WGPU when compiled in, else the fastest CPU backend compiled in: LibTorch, then flex
+    /// (measured on the demo: README).
     fn default() -> Self {
         if cfg!(feature = "wgpu") {
             Self::Wgpu
+        } else if cfg!(feature = "tch") {
+            Self::Tch
         } else {
             Self::Flex
         }
@@ -36,12 +42,16 @@ impl std::str::FromStr for Backend {
             "ndarray" => Err(DemoError::Config(
                 "--backend ndarray needs the demo built with --features ndarray".into(),
             )),
+            "tch" if cfg!(feature = "tch") => Ok(Self::Tch),
+            "tch" => Err(DemoError::Config(
+                "--backend tch needs the demo built with --features tch".into(),
+            )),
             "wgpu" if cfg!(feature = "wgpu") => Ok(Self::Wgpu),
             "wgpu" => Err(DemoError::Config(
                 "--backend wgpu needs the demo built with --features wgpu".into(),
             )),
             other => Err(DemoError::Config(format!(
-                "--backend {other:?}: expected flex, ndarray or wgpu"
+                "--backend {other:?}: expected flex, ndarray, tch or wgpu"
             ))),
         }
     }
@@ -61,6 +71,10 @@ impl Backend {
             Self::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
             #[cfg(not(feature = "wgpu"))]
             Self::Wgpu => unreachable!("parsing refuses wgpu without the feature"),
+            #[cfg(feature = "tch")]
+            Self::Tch => Device::libtorch(),
+            #[cfg(not(feature = "tch"))]
+            Self::Tch => unreachable!("parsing refuses tch without the feature"),
         }
     }
 
@@ -86,6 +100,7 @@ impl Backend {
             Self::Flex => "flex (CPU)",
             Self::NdArray => "ndarray (CPU)",
             Self::Wgpu => "wgpu",
+            Self::Tch => "tch (LibTorch, CPU)",
         }
     }
 }

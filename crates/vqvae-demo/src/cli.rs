@@ -41,7 +41,9 @@ USAGE: cargo run --release --example train -- [FLAGS]
                        (reconstructions, codebook_usage, training_curves)
   --resume             continue from the last checkpoint in OUT
   --backend NAME       flex (the default CPU backend), ndarray (built with --features
-                       ndarray), wgpu (built with --features wgpu, then the default)
+                       ndarray), tch (LibTorch on the CPU, built with --features tch and
+                       LibTorch 2.9.0: source scripts/libtorch-env.sh; then the default),
+                       wgpu (built with --features wgpu; then the default)
   --devices N          train on N devices, data-parallel: each step gives each device
                        --batch-size images, sums their gradients on the first, and runs
                        the quantizer in data-parallel mode; N copies of the CPU device, or
@@ -69,7 +71,8 @@ decompress:
   --in FILE            the stream to decode                     (required)
   --png FILE           the decoded digits                       (default RUN/decompressed.png)
 both:
-  --backend NAME       flex, ndarray (with --features ndarray), wgpu (with --features wgpu)
+  --backend NAME       flex, ndarray (with --features ndarray), tch (with --features tch),
+                       wgpu (with --features wgpu)
   --help               this text
 ";
 
@@ -304,6 +307,7 @@ mod tests {
     fn a_backend_without_its_feature_names_the_feature() {
         for (name, compiled, backend) in [
             ("ndarray", cfg!(feature = "ndarray"), Backend::NdArray),
+            ("tch", cfg!(feature = "tch"), Backend::Tch),
             ("wgpu", cfg!(feature = "wgpu"), Backend::Wgpu),
         ] {
             let parsed = parse(args(&["--backend", name]));
@@ -322,7 +326,10 @@ mod tests {
             Backend::Flex
         );
         let error = parse(args(&["--backend", "cuda"])).unwrap_err().to_string();
-        assert!(error.contains("expected flex, ndarray or wgpu"), "{error}");
+        assert!(
+            error.contains("expected flex, ndarray, tch or wgpu"),
+            "{error}"
+        );
     }
 
     #[test]

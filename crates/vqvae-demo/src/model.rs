@@ -85,15 +85,23 @@ impl ModuleVisitor for DrawWeights {
 }
 
 impl VqVaeConfig {
-    /// [`VqVaeConfig::try_init`] with the device's random generator seeded with `seed` first:
-    /// the same initial weights for the same seed, whatever else in this process initializes
-    /// models at the same time.
+    /// The model on `device` with the initial weights (and codebooks) that `seed` gives: the
+    /// same weights for the same seed, whatever else in this process initializes models at
+    /// the same time, and on every backend. They are drawn from the `flex` CPU backend's
+    /// generator, seeded with `seed`, and loaded onto `device`, as a checkpoint is: each
+    /// backend has a generator of its own (LibTorch's is PyTorch's), so a seed drawn on the
+    /// training device would start each backend from other weights. `device`'s generator is
+    /// then seeded with `seed` as well.
     pub fn try_init_seeded(&self, device: &Device, seed: u64) -> Result<VqVae, RvqError> {
         let _drawing = INIT.lock().unwrap_or_else(PoisonError::into_inner);
+        let host = Device::flex();
+        host.seed(seed);
+        let drawn = self.init_weights(&host)?;
+        drawn.visit(&mut DrawWeights);
+        // The training device's own generator (dropout depths, masks) starts from the seed too.
         device.seed(seed);
-        let model = self.init_weights(device)?;
-        model.visit(&mut DrawWeights);
-        Ok(model)
+        // Loaded, not moved: a loaded parameter keeps the target's autodiff tracking.
+        Ok(self.init_weights(device)?.load_record(drawn.into_record()))
     }
 
     /// Builds the model on `device` with weights from the device's random generator; fails on
@@ -213,5 +221,26 @@ mod tests {
             weights(&other) != want,
             "another seed gave the same weights"
         );
+        // The same weights on an autodiff device (the training device), and on LibTorch.
+        let trained = config
+            .try_init_seeded(&device.clone().autodiff(), 7)
+            .unwrap();
+        assert!(weights(&trained.valid()) == want, "autodiff device");
+        let images = Tensor::<4>::ones([1, 1, 28, 28], &device.clone().autodiff());
+        let grads = trained.encode(images).sum().backward();
+        let weight = trained.encoder_1.weight.val();
+        assert!(weight.grad(&grads).is_some(), "the weights are not tracked");
+        // Burn 0.22 deprecates its LibTorch backend but still offers it.
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        {
+            let libtorch = config.try_init_seeded(&Device::libtorch(), 7).unwrap();
+            let codebook = |model: &VqVae| model.quantizer.codebook(0, &Device::flex()).into_data();
+            codebook(&libtorch).assert_eq(&codebook(&first), true);
+            assert!(
+                weights(&libtorch.to_device(&Device::flex())) == want,
+                "LibTorch"
+            );
+        }
     }
 }

@@ -139,7 +139,10 @@ pub(crate) trait LevelPath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Path {
     /// [`host`]: Burn's CPU backends, at most this many products per tile.
-    #[cfg_attr(not(any(feature = "flex", feature = "ndarray")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "flex", feature = "ndarray", feature = "tch")),
+        allow(dead_code)
+    )]
     Host { max_elements: usize },
     /// `kernel`: CubeCL kernels on Burn's CubeCL backend.
     #[cfg(feature = "wgpu")]
@@ -150,13 +153,19 @@ pub(crate) enum Path {
 
 impl Path {
     /// The path for `device`, by its backend type (`Device::as_dispatch`): the host path on
-    /// `flex` and `ndarray` (with this crate's features of the same names), else the tensor
+    /// `flex`, `ndarray` and LibTorch's CPU device (with this crate's features `flex`,
+    /// `ndarray` and `tch`), the kernel path on WGPU (feature `wgpu`), else the tensor
     /// path; always the tensor path when `execution` asks for it.
     pub(crate) fn choose(device: &Device, execution: Execution, search: tensor::Search) -> Self {
         if execution == Execution::TensorOps {
             return Self::Tensor(search);
         }
-        #[cfg(any(feature = "flex", feature = "ndarray", feature = "wgpu"))]
+        #[cfg(any(
+            feature = "flex",
+            feature = "ndarray",
+            feature = "tch",
+            feature = "wgpu"
+        ))]
         {
             use burn::backend::DispatchDevice;
             let plain = device.clone().without_autodiff();
@@ -165,6 +174,13 @@ impl Path {
                 DispatchDevice::Flex(_) => return Self::host(search),
                 #[cfg(feature = "ndarray")]
                 DispatchDevice::NdArray(_) => return Self::host(search),
+                // LibTorch's CPU device: its tensors are host memory as well. (Burn 0.22
+                // deprecates its LibTorch backend but still offers it.)
+                #[cfg(feature = "tch")]
+                #[allow(deprecated)]
+                DispatchDevice::LibTorch(burn::backend::LibTorchDevice::Cpu) => {
+                    return Self::host(search);
+                }
                 #[cfg(feature = "wgpu")]
                 DispatchDevice::Cube(_) => return Self::Kernel,
                 // The backends other crates compiled in; none where these are all there is.
@@ -172,12 +188,17 @@ impl Path {
                 _ => {}
             }
         }
-        #[cfg(not(any(feature = "flex", feature = "ndarray", feature = "wgpu")))]
+        #[cfg(not(any(
+            feature = "flex",
+            feature = "ndarray",
+            feature = "tch",
+            feature = "wgpu"
+        )))]
         let _ = device;
         Self::Tensor(search)
     }
 
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    #[cfg(any(feature = "flex", feature = "ndarray", feature = "tch"))]
     fn host(search: tensor::Search) -> Self {
         Self::Host {
             max_elements: search.max_elements,
@@ -233,7 +254,7 @@ mod tests {
     /// The path follows the device's backend type, autodiff or not, and the configuration
     /// can force the tensor path.
     #[test]
-    #[allow(deprecated)] // ndarray is deprecated in Burn 0.22 but still offered.
+    #[allow(deprecated)] // ndarray and LibTorch are deprecated in Burn 0.22 but still offered.
     fn the_path_follows_the_backend_type() {
         let search = tensor::Search {
             max_elements: 1000,
@@ -250,6 +271,16 @@ mod tests {
         }
         #[cfg(feature = "ndarray")]
         assert_eq!(choose(&Device::ndarray(), Execution::Auto), host);
+        #[cfg(feature = "tch")]
+        {
+            assert_eq!(choose(&Device::libtorch(), Execution::Auto), host);
+            assert_eq!(
+                choose(&Device::libtorch().autodiff(), Execution::Auto),
+                host
+            );
+            let forced = choose(&Device::libtorch(), Execution::TensorOps);
+            assert_eq!(forced, Path::Tensor(search));
+        }
         #[cfg(feature = "wgpu")]
         {
             let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
