@@ -6,7 +6,11 @@
 # libtorch_cpu.so at start and have no rpath to find it.
 _rvq_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _rvq_venv="$_rvq_root/.venv-libtorch"
-_rvq_torch="$(cd "$_rvq_root" && "$_rvq_venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null || true)"
+# The torch package's folder in the venv (it holds lib/ and include/), empty if there is none.
+_rvq_torch_dir() {
+  "$_rvq_venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null || true
+}
+_rvq_torch="$(_rvq_torch_dir)"
 if [ -z "$_rvq_torch" ]; then
   echo "libtorch-env: installing LibTorch 2.9.0 into $_rvq_venv" >&2
   rm -rf "$_rvq_venv"
@@ -14,9 +18,10 @@ if [ -z "$_rvq_torch" ]; then
     && "$_rvq_venv/bin/pip" install --quiet --disable-pip-version-check \
       -r "$_rvq_root/scripts/libtorch-requirements.txt" \
     || echo "libtorch-env: the install failed" >&2
-  _rvq_torch="$("$_rvq_venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null || true)"
+  _rvq_torch="$(_rvq_torch_dir)"
 fi
 unset _rvq_root _rvq_venv
+unset -f _rvq_torch_dir
 if [ -n "$_rvq_torch" ] && [ -f "$_rvq_torch/lib/libtorch_cpu.so" ]; then
   export LIBTORCH="$_rvq_torch"
   export LD_LIBRARY_PATH="$_rvq_torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

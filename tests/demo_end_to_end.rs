@@ -9,6 +9,7 @@ use burn::tensor::Device;
 use vqvae_demo::codec::{CompressOptions, compress, decompress};
 use vqvae_demo::data::Mnist;
 use vqvae_demo::metrics::EpochRecord;
+use vqvae_demo::model::VqVae;
 use vqvae_demo::training::{RunOptions, TrainingConfig, train};
 
 fn out_dir(name: &str) -> PathBuf {
@@ -34,12 +35,44 @@ fn options(out: &Path, resume: bool) -> RunOptions {
 }
 
 fn on_devices(out: &Path, resume: bool, devices: usize) -> RunOptions {
+    on(out, resume, vec![Device::flex(); devices])
+}
+
+fn on(out: &Path, resume: bool, devices: Vec<Device>) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
         resume,
-        devices: vec![Device::flex(); devices],
+        devices,
         verbose: false,
     }
+}
+
+/// The codes of the first `count` validation digits, on `device`, are within the 16 codes of
+/// the small config's levels.
+fn assert_codes_in_range(model: &VqVae, data: &Mnist, count: usize, device: &Device) {
+    let images = data
+        .valid
+        .take(count)
+        .batch(&(0..count).collect::<Vec<_>>(), device);
+    for level in model.quantizer.encode(model.encode(images)) {
+        let values: Vec<i64> = level.into_data().iter::<i64>().collect();
+        assert_eq!(values.len(), count * 49);
+        assert!(values.iter().all(|&i| (0..16).contains(&i)));
+    }
+}
+
+/// The run's checkpoint, loaded on `device`, codes 8 validation digits.
+fn compress_eight(run: &Path, device: &Device) {
+    let options = CompressOptions {
+        run: run.to_path_buf(),
+        idx: None,
+        images: Some(8),
+        levels: None,
+        output: run.join("digits.rvqz"),
+        picture: run.join("compressed.png"),
+    };
+    let report = compress(&options, device).expect("the run's checkpoint codes digits");
+    assert_eq!(report.images, 8);
 }
 
 fn read_metrics(out: &Path) -> Vec<EpochRecord> {
@@ -95,16 +128,7 @@ fn trains_writes_outputs_and_resumes_exactly() {
         assert!((v.val_psnr_db_by_levels[1] - v.val_psnr_db).abs() < 1e-9);
     }
     // Codes stay in range on the validation digits.
-    let images = data
-        .valid
-        .take(64)
-        .batch(&(0..64).collect::<Vec<_>>(), &Device::flex());
-    let codes = summary.model.quantizer.encode(summary.model.encode(images));
-    for level in codes {
-        let values: Vec<i64> = level.into_data().iter::<i64>().collect();
-        assert_eq!(values.len(), 64 * 49);
-        assert!(values.iter().all(|&i| (0..16).contains(&i)));
-    }
+    assert_codes_in_range(&summary.model, &data, 64, &Device::flex());
     for record in &records {
         assert_eq!(record.devices, 1);
         assert_eq!(record.ema_entropy.len(), 2);
@@ -222,16 +246,7 @@ fn trains_on_two_devices_and_resumes_exactly() {
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
-    let options = CompressOptions {
-        run: out.clone(),
-        idx: None,
-        images: Some(8),
-        levels: None,
-        output: out.join("digits.rvqz"),
-        picture: out.join("compressed.png"),
-    };
-    let report = compress(&options, &Device::flex()).expect("the run's checkpoint codes digits");
-    assert_eq!(report.images, 8);
+    compress_eight(&out, &Device::flex());
 
     let resumed = out_dir("devices-resumed");
     train(&small_config(1), &data, &on_devices(&resumed, false, 2)).unwrap();
@@ -249,12 +264,7 @@ fn trains_on_two_devices_and_resumes_exactly() {
 #[allow(deprecated)] // Burn 0.22 deprecates its LibTorch backend but still offers it.
 fn trains_on_libtorch_and_resumes_exactly() {
     let data = Mnist::embedded();
-    let libtorch = |out: &Path, resume| RunOptions {
-        out: out.to_path_buf(),
-        resume,
-        devices: vec![Device::libtorch()],
-        verbose: false,
-    };
+    let libtorch = |out: &Path, resume| on(out, resume, vec![Device::libtorch()]);
     let out = out_dir("libtorch");
     let summary = train(&small_config(2), &data, &libtorch(&out, false)).expect("runs");
     let records = read_metrics(&out);
@@ -269,27 +279,9 @@ fn trains_on_libtorch_and_resumes_exactly() {
         assert!(v.val_usage.iter().all(|u| (0.0..=1.0).contains(u)));
         assert_eq!(record.ema_entropy.len(), 2);
     }
-    let images = data
-        .valid
-        .take(16)
-        .batch(&(0..16).collect::<Vec<_>>(), &Device::libtorch());
-    let codes = summary.model.quantizer.encode(summary.model.encode(images));
-    for level in codes {
-        let values: Vec<i64> = level.into_data().iter::<i64>().collect();
-        assert_eq!(values.len(), 16 * 49);
-        assert!(values.iter().all(|&i| (0..16).contains(&i)));
-    }
+    assert_codes_in_range(&summary.model, &data, 16, &Device::libtorch());
     for device in [Device::libtorch(), Device::flex()] {
-        let options = CompressOptions {
-            run: out.clone(),
-            idx: None,
-            images: Some(8),
-            levels: None,
-            output: out.join("digits.rvqz"),
-            picture: out.join("compressed.png"),
-        };
-        let report = compress(&options, &device).expect("the run's checkpoint codes digits");
-        assert_eq!(report.images, 8);
+        compress_eight(&out, &device);
     }
 
     let resumed = out_dir("libtorch-resumed");
