@@ -2,7 +2,7 @@
 # Weight gradient of the demo's convolutions, batch 64: PyTorch's own backward against Burn 0.22.1's
 # generic formula (burn-backend conv2d_weight_grad_no_groups: a conv of the swapped input and
 # swapped output gradient), which burn-tch uses since it does not override it. Run it under the
-# torch that LibTorch comes from: .venv-libtorch/bin/python bench/conv_weight_grad.py
+# torch that LibTorch comes from, e.g. in a venv with `pip install torch==2.9.0`.
 import time, torch, torch.nn.functional as F
 torch.set_num_threads(2)
 def bench(f, n=50):
