@@ -4,7 +4,8 @@
 //! `cargo run --release --example train` from the repository root.
 //!
 //! - [`data`]: the embedded 10,000 digits and the IDX loader for the full set.
-//! - [`model`]: encoder, quantizer, decoder.
+//! - [`model`]: encoder, quantizer, decoder; [`conv`]: its convolutions (LibTorch's own
+//!   gradients on the `tch` backend).
 //! - [`training`]: [`TrainingConfig`](training::TrainingConfig) and the loop, on one device
 //!   or several (data-parallel).
 //! - [`checkpoint`]: checkpoints committed so that a killed run resumes; [`metrics`]: the
@@ -20,6 +21,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod codec;
+pub mod conv;
 pub mod data;
 pub mod error;
 pub mod evaluation;

@@ -19,6 +19,8 @@ use rvq_burn::{
     RvqError, RvqOutput,
 };
 
+use crate::conv::{conv_transpose2d, conv2d};
+
 /// The model's architecture.
 #[derive(Config, Debug)]
 pub struct VqVaeConfig {
@@ -148,17 +150,17 @@ impl VqVae {
     /// Latents `[B, 7, 7, D]` (channels last, as the quantizer wants them) of `images`
     /// `[B, 1, 28, 28]`.
     pub fn encode(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.encoder_1.forward(images)); // [B, 32, 14, 14]
-        let x = relu(self.encoder_2.forward(x)); // [B, 64, 7, 7]
-        self.encoder_3.forward(x).permute([0, 2, 3, 1]) // [B, D, 7, 7] -> [B, 7, 7, D]
+        let x = relu(conv2d(&self.encoder_1, images)); // [B, 32, 14, 14]
+        let x = relu(conv2d(&self.encoder_2, x)); // [B, 64, 7, 7]
+        conv2d(&self.encoder_3, x).permute([0, 2, 3, 1]) // [B, D, 7, 7] -> [B, 7, 7, D]
     }
 
     /// Images `[B, 1, 28, 28]` from (quantized) latents `[B, 7, 7, D]`.
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let x = latents.permute([0, 3, 1, 2]); // [B, D, 7, 7]
-        let x = relu(self.decoder_1.forward(x)); // [B, 64, 7, 7]
-        let x = relu(self.decoder_2.forward(x)); // [B, 32, 14, 14]
-        sigmoid(self.decoder_3.forward(x)) // [B, 1, 28, 28]
+        let x = relu(conv2d(&self.decoder_1, x)); // [B, 64, 7, 7]
+        let x = relu(conv_transpose2d(&self.decoder_2, x)); // [B, 32, 14, 14]
+        sigmoid(conv_transpose2d(&self.decoder_3, x)) // [B, 1, 28, 28]
     }
 
     /// Encode, quantize (updating the codebooks when training), decode.
