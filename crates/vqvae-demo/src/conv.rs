@@ -63,32 +63,66 @@ mod tests {
     }
 
     /// Runs `forward` on `x` (tracked or not) and the layer's parameters, through ReLU (which
-    /// LibTorch computes in place when it may) into a sum weighted by `mixing`, and returns the output
-    /// and the gradients of `x`, the weight and the bias (flattened to `[1, 1, 1, n]`).
+    /// LibTorch computes in place when it may) into a sum weighted by `mixing`, and returns
+    /// the output and the gradients of the weight, the bias (as `[1, 1, 1, n]`) and `x`.
     fn output_and_gradients(
         x: Tensor<4>,
         track_x: bool,
-        weight: &Param<Tensor<4>>,
-        bias: &Param<Tensor<1>>,
+        (weight, bias): (&Param<Tensor<4>>, &Param<Tensor<1>>),
         mixing: &Tensor<4>,
-        forward: impl Fn(Tensor<4>) -> Tensor<4>,
+        forward: &dyn Fn(Tensor<4>) -> Tensor<4>,
     ) -> Vec<Tensor<4>> {
         let x = if track_x { x.require_grad() } else { x };
         let y = relu(forward(x.clone()));
         let grads = (y.clone() * mixing.clone()).sum().backward();
-        let flat = |t: Tensor<1>| t.reshape([1, 1, 1, -1]);
-        let mut out = vec![
-            y,
-            weight.val().grad(&grads).unwrap(),
-            flat(bias.val().grad(&grads).unwrap()),
-        ];
+        let bias_grad = bias.val().grad(&grads).unwrap().reshape([1, 1, 1, -1]);
+        let mut out = vec![y, weight.val().grad(&grads).unwrap(), bias_grad];
         out.extend(x.grad(&grads));
         out
+    }
+
+    /// Checks that `fast` (this module's function) and `plain` (Burn's module) give the same
+    /// output and gradients for `x`, with `x` tracked and not.
+    fn assert_paths_agree(
+        case: &str,
+        x: Tensor<4>,
+        weight: &Param<Tensor<4>>,
+        bias: &Param<Tensor<1>>,
+        fast: &dyn Fn(Tensor<4>) -> Tensor<4>,
+        plain: &dyn Fn(Tensor<4>) -> Tensor<4>,
+    ) {
+        assert!(
+            libtorch::tracks_gradients(&x),
+            "the LibTorch path must apply here"
+        );
+        let device = x.device();
+        let mixing = Tensor::<4>::random(
+            plain(x.clone()).dims(),
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        for track_x in [true, false] {
+            let params = (weight, bias);
+            let got = output_and_gradients(x.clone(), track_x, params, &mixing, fast);
+            let want = output_and_gradients(x.clone(), track_x, params, &mixing, plain);
+            assert_eq!(got.len(), want.len());
+            for (what, (got, want)) in ["output", "weight grad", "bias grad", "input grad"]
+                .iter()
+                .zip(got.into_iter().zip(want))
+            {
+                assert_close(
+                    got,
+                    want,
+                    &format!("{case}, tracked input {track_x}: {what}"),
+                );
+            }
+        }
     }
 
     #[test]
     fn libtorch_gradients_equal_burns_own() {
         let device = device();
+        let random = |dims| Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device);
         let cases = [
             // The demo's layers, then dilation, groups and no padding.
             Conv2dConfig::new([3, 8], [4, 4])
@@ -104,49 +138,14 @@ mod tests {
         for (case, config) in cases.iter().enumerate() {
             device.seed(case as u64);
             let layer = config.init(&device);
-            let x = Tensor::<4>::random(
-                [5, config.channels[0], 11, 9],
-                Distribution::Normal(0.0, 1.0),
-                &device,
+            assert_paths_agree(
+                &format!("conv case {case}"),
+                random([5, config.channels[0], 11, 9]),
+                &layer.weight,
+                layer.bias.as_ref().unwrap(),
+                &|x| conv2d(&layer, x),
+                &|x| layer.forward(x),
             );
-            assert!(
-                libtorch::tracks_gradients(&x),
-                "the LibTorch path must apply here"
-            );
-            let mixing = Tensor::<4>::random(
-                layer.forward(x.clone()).dims(),
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            );
-            for track_x in [true, false] {
-                let fast = output_and_gradients(
-                    x.clone(),
-                    track_x,
-                    &layer.weight,
-                    layer.bias.as_ref().unwrap(),
-                    &mixing,
-                    |x| conv2d(&layer, x),
-                );
-                let plain = output_and_gradients(
-                    x.clone(),
-                    track_x,
-                    &layer.weight,
-                    layer.bias.as_ref().unwrap(),
-                    &mixing,
-                    |x| layer.forward(x),
-                );
-                assert_eq!(fast.len(), plain.len());
-                for (what, (got, want)) in ["output", "weight grad", "bias grad", "input grad"]
-                    .iter()
-                    .zip(fast.into_iter().zip(plain))
-                {
-                    assert_close(
-                        got,
-                        want,
-                        &format!("conv case {case}, tracked input {track_x}: {what}"),
-                    );
-                }
-            }
         }
         let cases = [
             // The demo's layers, then output padding, dilation and groups.
@@ -165,45 +164,14 @@ mod tests {
         for (case, config) in cases.iter().enumerate() {
             device.seed(case as u64);
             let layer = config.init(&device);
-            let x = Tensor::<4>::random(
-                [5, config.channels[0], 7, 6],
-                Distribution::Normal(0.0, 1.0),
-                &device,
+            assert_paths_agree(
+                &format!("transposed case {case}"),
+                random([5, config.channels[0], 7, 6]),
+                &layer.weight,
+                layer.bias.as_ref().unwrap(),
+                &|x| conv_transpose2d(&layer, x),
+                &|x| layer.forward(x),
             );
-            let mixing = Tensor::<4>::random(
-                layer.forward(x.clone()).dims(),
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            );
-            for track_x in [true, false] {
-                let fast = output_and_gradients(
-                    x.clone(),
-                    track_x,
-                    &layer.weight,
-                    layer.bias.as_ref().unwrap(),
-                    &mixing,
-                    |x| conv_transpose2d(&layer, x),
-                );
-                let plain = output_and_gradients(
-                    x.clone(),
-                    track_x,
-                    &layer.weight,
-                    layer.bias.as_ref().unwrap(),
-                    &mixing,
-                    |x| layer.forward(x),
-                );
-                assert_eq!(fast.len(), plain.len());
-                for (what, (got, want)) in ["output", "weight grad", "bias grad", "input grad"]
-                    .iter()
-                    .zip(fast.into_iter().zip(plain))
-                {
-                    assert_close(
-                        got,
-                        want,
-                        &format!("transposed case {case}, tracked input {track_x}: {what}"),
-                    );
-                }
-            }
         }
     }
 
