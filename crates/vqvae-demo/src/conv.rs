@@ -2,12 +2,12 @@
 //!
 //! Burn's autodiff takes a convolution's weight gradient from the backend's
 //! `conv2d_weight_backward`. burn-tch 0.22.1 does not provide one (nor the transposed
-//! convolution's), so on LibTorch the generic formula runs: a convolution of the swapped input
-//! and output gradient, about 5 times slower there than LibTorch's own
-//! `convolution_backward` (README, "The demo"). With the `tch` feature, a convolution on an
-//! autodiff LibTorch device takes all its gradients from LibTorch's autograd instead
-//! ([`libtorch`]); every other device, and layers that path does not cover, run Burn's module
-//! as it is. Both give the same values (tested there).
+//! convolution's), so on LibTorch Burn's generic formula runs: a convolution of the swapped
+//! input and output gradient, slower than LibTorch's own `convolution_backward` (README, "The
+//! demo"). With the `tch` feature, a convolution on an autodiff LibTorch device takes all its
+//! gradients from LibTorch's autograd instead (`conv/libtorch.rs`); every other device, and
+//! layers that path does not cover, run Burn's module as it is. Both give the same values
+//! (tested here).
 
 use burn::nn::conv::{Conv2d, ConvTranspose2d};
 use burn::tensor::Tensor;
