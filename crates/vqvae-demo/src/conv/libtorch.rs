@@ -128,7 +128,6 @@ impl<C: CheckpointStrategy> NativeConvolution for Autodiff<LibTorch, C> {
         bias: FloatTensor<Self>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        let i64s = |values: [usize; 2]| values.map(|v| v as i64);
         record::<C>([x, weight, bias], move |[x, w, b]| {
             x.conv2d(
                 w,
@@ -147,7 +146,6 @@ impl<C: CheckpointStrategy> NativeConvolution for Autodiff<LibTorch, C> {
         bias: FloatTensor<Self>,
         options: ConvTransposeOptions<2>,
     ) -> FloatTensor<Self> {
-        let i64s = |values: [usize; 2]| values.map(|v| v as i64);
         record::<C>([x, weight, bias], move |[x, w, b]| {
             x.conv_transpose2d(
                 w,
@@ -160,6 +158,11 @@ impl<C: CheckpointStrategy> NativeConvolution for Autodiff<LibTorch, C> {
             )
         })
     }
+}
+
+/// Sizes as LibTorch takes them.
+fn i64s(values: [usize; 2]) -> [i64; 2] {
+    values.map(|v| v as i64)
 }
 
 /// Runs `op` on the three inputs; where Burn tracks gradients, under LibTorch's autograd, with
