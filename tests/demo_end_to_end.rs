@@ -158,6 +158,22 @@ fn trains_writes_outputs_and_resumes_exactly() {
 }
 
 #[test]
+fn zero_epochs_are_refused() {
+    let out = out_dir("zero-epochs");
+    let error = train(&small_config(0), &Mnist::embedded(), &options(&out, false)).unwrap_err();
+    assert!(
+        error.to_string().contains("epochs must be >= 1, got 0"),
+        "{error}"
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+    let error = vqvae_demo::run(["--epochs", "0"].map(String::from)).unwrap_err();
+    assert!(
+        error.to_string().contains("epochs must be >= 1, got 0"),
+        "{error}"
+    );
+}
+
+#[test]
 fn resume_without_a_checkpoint_is_a_clear_error() {
     let out = out_dir("none");
     let error = train(&small_config(1), &Mnist::embedded(), &options(&out, true)).unwrap_err();
@@ -290,4 +306,60 @@ fn trains_on_libtorch_and_resumes_exactly() {
     same_training(&records, &read_metrics(&resumed));
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&resumed);
+}
+
+/// `--backend wgpu` (feature `wgpu`; Mesa's lavapipe in CI): training and coding take the
+/// same adapter, a few hundred digits train for an epoch, the checkpoint compresses and
+/// decompresses on it, and more devices than adapters is a clear error, not a panic.
+#[cfg(feature = "wgpu")]
+#[test]
+fn trains_and_codes_on_wgpu() {
+    use burn::tensor::DeviceType;
+    use vqvae_demo::backend::Backend;
+
+    if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
+        eprintln!("########## RVQ_SKIP_WGPU set: the demo's wgpu test is SKIPPED ##########");
+        return;
+    }
+    let backend = Backend::Wgpu;
+    let devices = backend.devices(1).expect("a WGPU adapter starts");
+    let coding = backend.device().expect("a WGPU adapter starts");
+    assert_eq!(
+        devices,
+        vec![coding.clone()],
+        "training and coding on one adapter"
+    );
+
+    let adapters = Device::enumerate(DeviceType::Wgpu).into_vec().len();
+    let error = backend.devices(adapters + 1).unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("--devices {} asks for", adapters + 1))
+            && error.contains("adapters found"),
+        "{error}"
+    );
+
+    let data = Mnist::embedded();
+    let out = out_dir("wgpu");
+    let summary = train(&small_config(1), &data, &on(&out, false, devices)).expect("runs");
+    let records = read_metrics(&out);
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    let v = &record.validation;
+    assert!(record.train_loss.is_finite(), "{record:?}");
+    assert!(
+        v.val_psnr_db.is_finite() && v.val_psnr_db > 5.0,
+        "{record:?}"
+    );
+    assert!(v.val_usage.iter().all(|u| (0.0..=1.0).contains(u)));
+    assert_eq!(record.ema_entropy.len(), 2);
+    assert_codes_in_range(&summary.model, &data, 16, &coding);
+
+    compress_eight(&out, &coding);
+    let stream = out.join("digits.rvqz");
+    let picture = out.join("decompressed.png");
+    let (images, bits) = decompress(&out, &stream, &picture, &coding).expect("decompresses");
+    assert_eq!(images, 8);
+    assert!(bits > 0.0);
+    assert!(std::fs::read(&picture).unwrap().starts_with(b"\x89PNG"));
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
-use rvq_burn::stream::indices_to_host;
+use rvq_burn::coding::indices_to_host;
 use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Execution};
 
 /// `(name, N, D, K, M)`.
@@ -381,7 +381,7 @@ fn main() {
             let models = eval
                 .entropy_models()
                 .expect("codebooks small enough to code");
-            let host = indices_to_host(codes.clone());
+            let host = indices_to_host(codes.clone()).expect("codes >= 0");
             let mut stream = Vec::new();
             let compress = median_seconds(repeats, &plain, || {
                 stream = models.compress(&host, &[n, d]).expect("valid codes");

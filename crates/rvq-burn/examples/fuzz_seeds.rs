@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
-use rvq_burn::{EmaResidualVectorQuantizerConfig, EntropyModels};
+use rvq_burn::{CodebookRule, EmaResidualVectorQuantizerConfig, EntropyModels};
 
 fn main() {
     let dir = PathBuf::from(
@@ -29,8 +29,13 @@ fn main() {
 
     // fuzz_targets/stream.rs decodes with these models.
     let skewed: Vec<f32> = (0..16).map(|k| (1u32 << (15 - k)) as f32).collect();
-    let models = EntropyModels::from_counts(&[skewed, vec![3.0; 5], vec![1.0]], 1e-5, 2)
-        .expect("valid counts");
+    let models = EntropyModels::from_counts(
+        &[skewed, vec![3.0; 5], vec![1.0]],
+        CodebookRule::Laplace,
+        1e-5,
+        2,
+    )
+    .expect("valid counts");
     std::fs::create_dir_all(dir.join("stream")).expect("corpus directory");
     for (name, indices, shape) in [
         (

@@ -1,6 +1,7 @@
 //! Configuration of the quantizer and its validation.
 
 use burn::config::Config;
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RvqError;
@@ -53,9 +54,9 @@ impl<const N: usize> From<[usize; N]> for CodebookSizes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Execution {
     /// The fastest path for the device's backend, chosen at every call by its type: the host
-    /// path on Burn's CPU backends (`flex`, `ndarray`), the kernel path on Burn's CubeCL
-    /// backend (`wgpu`), each with this crate's feature of the same name; Burn tensor
-    /// operations elsewhere.
+    /// path on Burn's CPU backends (`flex`, `ndarray`, LibTorch's CPU device), the kernel path
+    /// on Burn's CubeCL backend (`wgpu`), each with this crate's feature of the same name;
+    /// Burn tensor operations elsewhere.
     #[default]
     Auto,
     /// Burn tensor operations on every backend: the plain version the fast paths are tested
@@ -73,6 +74,58 @@ pub enum CodebookRule {
     Laplace,
     /// `e_k = m_k / max(c_k, eps)`, without smoothing: Mimi's (moshi `EuclideanCodebook`).
     Clamp,
+}
+
+impl CodebookRule {
+    /// The codebook `[K, D]` from the counts `[K]` and sums `[K, D]`: `e_k = m_k / c^_k`.
+    ///
+    /// The order of operations is the reference's (and EnCodec's, and Mimi's for the clamp),
+    /// so the result agrees to the rounding.
+    pub(crate) fn codebook(self, counts: Tensor<1>, sums: Tensor<2>, epsilon: f64) -> Tensor<2> {
+        if self == Self::Clamp {
+            return sums.div(counts.clamp_min(epsilon).unsqueeze_dim(1));
+        }
+        let [k] = counts.dims();
+        let total = counts.clone().sum(); // [1]
+        let denominator = total.clone().add_scalar(k as f64 * epsilon); // [1]
+        let smoothed = counts.add_scalar(epsilon).div(denominator).mul(total); // [K]
+        sums.div(smoothed.unsqueeze_dim(1)) // [K, D] / [K, 1]
+    }
+
+    /// The divisors `c^_k` of [`CodebookRule::codebook`] on the host, in f32 in the same order
+    /// (for checking a state before it is stored).
+    pub(crate) fn divisors(self, counts: &[f32], epsilon: f64) -> Vec<f32> {
+        let eps = epsilon as f32;
+        match self {
+            Self::Clamp => counts.iter().map(|&c| c.max(eps)).collect(),
+            Self::Laplace => {
+                let total: f32 = counts.iter().sum();
+                let denominator = total + counts.len() as f32 * eps;
+                counts
+                    .iter()
+                    .map(|&c| (c + eps) / denominator * total)
+                    .collect()
+            }
+        }
+    }
+
+    /// The prior over the codes the counts give under this rule, in f64: each code's divisor
+    /// over their sum, `p_k = (c_k + eps) / (n + K eps)` (Laplace) or `max(c_k, eps) / sum_j
+    /// max(c_j, eps)` (clamp). The entropy models code with it. `None` when the weights sum
+    /// to zero.
+    pub(crate) fn probabilities(self, counts: &[f32], epsilon: f64) -> Option<Vec<f64>> {
+        // f32 -> f64 is exact and IEEE f64 arithmetic in a fixed order is deterministic, so
+        // the result depends on the counts alone.
+        let weights: Vec<f64> = counts
+            .iter()
+            .map(|&c| match self {
+                Self::Laplace => f64::from(c) + epsilon,
+                Self::Clamp => f64::from(c).max(epsilon),
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        (total > 0.0).then(|| weights.iter().map(|w| w / total).collect())
+    }
 }
 
 /// When dead codes are found and restarted within a training step (with
@@ -137,10 +190,9 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// On the tensor path, accumulate each batch's per-code counts and sums as products of
     /// 0/1 assignment matrices (in blocks, within `max_distance_elements`) instead of
     /// scatter-adds. Same values up to the order of float additions, and deterministic. For
-    /// the tensor path on GPUs: there (WGPU on an H200, before the kernel path) the
-    /// scatter-adds dominated a training step (README, Benchmarks); on CPUs the scatter-add
-    /// is the faster one. The host and kernel paths accumulate in their own passes and
-    /// ignore it. Default: false.
+    /// the tensor path on GPUs, where scatter-adds can dominate a training step (README,
+    /// Benchmarks); on CPUs the scatter-add is the faster one. The host and kernel paths
+    /// accumulate in their own passes and ignore it. Default: false.
     #[config(default = false)]
     pub dense_statistics: bool,
     /// Initialize every level's codebook by k-means on the first training batch, level by

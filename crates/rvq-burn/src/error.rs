@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-pub use crate::stream::StreamError;
-
 /// What went wrong in a fallible (`try_*`) call.
 ///
 /// A call that returns an error has left the quantizer's state exactly as it was.
@@ -172,3 +170,124 @@ impl fmt::Display for RvqError {
 }
 
 impl std::error::Error for RvqError {}
+
+/// Why a stream could not be written or read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamError {
+    /// The stream ends before the header or the payload it declares.
+    Truncated {
+        /// Bytes the stream needs.
+        needed: usize,
+        /// Bytes that came.
+        got: usize,
+    },
+    /// The stream is longer than it declares.
+    TrailingBytes {
+        /// Bytes the stream declares.
+        declared: usize,
+        /// Bytes that came.
+        got: usize,
+    },
+    /// The first four bytes are not `RVQZ`.
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+    },
+    /// A format version this crate cannot read.
+    UnsupportedVersion {
+        /// The version in the stream.
+        found: u8,
+        /// The version this crate reads.
+        supported: u8,
+    },
+    /// The checksum does not match the bytes: the stream was altered.
+    Checksum {
+        /// The checksum stored in the stream.
+        stored: u64,
+        /// The checksum of the bytes that came.
+        computed: u64,
+    },
+    /// The stream was written by a quantizer of another configuration.
+    ConfigMismatch {
+        /// What differs, e.g. `K of level 2`.
+        field: String,
+        /// The stream's value.
+        stream: String,
+        /// This quantizer's value.
+        quantizer: String,
+    },
+    /// The stream was coded with other probability tables (another checkpoint's counts).
+    ModelMismatch {
+        /// The fingerprint in the stream.
+        stream: u64,
+        /// The fingerprint of this quantizer's tables.
+        quantizer: u64,
+    },
+    /// The header or payload is inconsistent in a way the checksum cannot catch.
+    Malformed {
+        /// What is inconsistent.
+        reason: String,
+    },
+    /// A level's codebook is too large for the fixed-point tables.
+    UnsupportedCodebookSize {
+        /// The level (0-based).
+        level: usize,
+        /// Its `K`.
+        size: usize,
+        /// The largest `K` that can be coded.
+        max: usize,
+    },
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated { needed, got } => write!(
+                f,
+                "stream truncated: {got} bytes, expected at least {needed}"
+            ),
+            Self::TrailingBytes { declared, got } => write!(
+                f,
+                "stream has {got} bytes, expected {declared} as its header declares"
+            ),
+            Self::BadMagic { found } => write!(
+                f,
+                "not an rvq-burn stream: starts with {found:?}, expected {:?} (\"RVQZ\")",
+                *b"RVQZ"
+            ),
+            Self::UnsupportedVersion { found, supported } => {
+                write!(f, "stream format version {found}, expected {supported}")
+            }
+            Self::Checksum { stored, computed } => write!(
+                f,
+                "stream corrupted: checksum of its bytes is {computed:016x}, expected the \
+                 stored {stored:016x}"
+            ),
+            Self::ConfigMismatch {
+                field,
+                stream,
+                quantizer,
+            } => write!(
+                f,
+                "stream was written by another configuration: {field} is {stream} in the \
+                 stream, expected {quantizer} (this quantizer)"
+            ),
+            Self::ModelMismatch { stream, quantizer } => write!(
+                f,
+                "stream was coded with probability tables {stream:016x}, this quantizer's are \
+                 {quantizer:016x}: decode with the checkpoint (EMA counts) that wrote it"
+            ),
+            Self::Malformed { reason } => write!(f, "malformed stream: {reason}"),
+            Self::UnsupportedCodebookSize { level, size, max } => write!(
+                f,
+                "level {level} has {size} codes, expected 1 to {max} for entropy coding"
+            ),
+        }
+    }
+}
+
+impl From<StreamError> for RvqError {
+    fn from(error: StreamError) -> Self {
+        RvqError::Stream(error)
+    }
+}

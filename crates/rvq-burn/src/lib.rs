@@ -37,58 +37,72 @@
 //! assert!(decoded.sub(quantized).abs().max().into_scalar::<f32>() < 1e-5);
 //! ```
 //!
-//! ## Layout
+//! ## Map of the crate
 //!
-//! - [`config`]: [`EmaResidualVectorQuantizerConfig`] and its validation.
-//! - [`codebook`]: one level, [`EmaCodebook`]: its EMA statistics, the codebook derived from
-//!   them, and its step over a batch (read the state, assign, update, store).
-//! - `update` (internal): what a training step does to a level's state (EMA, the
-//!   data-parallel init, k-means init, dead-code restarts), chosen once per forward.
-//! - `path` (internal): how a level's pass runs, chosen once per call by the device's backend
-//!   type ([`Execution`]): `path/host.rs` on Burn's CPU backends (one pass over cache-sized
-//!   tiles of rows), `path/kernel.rs` on Burn's CubeCL backend (CubeCL kernels, feature
-//!   `wgpu`), `path/tensor.rs` as Burn tensor operations on any backend.
-//! - [`residual`]: the stack, [`EmaResidualVectorQuantizer`]: forward, encode, decode, a
-//!   short loop over the levels.
-//! - [`options`], [`output`], [`metrics`]: what a forward takes and returns.
-//! - [`entropy`], [`stream`]: codes to bytes. [`EntropyModels`] built from the EMA counts,
-//!   and the self-describing, checksummed ANS stream ([`EmaResidualVectorQuantizer::try_compress`],
-//!   [`EmaResidualVectorQuantizer::try_decompress`]).
-//! - `interop` (feature `pytorch`): the quantizer state of PyTorch codecs (EnCodec, Mimi,
-//!   vector-quantize-pytorch) in and out, through burn-store.
-//! - [`error`]: [`RvqError`], returned by every `try_*` call.
+//! [`EmaResidualVectorQuantizerConfig`] (`config.rs`) holds every setting and its
+//! validation, and the [`CodebookRule`] that derives a codebook from EMA statistics, for the
+//! layer, the entropy models and the import alike. `init` turns it into the module,
+//! [`EmaResidualVectorQuantizer`] (`quantizer/`), which keeps that configuration as its one
+//! copy: the entry points (`forward.rs`: forward, encode, decode) check their input and run
+//! the levels in a short loop; `estimator.rs` turns what the levels gave into the output (the
+//! commitment loss, the straight-through estimator, the rotation trick); `bitrate.rs` prices
+//! the codes. A level (`level/`) is an EMA codebook with its own state ([`Statistics`]) and
+//! step: read the state, assign, update, store; what a training step does to it (EMA, k-means
+//! init, dead-code restarts, data-parallel replacement) is the schedule (`schedule.rs`) the
+//! configuration sets, with `kmeans.rs` and `restart.rs` beside it. How a level's pass over the rows runs is
+//! the execution path (`path/`), chosen once per call by the device's backend type. Codes
+//! become bytes in [`coding`]; PyTorch codecs' state comes in and goes out through
+//! `interop` (feature `pytorch`); [`metrics`] and [`RvqOutput`] are what a
+//! forward reports; [`error`] has every error. `util.rs` holds the fixed hashes and the
+//! tensor-to-host conversions.
+//!
+//! ## Execution paths
+//!
+//! Each call runs its levels on one of three paths, chosen by the device's backend type
+//! ([`Execution::Auto`]) and each in its own file:
+//!
+//! - the host path (`path/host/`) on Burn's CPU backends (`flex`, `ndarray`, LibTorch's CPU
+//!   device): one pass over cache-sized tiles of rows does a level's search, residual, losses
+//!   and statistics;
+//! - the kernel path (`path/kernel/`, feature `wgpu`) on Burn's CubeCL backend: CubeCL
+//!   kernels for the search, the per-code statistics and `decode`;
+//! - the tensor path (`path/tensor.rs`): Burn tensor operations on any backend, the plain
+//!   version the others are tested equal to ([`Execution::TensorOps`] forces it).
+//!
+//! ## Features
+//!
+//! `flex` (default), `ndarray`, `tch` and `wgpu` bring Burn's backend of that name and this
+//! crate's path for it; `pytorch` brings the `interop` module (PyTorch codecs' quantizer
+//! state in and out).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod codebook;
+pub mod coding;
 pub mod config;
-pub mod entropy;
 pub mod error;
-mod hash;
 #[cfg(feature = "pytorch")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pytorch")))]
 pub mod interop;
+mod level;
 pub mod metrics;
-pub mod options;
-pub mod output;
+mod options;
+mod output;
 mod path;
-pub mod residual;
-pub mod stream;
-mod update;
+mod quantizer;
+mod util;
 
-pub use codebook::EmaCodebook;
+pub use coding::{CodeStream, EntropyModels, LevelModel};
 pub use config::{
     CodebookRule, CodebookSizes, DeadCodeRule, EmaResidualVectorQuantizerConfig, Execution,
 };
-pub use entropy::{EntropyModels, LevelModel};
-pub use error::RvqError;
+pub use error::{RvqError, StreamError};
 #[cfg(feature = "pytorch")]
 pub use interop::{ImportReport, KeyStyle, Layout, PytorchState};
+pub use level::Statistics;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
 pub use options::{ForwardOptions, Mask};
 pub use output::RvqOutput;
-pub use residual::EmaResidualVectorQuantizer;
-pub use stream::{CodeStream, StreamError};
+pub use quantizer::EmaResidualVectorQuantizer;
 
 /// The crate README's example, compiled and run as a doctest.
 #[cfg(doctest)]

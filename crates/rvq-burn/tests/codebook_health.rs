@@ -110,8 +110,8 @@ fn kmeans_init_fits_the_first_batch_with_a_consistent_state() {
     assert_finite_and_consistent(&kmeans);
     // Counts are cluster sizes: they sum to the batch size (the EMA keeps the total).
     let plain = Device::flex();
-    for level in &kmeans.levels {
-        let total: f32 = floats(level.statistics(&plain).0).iter().sum();
+    for level in 0..kmeans.num_levels() {
+        let total: f32 = floats(kmeans.statistics(level, &plain).counts).iter().sum();
         assert!((total - 512.0).abs() < 1e-2, "total count {total}");
     }
 
@@ -128,8 +128,7 @@ fn kmeans_init_fits_the_first_batch_with_a_consistent_state() {
         assert!(moved < 1e-3, "level {level}: codebook moved by {moved}");
     }
     // Init happens once: a later batch does not re-run k-means.
-    let steps = floats(kmeans.steps.value_sync())[0];
-    assert_eq!(steps, 2.0);
+    assert_eq!(kmeans.steps_taken(), 2);
 }
 
 #[test]
@@ -151,7 +150,7 @@ fn data_parallel_restarts_split_the_busiest_codes_until_every_code_is_used() {
         if step == 0 {
             // The first step replaces the initial state: the codes no vector chose have count
             // 0. How many depends on the initial codebook, so it is counted, not assumed.
-            empty_after_first_step = floats(rvq.levels[0].statistics(&Device::flex()).0)
+            empty_after_first_step = floats(rvq.statistics(0, &Device::flex()).counts)
                 .iter()
                 .filter(|&&c| c == 0.0)
                 .count();
@@ -186,7 +185,7 @@ fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
         losses.push(loss(&output));
         // Each init step replaces the statistics by the batch's: the counts are the numbers
         // of vectors per code and sum to the batch size.
-        let total: f32 = floats(rvq.levels[0].statistics(&plain).0).iter().sum();
+        let total: f32 = floats(rvq.statistics(0, &plain).counts).iter().sum();
         assert!(
             (total - 512.0).abs() < 1e-2,
             "step {step}: total count {total}"
@@ -206,7 +205,7 @@ fn data_parallel_kmeans_init_is_lloyd_over_the_first_steps_with_splitting() {
     assert_finite_and_consistent(&rvq);
     // After the init the EMA takes over: the total count stays at the batch size.
     let _ = rvq.forward(clustered(512, 8, 16, 0.1, 8, &device));
-    let total: f32 = floats(rvq.levels[0].statistics(&plain).0).iter().sum();
+    let total: f32 = floats(rvq.statistics(0, &plain).counts).iter().sum();
     assert!((total - 512.0).abs() < 1e-2, "total count {total}");
 }
 
@@ -268,5 +267,5 @@ fn without_options_the_step_counter_costs_nothing_and_counts_updates() {
     let _ = rvq
         .valid()
         .forward(rng.uniform_tensor([16, 4], 0.0, 1.0, &Device::flex()));
-    assert_eq!(floats(rvq.steps.value_sync())[0], 3.0);
+    assert_eq!(rvq.steps_taken(), 3);
 }

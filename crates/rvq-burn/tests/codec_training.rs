@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 use common::*;
 use rvq_burn::{
@@ -408,13 +408,18 @@ fn half_precision_inputs_give_the_f32_codes_and_keep_an_f32_state() {
             assert_eq!(state_bits(&rvq), state_bits(&reference), "{what}: state");
             // The state as stored (`statistics` would read any dtype back as f32).
             let stored = |rvq: &EmaResidualVectorQuantizer| -> Vec<(DType, DType)> {
-                rvq.levels
-                    .iter()
-                    .map(|level| {
-                        let count = level.ema_count.value_sync().dtype();
-                        (count, level.ema_weight.value_sync().dtype())
-                    })
-                    .collect()
+                struct Dtypes(Vec<DType>);
+                impl ModuleVisitor for Dtypes {
+                    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                        self.0.push(param.val().dtype());
+                    }
+                }
+                rvq.sync_state();
+                let mut dtypes = Dtypes(Vec::new());
+                rvq.visit(&mut dtypes);
+                // Per level the counts and the sums, then the step counter.
+                let pairs = dtypes.0[..dtypes.0.len() - 1].chunks(2);
+                pairs.map(|pair| (pair[0], pair[1])).collect()
             };
             assert_eq!(stored(&rvq), vec![(DType::F32, DType::F32); 3], "{what}");
             for (a, b) in out.indices.iter().zip(&want.indices) {
@@ -461,7 +466,10 @@ fn half_precision_inputs_give_the_f32_codes_and_keep_an_f32_state() {
             assert!(compared >= enough, "{what}: only {compared} rows compared");
             // Statistics imported in half precision are kept in f32.
             let imported = seeded_quantizer(&config, &autodiff, 7);
-            let (count, weight) = rvq.levels[0].statistics(&device);
+            let rvq_burn::Statistics {
+                counts: count,
+                sums: weight,
+            } = rvq.statistics(0, &device);
             imported
                 .try_set_statistics(0, count.cast(half), weight.cast(half))
                 .unwrap();

@@ -460,7 +460,7 @@ fn a_whole_model_pt_checkpoint_imports_through_the_pytorch_store() {
 
 /// The cases `bad_files` runs: a description, the file, the layout, the expected words.
 fn bad_file(rvq: &EmaResidualVectorQuantizer, path: &Path, state: &PytorchState, words: &[&str]) {
-    let before = (state_bits(rvq), floats(rvq.steps.value()));
+    let before = (state_bits(rvq), rvq.steps_taken());
     let error = rvq
         .try_import_pytorch(path, state)
         .expect_err("a bad file must be refused")
@@ -470,7 +470,7 @@ fn bad_file(rvq: &EmaResidualVectorQuantizer, path: &Path, state: &PytorchState,
         assert!(error.contains(word), "`{word}` not in: {error}");
     }
     assert_eq!(
-        (state_bits(rvq), floats(rvq.steps.value())),
+        (state_bits(rvq), rvq.steps_taken()),
         before,
         "a failed import changed the state or the step counter"
     );

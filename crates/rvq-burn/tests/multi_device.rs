@@ -234,7 +234,7 @@ fn state(model: &Probe) -> Vec<(Vec<f32>, Vec<f32>)> {
         .map(|level| {
             (
                 floats(quantizer.codebook(level, &plain)),
-                floats(quantizer.levels[level].ema_count.value_sync()),
+                floats(quantizer.statistics(level, &plain).counts),
             )
         })
         .collect()

@@ -156,7 +156,10 @@ proptest! {
             .with_dense_statistics(true)
             .init(&autodiff);
         for level in 0..sizes.len() {
-            let (count, weight) = scatter.levels[level].statistics(&autodiff);
+            let rvq_burn::Statistics {
+                counts: count,
+                sums: weight,
+            } = scatter.statistics(level, &autodiff);
             dense.try_set_statistics(level, count, weight).unwrap();
         }
         let x: Tensor<2> = Tensor::from_data(TensorData::new(values.clone(), [n, dim]), &autodiff);

@@ -55,7 +55,10 @@ type HostState = Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>;
 fn host_state(rvq: &EmaResidualVectorQuantizer, device: &Device) -> HostState {
     (0..rvq.num_levels())
         .map(|level| {
-            let (count, weight) = rvq.levels[level].statistics(device);
+            let rvq_burn::Statistics {
+                counts: count,
+                sums: weight,
+            } = rvq.statistics(level, device);
             (
                 floats(count),
                 floats(weight),

@@ -59,7 +59,13 @@ fn main() {
             }
         }
     }
-    let device = backend.device().autodiff();
+    let device = match backend.device() {
+        Ok(device) => device.autodiff(),
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
     let data = Mnist::embedded();
     let mut model = VqVaeConfig::new()
         .try_init_seeded(&device, 42)

@@ -1,7 +1,7 @@
 //! The trained VQ-VAE as an image codec: digits -> codes -> entropy-coded stream -> digits.
 //!
 //! `compress` encodes digits with a run's last checkpoint, codes the indices of the first `n`
-//! levels with the quantizer's EMA counts as the prior (`rvq_burn::stream`), writes the
+//! levels with the quantizer's EMA counts as the prior (`rvq_burn::coding`), writes the
 //! stream, then decodes that file again to check the round trip and to measure the PSNR.
 //! `decompress` turns a stream back into a PNG of digits.
 
@@ -12,7 +12,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Device;
 use rvq_burn::LevelMetrics;
-use rvq_burn::stream::{indices_to_device, indices_to_host};
+use rvq_burn::coding::{indices_to_device, indices_to_host};
 
 use crate::checkpoint;
 use crate::data::{Digits, IMAGE_PIXELS, Mnist, parse_images};
@@ -183,13 +183,13 @@ pub fn compress(options: &CompressOptions, device: &Device) -> Result<CompressRe
         let latents = model.encode(digits.batch(&batch, device));
         for (all, level) in indices
             .iter_mut()
-            .zip(indices_to_host(quantizer.try_encode(latents, levels)?))
+            .zip(indices_to_host(quantizer.try_encode(latents, levels)?)?)
         {
             all.extend(level);
         }
     }
     let models = quantizer.entropy_models()?;
-    let shape = [images, 7, 7, quantizer.embedding_dim];
+    let shape = [images, 7, 7, quantizer.embedding_dim()];
     let stream = models.compress(&indices, &shape)?;
     fs::write(&options.output, &stream).map_err(|e| DemoError::io(&options.output, e))?;
 
@@ -253,14 +253,14 @@ pub fn decompress(
         stream.num_vectors() / POSITIONS,
         7,
         7,
-        model.quantizer.embedding_dim,
+        model.quantizer.embedding_dim(),
     ];
     if stream.shape != expected {
         return Err(DemoError::Config(format!(
             "{}: holds codes of shape {:?}, expected [images, 7, 7, {}] (digit latents)",
             input.display(),
             stream.shape,
-            model.quantizer.embedding_dim
+            model.quantizer.embedding_dim()
         )));
     }
     let images = expected[0];

@@ -14,6 +14,8 @@ pub enum DemoError {
     Quantizer(rvq_burn::RvqError),
     /// Another configuration or command-line problem.
     Config(String),
+    /// The backend's device cannot be had (no adapter, too few, a driver that fails).
+    Device(String),
     /// A checkpoint is missing or does not fit the model.
     Checkpoint(String),
     /// A file could not be read or written.
@@ -33,6 +35,7 @@ impl fmt::Display for DemoError {
             Self::Data(error) => write!(f, "data: {error}"),
             Self::Quantizer(error) => write!(f, "quantizer: {error}"),
             Self::Config(message) => write!(f, "configuration: {message}"),
+            Self::Device(message) => write!(f, "device: {message}"),
             Self::Checkpoint(message) => write!(f, "checkpoint: {message}"),
             Self::Io(message) => write!(f, "{message}"),
         }

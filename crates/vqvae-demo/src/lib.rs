@@ -53,11 +53,13 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
         Some(dir) => Mnist::from_dir(dir)?,
         None => Mnist::embedded(),
     };
+    // One choice of devices for the whole run; the first also codes.
+    let devices = cli.backend.devices(cli.devices)?;
     if cli.verbose {
         println!(
             "device: {} ({:?}{}) | train {} / validation {} digits | {} levels x {:?} codes, D = {}",
             cli.backend.name(),
-            cli.backend.device(),
+            devices[0],
             match cli.devices {
                 1 => String::new(),
                 n => format!(", {n} devices"),
@@ -76,7 +78,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
     let options = RunOptions {
         out: cli.out.clone(),
         resume: cli.resume,
-        devices: cli.backend.devices(cli.devices),
+        devices,
         verbose: cli.verbose,
     };
     training::train(&cli.config, &data, &options)?;
@@ -92,7 +94,7 @@ fn run_codec(command: &str, args: Vec<String>) -> Result<(), DemoError> {
         print!("{}", cli::CODEC_USAGE);
         return Ok(());
     }
-    let device = cli.backend.device();
+    let device = cli.backend.device()?;
     match cli.command {
         cli::CodecCommand::Compress(options) => {
             let report = codec::compress(&options, &device)?;

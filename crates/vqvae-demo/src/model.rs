@@ -179,7 +179,7 @@ impl VqVae {
     /// Images decoded from the first `codes.len()` levels of `codes` (`[B*49]` each), for
     /// images `[batch, 1, 28, 28]`.
     pub fn decode_codes(&self, codes: &[Tensor<1, Int>], batch: usize) -> Tensor<4> {
-        let latent = self.quantizer.embedding_dim;
+        let latent = self.quantizer.embedding_dim();
         let latents = self.quantizer.decode(codes, [batch, 7, 7, latent]);
         self.decode(latents)
     }

@@ -128,6 +128,11 @@ pub fn train(
     if config.batch_size == 0 {
         return Err(DemoError::Config("batch_size must be >= 1, got 0".into()));
     }
+    if config.epochs == 0 {
+        return Err(DemoError::Config(
+            "epochs must be >= 1, got 0 (nothing would be trained)".into(),
+        ));
+    }
     let out = &options.out;
     fs::create_dir_all(checkpoint::dir(out)).map_err(|e| DemoError::io(out, e))?;
     let train_set = data.train.take(config.train_limit.unwrap_or(usize::MAX));

@@ -49,16 +49,15 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use burn::module::Module;
 use burn::store::{KeyRemapper, ModuleStore, PytorchStore, SafetensorsStore, bridge, burn_pack};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::codebook::{BadStatistics, check_statistics, codebook_from_statistics};
-use crate::config::CodebookRule;
-
 mod pickle;
+
+use crate::config::CodebookRule;
 use crate::error::RvqError;
-use crate::residual::EmaResidualVectorQuantizer;
+use crate::level::{BadStatistics, Schedule, check_statistics};
+use crate::quantizer::EmaResidualVectorQuantizer;
 
 /// Where a stored `embed` and the codebook derived from the stored sums may differ before the
 /// import rebuilds the sums from `embed` (largest per-code relative difference).
@@ -418,9 +417,10 @@ impl EmaResidualVectorQuantizer {
         let key = |level: usize, field: Field| {
             layout.file_key(&state.prefix, state.key_style, level, field)
         };
-        for (index, level) in self.levels.iter().enumerate() {
-            let (count, sum) = level.statistics(&device);
-            let (k, d) = (level.num_embeddings, level.embedding_dim);
+        let d = self.embedding_dim();
+        for (index, level) in self.levels().iter().enumerate() {
+            let statistics = level.statistics(&device);
+            let k = level.num_embeddings();
             let initialized = match layout {
                 Layout::VectorQuantizePytorch => (safetensors::Dtype::BOOL, vec![], vec![1u8]),
                 _ => (
@@ -436,10 +436,8 @@ impl EmaResidualVectorQuantizer {
                 initialized.2,
             ));
             if layout.key(state.key_style, Field::Embed).is_some() {
-                // The codebook from the statistics just read (`EmaCodebook::codebook` would
-                // read them again).
-                let codebook =
-                    codebook_from_statistics(count.clone(), sum.clone(), level.rule, level.epsilon);
+                // The codebook from the statistics just read.
+                let codebook = statistics.codebook(self.config());
                 tensors.push((
                     key(index, Field::Embed),
                     safetensors::Dtype::F32,
@@ -451,13 +449,13 @@ impl EmaResidualVectorQuantizer {
                 key(index, Field::Count),
                 safetensors::Dtype::F32,
                 layout.file_shape(&[k]),
-                f32_bytes(count),
+                f32_bytes(statistics.counts),
             ));
             tensors.push((
                 key(index, Field::Sum),
                 safetensors::Dtype::F32,
                 layout.file_shape(&[k, d]),
-                f32_bytes(sum),
+                f32_bytes(statistics.sums),
             ));
         }
         let views = tensors
@@ -474,12 +472,12 @@ impl EmaResidualVectorQuantizer {
 
     /// The device the state lives on.
     fn state_device(&self) -> Device {
-        self.levels[0].ema_count.value().device()
+        self.levels()[0].state_device()
     }
 
     /// The quantizer derives its codebooks as `layout` does.
     fn check_layout(&self, layout: Layout, file: &str) -> Result<(), RvqError> {
-        let rule = self.levels[0].rule;
+        let rule = self.config().codebook_rule;
         if rule != layout.codebook_rule() {
             return Err(checkpoint_error(
                 file,
@@ -540,7 +538,7 @@ impl EmaResidualVectorQuantizer {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let num_levels = self.levels.len();
+        let num_levels = self.num_levels();
         if levels_in_file.iter().any(|&level| level >= num_levels) {
             return Err(checkpoint_error(
                 file,
@@ -554,8 +552,9 @@ impl EmaResidualVectorQuantizer {
         }
         let mut keys = Vec::new();
         let mut levels = Vec::with_capacity(num_levels);
-        for (index, level) in self.levels.iter().enumerate() {
-            let (k, d) = (level.num_embeddings, level.embedding_dim);
+        let (rule, epsilon) = (self.config().codebook_rule, self.config().epsilon);
+        let d = self.embedding_dim();
+        for (index, k) in self.sizes().into_iter().enumerate() {
             let mut read = |field: Field, shape: &[usize]| -> Result<Option<Vec<f32>>, RvqError> {
                 let key = layout.file_key(&state.prefix, key_style, index, field);
                 let Some(_) = layout.key(key_style, field) else {
@@ -612,7 +611,7 @@ impl EmaResidualVectorQuantizer {
                         ),
                     ));
                 }
-                compare_embed(&mut level_state, &embed, d, level.epsilon);
+                compare_embed(&mut level_state, &embed, d, epsilon);
                 if level_state.rebuilt {
                     let sum_key = format!("{} (rebuilt from `embed`)", key(Field::Sum));
                     let keys = (key(Field::Count), sum_key);
@@ -625,24 +624,17 @@ impl EmaResidualVectorQuantizer {
                     )?;
                 }
             }
-            check_codebook(
-                &level_state,
-                d,
-                (level.rule, level.epsilon),
-                file,
-                &key(Field::Sum),
-            )?;
+            check_codebook(&level_state, d, (rule, epsilon), file, &key(Field::Sum))?;
             levels.push(level_state);
         }
         // Everything is checked: replace the state.
         let device = self.state_device();
-        for (index, (level, read)) in self.levels.iter().zip(&levels).enumerate() {
-            let (k, d) = (level.num_embeddings, level.embedding_dim);
+        for (index, (k, read)) in self.sizes().into_iter().zip(&levels).enumerate() {
             let count = Tensor::<1>::from_data(TensorData::new(read.count.clone(), [k]), &device);
             let sum = Tensor::<2>::from_data(TensorData::new(read.sum.clone(), [k, d]), &device);
-            level.try_set_statistics(index, count, sum)?;
+            self.try_set_statistics(index, count, sum)?;
         }
-        self.set_steps_after_import(&device);
+        self.set_steps_taken(Schedule::of(self.config()).steps_after_import());
         Ok(ImportReport {
             layout,
             key_style,
@@ -651,22 +643,6 @@ impl EmaResidualVectorQuantizer {
             embed_difference: levels.iter().map(|level| level.embed_difference).collect(),
             rebuilt_levels: (0..levels.len()).filter(|&l| levels[l].rebuilt).collect(),
         })
-    }
-
-    /// The step counter after an import: the first multiple of `dead_code_check_every` past
-    /// any initialization steps (k-means init at step 0; the data-parallel replacement steps).
-    fn set_steps_after_import(&self, device: &Device) {
-        let init_steps = match (self.data_parallel, self.kmeans_init) {
-            (true, true) => self.kmeans_iterations.max(1),
-            _ => 1,
-        };
-        let every = self.dead_code_check_every.max(1);
-        let steps = init_steps.div_ceil(every) * every;
-        self.steps.update(Tensor::<1>::from_data(
-            TensorData::new(vec![steps as f32], [1]),
-            device,
-        ));
-        let _ = self.steps.valid();
     }
 }
 
@@ -861,7 +837,7 @@ fn read_tensor(
     Ok(data.iter::<f32>().collect())
 }
 
-/// The statistics as every level needs them (`codebook::check_statistics`), the error naming
+/// The statistics as every level needs them (`level::check_statistics`), the error naming
 /// the file's keys and where the value sits.
 fn check_values(
     count: &[f32],
@@ -903,10 +879,7 @@ fn check_codebook(
     file: &str,
     sum_key: &str,
 ) -> Result<(), RvqError> {
-    let divisors: Vec<f32> = match rule {
-        CodebookRule::Laplace => laplace_smoothed(&level.count, epsilon),
-        CodebookRule::Clamp => level.count.iter().map(|&c| c.max(epsilon as f32)).collect(),
-    };
+    let divisors = rule.divisors(&level.count, epsilon);
     for (code, &divisor) in divisors.iter().enumerate() {
         let row = &level.sum[code * d..(code + 1) * d];
         if let Some(value) = row.iter().map(|&m| m / divisor).find(|v| !v.is_finite()) {
@@ -928,7 +901,7 @@ fn check_codebook(
 /// statistics (the layouts that store `embed` use it), and rebuilds the sums from `embed`
 /// when they differ by more than [`EMBED_TOLERANCE`].
 fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64) {
-    let smoothed = laplace_smoothed(&level.count, epsilon);
+    let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
     let mut worst = 0.0f64;
     for (code, &c) in smoothed.iter().enumerate() {
         let row = code * d..(code + 1) * d;
@@ -954,17 +927,6 @@ fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64) 
         }
         level.rebuilt = true;
     }
-}
-
-/// `(c_k + eps) / (n + K eps) * n`, in f32 in the reference's order.
-fn laplace_smoothed(count: &[f32], epsilon: f64) -> Vec<f32> {
-    let eps = epsilon as f32;
-    let total: f32 = count.iter().sum();
-    let denominator = total + count.len() as f32 * eps;
-    count
-        .iter()
-        .map(|&c| (c + eps) / denominator * total)
-        .collect()
 }
 
 fn f32_bytes<const D: usize>(tensor: Tensor<D>) -> Vec<u8> {

@@ -7,10 +7,11 @@
 //! residuals (the output and the commitment loss's gradient). There are three ways to run it,
 //! each in its own file, chosen once per call by the device's backend type ([`Path::choose`]):
 //!
-//! - [`host`]: Burn's CPU backends (`flex`, `ndarray`), whose tensors live in host memory:
-//!   one pass over cache-sized tiles of rows does the whole level.
+//! - [`host`]: Burn's CPU backends (`flex`, `ndarray`, LibTorch's CPU device), whose tensors
+//!   live in host memory: one pass over cache-sized tiles of rows does the whole level
+//!   (`host/search.rs`).
 //! - `kernel` (feature `wgpu`): Burn's CubeCL backend (WGPU): the search, the per-code
-//!   statistics and `decode` as CubeCL kernels.
+//!   statistics and `decode` as CubeCL kernels (`kernel/kernels.rs`).
 //! - [`tensor`]: Burn tensor operations, on any backend: the straightforward version the
 //!   others are tested against, and what runs where no faster path exists.
 //!
@@ -25,7 +26,7 @@ pub(crate) mod tensor;
 
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::config::Execution;
+use crate::config::{EmaResidualVectorQuantizerConfig, Execution};
 use crate::error::RvqError;
 
 /// What a level's pass produces besides the codes and the next residual.
@@ -35,9 +36,9 @@ pub(crate) struct Work {
     pub counts: bool,
     /// The sum of the rows (the level's input) that took each code, `[K, D]`.
     pub sums: bool,
-    /// The sum of the squared next residuals (the level's loss), and the running sums over
-    /// levels of the chosen codes and of the next residuals.
-    pub forward: bool,
+    /// What a forward's output needs: the sum of the squared next residuals (the level's
+    /// loss), and the running sums over levels of the chosen codes and of the next residuals.
+    pub output: bool,
 }
 
 impl Work {
@@ -45,31 +46,31 @@ impl Work {
     pub const CODES: Self = Self {
         counts: false,
         sums: false,
-        forward: false,
+        output: false,
     };
-    /// A forward without an EMA update: codes, counts, losses, the output.
-    pub const FORWARD: Self = Self {
+    /// A forward that leaves the state alone: codes, counts, losses, the output.
+    pub const EVALUATION: Self = Self {
         counts: true,
         sums: false,
-        forward: true,
+        output: true,
     };
     /// A training forward: everything.
     pub const TRAINING: Self = Self {
         counts: true,
         sums: true,
-        forward: true,
+        output: true,
     };
     /// Counts and sums alone (a k-means step).
     pub const STATISTICS: Self = Self {
         counts: true,
         sums: true,
-        forward: false,
+        output: false,
     };
 }
 
 /// What one level's pass gives back; each `Option` is there when [`Work`] asked for it.
 #[derive(Debug, Clone)]
-pub(crate) struct LevelBatch {
+pub(crate) struct LevelPass {
     /// Nearest code of every row, `[N]`.
     pub indices: Tensor<1, Int>,
     /// Rows per code, `[K]` (exact integers).
@@ -106,25 +107,28 @@ impl RunningSums {
     }
 }
 
+/// The residual rows of a call as a path holds them between levels, with the running sums.
+pub(crate) trait Rows: Sized {
+    /// Takes the input `x` `[N, D]` (no autodiff) as the first level's residual; with
+    /// `work.output`, the running sums start at zero.
+    fn start(x: Tensor<2>, work: Work) -> Self;
+
+    /// The current residual `[N, D]` as a tensor (a copy on paths that hold it elsewhere).
+    fn residual(&self) -> Tensor<2>;
+
+    /// The running sums, if the rows were started with `work.output`.
+    fn finish(self) -> Option<RunningSums>;
+}
+
 /// One way to run a level's pass. The residual stack is generic over it, and the path is
 /// picked once per call ([`Path`]).
 pub(crate) trait LevelPath {
-    /// The residual rows as this path holds them between levels, with the running sums.
-    type Rows;
-
-    /// Takes the input `x` `[N, D]` (no autodiff) as the first level's residual; with
-    /// `work.forward`, the running sums start at zero.
-    fn start(&self, x: Tensor<2>, work: Work) -> Self::Rows;
-
-    /// The current residual `[N, D]` as a tensor (a copy on paths that hold it elsewhere).
-    fn residual(&self, rows: &Self::Rows) -> Tensor<2>;
+    /// The rows this path passes from level to level.
+    type Rows: Rows;
 
     /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal
     /// distances), what `work` asks for, and the rows replaced by their residuals.
-    fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelBatch;
-
-    /// The running sums, if the rows were started with `work.forward`.
-    fn finish(&self, rows: Self::Rows) -> Option<RunningSums>;
+    fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelPass;
 
     /// `sum_l codebooks[l][indices[l]]`, `[N, D]`, level by level, after checking every index
     /// against its codebook's size.
@@ -152,12 +156,16 @@ pub(crate) enum Path {
 }
 
 impl Path {
-    /// The path for `device`, by its backend type (`Device::as_dispatch`): the host path on
-    /// `flex`, `ndarray` and LibTorch's CPU device (with this crate's features `flex`,
-    /// `ndarray` and `tch`), the kernel path on WGPU (feature `wgpu`), else the tensor
-    /// path; always the tensor path when `execution` asks for it.
-    pub(crate) fn choose(device: &Device, execution: Execution, search: tensor::Search) -> Self {
-        if execution == Execution::TensorOps {
+    /// The path for a call on `device`, by its backend type (`Device::as_dispatch`): the host
+    /// path on `flex`, `ndarray` and LibTorch's CPU device (with this crate's features
+    /// `flex`, `ndarray` and `tch`), the kernel path on WGPU (feature `wgpu`), else the
+    /// tensor path; always the tensor path when the configuration's `execution` asks for it.
+    pub(crate) fn choose(device: &Device, config: &EmaResidualVectorQuantizerConfig) -> Self {
+        let search = tensor::Search {
+            max_elements: config.max_distance_elements,
+            dense: config.dense_statistics,
+        };
+        if config.execution == Execution::TensorOps {
             return Self::Tensor(search);
         }
         #[cfg(any(
@@ -171,15 +179,15 @@ impl Path {
             let plain = device.clone().without_autodiff();
             match plain.as_dispatch() {
                 #[cfg(feature = "flex")]
-                DispatchDevice::Flex(_) => return Self::host(search),
+                DispatchDevice::Flex(_) => return Self::host(config),
                 #[cfg(feature = "ndarray")]
-                DispatchDevice::NdArray(_) => return Self::host(search),
+                DispatchDevice::NdArray(_) => return Self::host(config),
                 // LibTorch's CPU device: its tensors are host memory as well. (Burn 0.22
                 // deprecates its LibTorch backend but still offers it.)
                 #[cfg(feature = "tch")]
                 #[allow(deprecated)]
                 DispatchDevice::LibTorch(burn::backend::LibTorchDevice::Cpu) => {
-                    return Self::host(search);
+                    return Self::host(config);
                 }
                 #[cfg(feature = "wgpu")]
                 DispatchDevice::Cube(_) => return Self::Kernel,
@@ -199,9 +207,9 @@ impl Path {
     }
 
     #[cfg(any(feature = "flex", feature = "ndarray", feature = "tch"))]
-    fn host(search: tensor::Search) -> Self {
+    fn host(config: &EmaResidualVectorQuantizerConfig) -> Self {
         Self::Host {
-            max_elements: search.max_elements,
+            max_elements: config.max_distance_elements,
         }
     }
 }
@@ -261,7 +269,12 @@ mod tests {
             dense: false,
         };
         let host = Path::Host { max_elements: 1000 };
-        let choose = |device: &Device, execution| Path::choose(device, execution, search);
+        let choose = |device: &Device, execution| {
+            let config = EmaResidualVectorQuantizerConfig::new(1, 4.into(), 2)
+                .with_max_distance_elements(1000)
+                .with_execution(execution);
+            Path::choose(device, &config)
+        };
         #[cfg(feature = "flex")]
         {
             assert_eq!(choose(&Device::flex(), Execution::Auto), host);

@@ -6,7 +6,7 @@
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use super::{LevelBatch, LevelPath, RunningSums, Work, check_index_range};
+use super::{LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
 use crate::error::RvqError;
 
 /// How the tensor path searches and accumulates a batch: the memory bound of the `[N, K]`
@@ -30,27 +30,31 @@ pub(crate) struct TensorPath(pub Search);
 /// The rows of a call on the tensor path (and the kernel path, which holds them alike).
 pub(crate) struct TensorRows {
     residual: Tensor<2>,
-    /// Started for a forward: keep the running sums.
-    forward: bool,
+    /// Started for a forward's output: keep the running sums.
+    output: bool,
     /// The running sums, from the first level on.
     running: Option<RunningSums>,
 }
 
-impl TensorRows {
-    /// `x` as the first level's residual, for `work`.
-    pub(crate) fn start(x: Tensor<2>, work: Work) -> Self {
+impl Rows for TensorRows {
+    fn start(x: Tensor<2>, work: Work) -> Self {
         Self {
             residual: x,
-            forward: work.forward,
+            output: work.output,
             running: None,
         }
     }
 
-    /// The current residual.
-    pub(crate) fn residual(&self) -> Tensor<2> {
+    fn residual(&self) -> Tensor<2> {
         self.residual.clone()
     }
 
+    fn finish(self) -> Option<RunningSums> {
+        self.running
+    }
+}
+
+impl TensorRows {
     /// The rest of a level once its codes are known: the chosen codes gathered, the rows
     /// turned into the next residual, the squared error and the running sums, as tensor
     /// operations.
@@ -61,11 +65,11 @@ impl TensorRows {
         counts: Option<Tensor<1>>,
         sums: Option<Tensor<2>>,
         work: Work,
-    ) -> LevelBatch {
+    ) -> LevelPass {
         let quantized = codebook.select(0, indices.clone()); // [N, D]
         let next = self.residual.clone().sub(quantized.clone()); // r - q
-        let squared_error = work.forward.then(|| next.clone().powi_scalar(2).sum());
-        if self.forward && work.forward {
+        let squared_error = work.output.then(|| next.clone().powi_scalar(2).sum());
+        if self.output && work.output {
             self.running = Some(RunningSums::add(
                 self.running.take(),
                 quantized,
@@ -73,17 +77,12 @@ impl TensorRows {
             ));
         }
         self.residual = next;
-        LevelBatch {
+        LevelPass {
             indices,
             counts,
             sums,
             squared_error,
         }
-    }
-
-    /// The running sums, if started for a forward.
-    pub(crate) fn finish(self) -> Option<RunningSums> {
-        self.running
     }
 }
 
@@ -108,15 +107,7 @@ pub(crate) fn check_indices(
 impl LevelPath for TensorPath {
     type Rows = TensorRows;
 
-    fn start(&self, x: Tensor<2>, work: Work) -> TensorRows {
-        TensorRows::start(x, work)
-    }
-
-    fn residual(&self, rows: &TensorRows) -> Tensor<2> {
-        rows.residual()
-    }
-
-    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelBatch {
+    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelPass {
         let [k, _] = codebook.dims();
         let search = self.0;
         let residual = rows.residual();
@@ -126,10 +117,6 @@ impl LevelPath for TensorPath {
             .sums
             .then(|| per_code_sums(&indices, residual, k, search));
         rows.finish_level(codebook, indices, counts, sums, work)
-    }
-
-    fn finish(&self, rows: TensorRows) -> Option<RunningSums> {
-        rows.finish()
     }
 
     fn decode(
@@ -148,8 +135,7 @@ impl LevelPath for TensorPath {
 }
 
 /// Rows per block of the dense accumulation: long enough for the products to run at speed,
-/// short enough that the blocks give the device parallel work (measured on an H200, WGPU:
-/// blocks of 512 rows 1.2 ms where one [K, N] x [N, D] product takes 7.6 ms, medium shape).
+/// short enough that the blocks give the device parallel work (README, Benchmarks).
 const DENSE_BLOCK_ROWS: usize = 512;
 
 /// Number of vectors assigned to each code, `[K]`.
@@ -289,8 +275,8 @@ mod tests {
     use burn::tensor::{Device, TensorData};
 
     use super::*;
-    use crate::hash::SplitMix64;
-    use crate::path::host::{HostPath, host_floats, host_ints};
+    use crate::path::host::{HostPath, HostRows};
+    use crate::util::{SplitMix64, host_floats, host_ints};
 
     fn tensor(values: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
         Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
@@ -324,7 +310,7 @@ mod tests {
             let host = HostPath { max_elements };
             let what = format!("shape {n}x{d}, K = {k}, bound {max_elements}");
             let x: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
-            let mut rows = host.start(tensor(&x, [n, d], &device), Work::TRAINING);
+            let mut rows = HostRows::start(tensor(&x, [n, d], &device), Work::TRAINING);
             let mut residual = tensor(&x, [n, d], &device);
             let mut running: Option<RunningSums> = None;
             for level in 0..2 {
@@ -361,7 +347,7 @@ mod tests {
                     "{what}"
                 );
                 assert_eq!(batch.sums.unwrap().into_data(), sums.into_data(), "{what}");
-                assert_eq!(host.residual(&rows).into_data(), next.to_data(), "{what}");
+                assert_eq!(rows.residual().into_data(), next.to_data(), "{what}");
                 let error = host_floats(batch.squared_error.unwrap())[0] as f64;
                 let want_error = host_floats(next.clone().powi_scalar(2).sum())[0] as f64;
                 assert!(
@@ -371,7 +357,7 @@ mod tests {
                 running = Some(RunningSums::add(running, quantized, next.clone()));
                 residual = next;
             }
-            let got = host.finish(rows).unwrap();
+            let got = rows.finish().unwrap();
             let want = running.unwrap();
             assert_eq!(
                 got.quantized.into_data(),
@@ -406,7 +392,7 @@ mod tests {
             dense: true,
         });
         let level = |path: &TensorPath| {
-            let mut rows = path.start(tensor(&x, [n, d], &device), Work::TRAINING);
+            let mut rows = TensorRows::start(tensor(&x, [n, d], &device), Work::TRAINING);
             path.level(codebook.clone(), &mut rows, Work::TRAINING)
         };
         let (a, b) = (level(&scatter), level(&dense));
@@ -433,7 +419,7 @@ mod tests {
         let x = tensor(&rows, [n, d], &device);
         for max_elements in [1 << 24, 7] {
             let host = HostPath { max_elements };
-            let mut state = host.start(x.clone(), Work::CODES);
+            let mut state = HostRows::start(x.clone(), Work::CODES);
             let indices = host
                 .level(codebook.clone(), &mut state, Work::CODES)
                 .indices;

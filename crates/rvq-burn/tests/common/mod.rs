@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig};
+use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Statistics};
 use serde::Deserialize;
 
 /// A seeded generator of test data (SplitMix64, Box-Muller), one per test.
@@ -130,11 +130,10 @@ pub fn compare(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
 /// Every EMA statistic of `rvq` (per level: counts, then sums), bit for bit.
 pub fn state_bits(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
     let plain = Device::flex();
-    rvq.levels
-        .iter()
+    (0..rvq.num_levels())
         .flat_map(|level| {
-            let (count, weight) = level.statistics(&plain);
-            [floats(count), floats(weight)]
+            let statistics = rvq.statistics(level, &plain);
+            [floats(statistics.counts), floats(statistics.sums)]
         })
         .map(|values| values.iter().map(|v| v.to_bits()).collect())
         .collect()
@@ -145,8 +144,11 @@ pub fn state_bits(rvq: &EmaResidualVectorQuantizer) -> Vec<Vec<u32>> {
 pub fn assert_finite_and_consistent(rvq: &EmaResidualVectorQuantizer) -> Vec<f64> {
     let plain = Device::flex();
     let mut totals = Vec::new();
-    for (level, codebook) in rvq.levels.iter().enumerate() {
-        let (count, weight) = codebook.statistics(&plain);
+    for level in 0..rvq.num_levels() {
+        let Statistics {
+            counts: count,
+            sums: weight,
+        } = rvq.statistics(level, &plain);
         let counts = floats(count);
         let weights = floats(weight);
         assert!(
@@ -160,7 +162,7 @@ pub fn assert_finite_and_consistent(rvq: &EmaResidualVectorQuantizer) -> Vec<f64
         let k = counts.len();
         let d = weights.len() / k;
         let total: f64 = counts.iter().map(|&c| c as f64).sum();
-        let eps = codebook.epsilon;
+        let eps = rvq.config().epsilon;
         let got = floats(rvq.codebook(level, &plain));
         for code in 0..k {
             let smoothed = (counts[code] as f64 + eps) / (total + k as f64 * eps) * total;

@@ -1,7 +1,5 @@
-//! The host path: on Burn's CPU backends (`flex`, `ndarray`) tensors live in host memory, and
-//! a level's whole pass (nearest code, chosen code, next residual, squared error, running
-//! sums, per-code counts and sums) is one pass over tiles of rows instead of some twenty
-//! tensor operations, each a pass over memory of its own.
+//! The host path's search: the nearest code of every row, and the rest of a level's pass on
+//! the same tile of rows while it is in cache.
 //!
 //! Per tile of rows `R` (one rayon task each), one single-threaded `gemm` product `-2 E R^T`
 //! `[K, rows]` into the worker's own buffer, which stays in that core's cache for what
@@ -9,223 +7,30 @@
 //! tile's rows (a compare-and-select in AVX2 registers), then each row's code gathered, the
 //! next residual written, the running sums and the squared error accumulated. The tensor
 //! version writes the `[N, K]` product to memory, a second `[N, K]` tensor with the norms
-//! added, and reads both back for the argmin: three times the memory traffic of the product,
-//! which on a 2-core machine cost as much as the product. The per-code sums follow in a
-//! second pass, parallel over codes, each code's rows added in row order.
-//!
-//! What it gives equals the tensor path's: the same counts, per-code sums, next residuals
-//! and running sums to the bit (the same additions in the same order), the same indices up
-//! to ties that float rounding orders differently (a code at the same distance), and the
-//! squared error to rounding (summed in `f64` per tile, then over tiles in order);
-//! `path::tensor::tests`.
+//! added, and reads both back for the argmin: three times the memory traffic of the product.
+//! [`nearest_by_column`] is the plain version the AVX2 one is tested equal to.
 
 use std::cell::RefCell;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{LevelBatch, LevelPath, RunningSums, Work, check_index_range};
-use crate::error::RvqError;
+use crate::util::host_floats;
 
-/// Products per tile: 256 KiB of f32, half of one core's L2 on the machine measured (AMD
-/// EPYC, 512 KiB L2 per core), so the product stays in cache between the product and the
-/// argmin. Measured on `encode` (2 cores): 2^14 to 2^18 products per tile within 10 % on
-/// the small shape; on medium and codec 2^16 the fastest, 2^14 and 2^18 10-20 % slower.
+/// Products per tile: 256 KiB of f32, half of a typical core's L2, so the product stays in
+/// cache between the product and the argmin (the tile size was chosen by the `encode`
+/// benchmark: README, Benchmarks).
 const TILE_ELEMENTS: usize = 1 << 16;
 
 /// Fewest rows per tile: below this the product's packing of the codebook dominates.
 const MIN_TILE_ROWS: usize = 16;
 
-/// Fewest values (`N x D`) for which a pass over the rows is split into rayon tasks.
-const PARALLEL_ELEMENTS: usize = 1 << 15;
-
-/// The host path ([`LevelPath`]) with its search bound: at most `max_elements` products per
-/// tile (see [`search`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct HostPath {
-    pub max_elements: usize,
-}
-
-/// The rows of a call on the host path, `[N, D]` row-major.
-pub(crate) struct HostRows {
-    /// The current residual.
-    rows: Vec<f32>,
-    /// Where a level writes the next residual while it still needs its input (per-code sums).
-    spare: Vec<f32>,
-    /// `(sum_l q_l, sum_l r_{l+1})`, when started for a forward, and how many levels they
-    /// hold.
-    running: Option<(Vec<f32>, Vec<f32>, usize)>,
-    embedding_dim: usize,
-    device: Device,
-}
-
-impl LevelPath for HostPath {
-    type Rows = HostRows;
-
-    fn start(&self, x: Tensor<2>, work: Work) -> HostRows {
-        let [_, embedding_dim] = x.dims();
-        let device = x.device();
-        let rows = host_floats(x);
-        let running = work
-            .forward
-            .then(|| (vec![0.0; rows.len()], vec![0.0; rows.len()], 0));
-        HostRows {
-            rows,
-            spare: Vec::new(),
-            running,
-            embedding_dim,
-            device,
-        }
-    }
-
-    fn residual(&self, rows: &HostRows) -> Tensor<2> {
-        float_tensor(rows.rows.clone(), rows.embedding_dim, &rows.device)
-    }
-
-    fn level(&self, codebook: Tensor<2>, rows: &mut HostRows, work: Work) -> LevelBatch {
-        let codebook = HostCodebook::new(&codebook);
-        let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
-        // The per-code sums need the level's input after the search: the next residual
-        // goes to the spare buffer then, else over the rows.
-        let next = match work.sums {
-            true => {
-                rows.spare.resize(rows.rows.len(), 0.0);
-                Some(rows.spare.as_mut_slice())
-            }
-            false => None,
-        };
-        let running =
-            rows.running
-                .as_mut()
-                .filter(|_| work.forward)
-                .map(|(quantized, residuals, levels)| {
-                    *levels += 1;
-                    Running {
-                        quantized,
-                        residuals,
-                        first: *levels == 1,
-                    }
-                });
-        let outputs = Outputs {
-            subtract: true,
-            next,
-            running,
-            squared_error: work.forward,
-        };
-        let (indices, squared_error) =
-            search(&codebook, &mut rows.rows, outputs, self.max_elements);
-        let counts = work.counts.then(|| counts(&indices, k));
-        let sums = work.sums.then(|| {
-            let sums = per_code_sums(&indices, &rows.rows, k, d);
-            std::mem::swap(&mut rows.rows, &mut rows.spare);
-            sums
-        });
-        let device = &rows.device;
-        LevelBatch {
-            indices: int_tensor(indices, device),
-            counts: counts.map(|counts| Tensor::from_data(TensorData::new(counts, [k]), device)),
-            sums: sums.map(|sums| float_tensor(sums, d, device)),
-            squared_error: work.forward.then(|| {
-                Tensor::from_data(TensorData::new(vec![squared_error as f32], [1]), device)
-            }),
-        }
-    }
-
-    fn finish(&self, rows: HostRows) -> Option<RunningSums> {
-        let (d, device) = (rows.embedding_dim, &rows.device);
-        rows.running.map(|(quantized, residuals, _)| RunningSums {
-            quantized: float_tensor(quantized, d, device),
-            residuals: float_tensor(residuals, d, device),
-        })
-    }
-
-    fn decode(
-        &self,
-        codebooks: Vec<Tensor<2>>,
-        indices: &[Tensor<1, Int>],
-    ) -> Result<Tensor<2>, RvqError> {
-        let device = indices[0].device();
-        let codes: Vec<Vec<i64>> = indices.iter().cloned().map(host_ints).collect();
-        let sizes: Vec<usize> = codebooks.iter().map(|c| c.dims()[0]).collect();
-        check_index_range(
-            codes.iter().map(|level| {
-                let min = level.iter().copied().min().unwrap_or(0);
-                let max = level.iter().copied().max().unwrap_or(0);
-                (min, max)
-            }),
-            sizes.into_iter(),
-        )?;
-        let d = codebooks[0].dims()[1];
-        let codebooks: Vec<Vec<f32>> = codebooks.into_iter().map(host_floats).collect();
-        Ok(float_tensor(decode(&codebooks, &codes, d), d, &device))
-    }
-}
-
-/// The values of a float tensor, row-major, on the host, as f32 whatever its float dtype
-/// (converted in bulk). Takes an f32 tensor's buffer without a copy where the tensor holds it
-/// alone.
-pub(crate) fn host_floats<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    match tensor.into_data().try_into_vec_as::<f32>() {
-        Ok(values) => values,
-        Err(error) => unreachable!("every float dtype converts to f32: {error:?}"),
-    }
-}
-
-/// The values of an integer tensor on the host, as i64 whatever its integer dtype (converted
-/// in bulk: an element-by-element iterator cost a fifth of `decode`'s time on large batches).
-pub(crate) fn host_ints(tensor: Tensor<1, Int>) -> Vec<i64> {
-    match tensor.into_data().try_into_vec_as::<i64>() {
-        Ok(values) => values,
-        Err(error) => unreachable!("every integer dtype converts to i64: {error:?}"),
-    }
-}
-
-/// Rows of `d` values, row-major, as a `[N, d]` tensor on `device`.
-fn float_tensor(values: Vec<f32>, d: usize, device: &Device) -> Tensor<2> {
-    let n = values.len() / d.max(1);
-    Tensor::from_data(TensorData::new(values, [n, d]), device)
-}
-
-/// Integers as a `[N]` tensor on `device`.
-pub(crate) fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
-    let len = values.len();
-    Tensor::from_data(TensorData::new(values, [len]), device)
-}
-
-/// `sum_l codebooks[l][codes[l][i]]` for every row `i`, `[N, D]` row-major, in parallel over
-/// rows, each sum taken level by level like the tensor path's `q_0 + q_1 + ...` (the same
-/// floats). `codebooks[l]` is `[K_l, D]` row-major; the codes must be in range.
-fn decode(codebooks: &[Vec<f32>], codes: &[Vec<i64>], embedding_dim: usize) -> Vec<f32> {
-    let d = embedding_dim;
-    let n = codes.first().map_or(0, Vec::len);
-    let mut out = vec![0.0f32; n * d];
-    const ROWS_PER_TASK: usize = 256;
-    out.par_chunks_mut(ROWS_PER_TASK * d)
-        .enumerate()
-        .for_each(|(task, block)| {
-            let first_row = task * ROWS_PER_TASK;
-            for (offset, row) in block.chunks_exact_mut(d).enumerate() {
-                let i = first_row + offset;
-                for (level, (codebook, level_codes)) in codebooks.iter().zip(codes).enumerate() {
-                    let index = level_codes[i] as usize;
-                    let code = &codebook[index * d..(index + 1) * d];
-                    if level == 0 {
-                        row.copy_from_slice(code);
-                    } else {
-                        row.iter_mut().zip(code).for_each(|(sum, e)| *sum += e);
-                    }
-                }
-            }
-        });
-    out
-}
-
 /// A codebook `[K, D]` on the host with its squared norms.
 pub(crate) struct HostCodebook {
     codes: Vec<f32>,
     norms: Vec<f32>,
-    num_embeddings: usize,
-    embedding_dim: usize,
+    pub(crate) num_embeddings: usize,
+    pub(crate) embedding_dim: usize,
 }
 
 impl HostCodebook {
@@ -251,11 +56,10 @@ impl HostCodebook {
     }
 }
 
-/// What [`search`] writes besides the indices.
+/// What [`search`] writes besides the indices: the next residual `r - e_idx` always (into
+/// `next`, or over the rows), and what is asked for here.
 #[derive(Default)]
 pub(crate) struct Outputs<'a> {
-    /// Write the next residual `r - e_idx`: into `next`, or over the rows.
-    pub subtract: bool,
     /// Where the next residual goes, `[N, D]`, instead of over the rows.
     pub next: Option<&'a mut [f32]>,
     /// The running sums over levels: the chosen codes and the next residuals are added to
@@ -322,7 +126,6 @@ pub(crate) fn search(
         }
     }
     let len = rows.len();
-    let subtract = outputs.subtract;
     let first = outputs
         .running
         .as_ref()
@@ -357,10 +160,7 @@ pub(crate) fn search(
         TILE_BUFFERS.with_borrow_mut(|buffers| {
             search_tile(codebook, tile.rows, tile.indices, buffers);
         });
-        match subtract {
-            true => finish_tile(codebook, tile, squared_error),
-            false => 0.0,
-        }
+        finish_tile(codebook, tile, squared_error)
     };
     // One tile: no task to hand to rayon (small batches, where its dispatch would dominate).
     let errors: Vec<f64> = match tiles.len() {
@@ -443,36 +243,6 @@ fn squared_norm(values: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
-}
-
-/// Sum of the rows `[N, D]` that took each code, `[K, D]`: in parallel over blocks of codes,
-/// each code's rows added in row order from zero, as a sequential scatter-add does.
-fn per_code_sums(indices: &[i64], rows: &[f32], k: usize, d: usize) -> Vec<f32> {
-    let mut sums = vec![0.0f32; k * d];
-    if rows.len() < PARALLEL_ELEMENTS {
-        for (row, &index) in rows.chunks_exact(d).zip(indices) {
-            let sum = &mut sums[index as usize * d..(index as usize + 1) * d];
-            sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
-        }
-        return sums;
-    }
-    // Each task scans every index for its codes: a few passes over [N] integers, against
-    // the [N, D] rows read once in all.
-    let codes_per_task = k.div_ceil(4 * rayon::current_num_threads()).max(1);
-    sums.par_chunks_mut(codes_per_task * d)
-        .enumerate()
-        .for_each(|(task, block)| {
-            let first = task * codes_per_task;
-            let codes = first..first + block.len() / d;
-            for (row, &index) in rows.chunks_exact(d).zip(indices) {
-                let index = index as usize;
-                if codes.contains(&index) {
-                    let sum = &mut block[(index - first) * d..(index - first + 1) * d];
-                    sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
-                }
-            }
-        });
-    sums
 }
 
 /// Per-worker buffers of [`search_tile`], kept between calls: allocating them per tile
@@ -640,60 +410,10 @@ fn sweep_avx2<const CHAINS: usize>(
     }
 }
 
-/// Number of rows per code, `[K]` (exact: integer counts below 2^24 are exact in f32).
-pub(crate) fn counts(indices: &[i64], num_embeddings: usize) -> Vec<f32> {
-    let mut counts = vec![0u32; num_embeddings];
-    for &index in indices {
-        counts[index as usize] += 1;
-    }
-    counts.into_iter().map(|c| c as f32).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The host decode is the tensor path's `select` + `add`, level by level, to the bit;
-    /// over several tasks' worth of rows and codebooks of different sizes.
-    #[test]
-    fn decode_equals_select_and_add() {
-        let device = Device::flex();
-        let (n, d) = (600, 5);
-        let sizes = [7, 3, 11];
-        let mut hash = crate::hash::SplitMix64::new(3);
-        let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        let codebooks: Vec<Vec<f32>> = sizes
-            .iter()
-            .map(|&k| (0..k * d).map(|_| uniform() * 3.0).collect())
-            .collect();
-        let codes: Vec<Vec<i64>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(l, &k)| (0..n).map(|i| ((i * 7 + l * 3) % k) as i64).collect())
-            .collect();
-        let expected = codebooks
-            .iter()
-            .zip(&codes)
-            .zip(sizes)
-            .map(|((codebook, level_codes), k)| {
-                let codebook = Tensor::<2>::from_data(
-                    burn::tensor::TensorData::new(codebook.clone(), [k, d]),
-                    &device,
-                );
-                let indices = Tensor::<1, Int>::from_data(
-                    burn::tensor::TensorData::new(level_codes.clone(), [n]),
-                    &device,
-                );
-                codebook.select(0, indices)
-            })
-            .reduce(|a, b| a.add(b))
-            .unwrap();
-        let got = decode(&codebooks, &codes, d);
-        assert_eq!(
-            burn::tensor::TensorData::new(got, [n, d]),
-            expected.into_data()
-        );
-    }
+    use crate::util::SplitMix64;
 
     /// The AVX2 column argmin and the portable one agree on every column count (blocks of
     /// 32, of 8, the tail), on ties (the first code) and on NaN distances (never taken).
@@ -703,7 +423,7 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut hash = crate::hash::SplitMix64::new(11);
+        let mut hash = SplitMix64::new(11);
         for m in [1, 7, 8, 9, 31, 32, 33, 45, 64, 70] {
             let k = 13;
             // Coarse values (multiples of 1/8): many ties between codes.

@@ -1,7 +1,7 @@
 //! Codes to bytes: the self-describing compressed stream.
 //!
 //! The indices of the first `n` levels are ANS-coded (`constriction`'s `DefaultAnsCoder`,
-//! 32-bit words) with each level's [`LevelModel`](crate::entropy::LevelModel), level by
+//! 32-bit words) with each level's [`LevelModel`](super::LevelModel), level by
 //! level. The stream carries everything needed to check that it is decoded by the quantizer
 //! state that wrote it:
 //!
@@ -26,17 +26,12 @@
 //! shape, and that the payload yields exactly the declared codes: a bad stream is an error,
 //! never a panic or silently wrong indices.
 
-use std::fmt;
-
-use burn::tensor::{Bool, Device, Int, Tensor};
 use constriction::stream::Decode;
 use constriction::stream::stack::DefaultAnsCoder;
 
-use crate::entropy::EntropyModels;
-use crate::error::RvqError;
-use crate::hash::fnv1a64;
-use crate::path::host::int_tensor;
-use crate::residual::EmaResidualVectorQuantizer;
+use super::model::EntropyModels;
+use crate::error::{RvqError, StreamError};
+use crate::util::fnv1a64;
 
 /// First four bytes of every stream.
 pub const MAGIC: [u8; 4] = *b"RVQZ";
@@ -46,126 +41,6 @@ pub const FORMAT_VERSION: u8 = 1;
 /// a forged header cannot make the decoder run without end or exhaust memory. (A code can cost
 /// next to nothing, e.g. at a level of one code, so the payload's size cannot bound it.)
 pub const MAX_CODES: u64 = 1 << 28;
-
-/// Why a stream could not be written or read.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StreamError {
-    /// The stream ends before the header or the payload it declares.
-    Truncated {
-        /// Bytes the stream needs.
-        needed: usize,
-        /// Bytes that came.
-        got: usize,
-    },
-    /// The stream is longer than it declares.
-    TrailingBytes {
-        /// Bytes the stream declares.
-        declared: usize,
-        /// Bytes that came.
-        got: usize,
-    },
-    /// The first four bytes are not `RVQZ`.
-    BadMagic {
-        /// The bytes found.
-        found: [u8; 4],
-    },
-    /// A format version this crate cannot read.
-    UnsupportedVersion {
-        /// The version in the stream.
-        found: u8,
-        /// The version this crate reads.
-        supported: u8,
-    },
-    /// The checksum does not match the bytes: the stream was altered.
-    Checksum {
-        /// The checksum stored in the stream.
-        stored: u64,
-        /// The checksum of the bytes that came.
-        computed: u64,
-    },
-    /// The stream was written by a quantizer of another configuration.
-    ConfigMismatch {
-        /// What differs, e.g. `K of level 2`.
-        field: String,
-        /// The stream's value.
-        stream: String,
-        /// This quantizer's value.
-        quantizer: String,
-    },
-    /// The stream was coded with other probability tables (another checkpoint's counts).
-    ModelMismatch {
-        /// The fingerprint in the stream.
-        stream: u64,
-        /// The fingerprint of this quantizer's tables.
-        quantizer: u64,
-    },
-    /// The header or payload is inconsistent in a way the checksum cannot catch.
-    Malformed {
-        /// What is inconsistent.
-        reason: String,
-    },
-    /// A level's codebook is too large for the fixed-point tables.
-    UnsupportedCodebookSize {
-        /// The level (0-based).
-        level: usize,
-        /// Its `K`.
-        size: usize,
-        /// The largest `K` that can be coded.
-        max: usize,
-    },
-}
-
-impl fmt::Display for StreamError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Truncated { needed, got } => write!(
-                f,
-                "stream truncated: {got} bytes, expected at least {needed}"
-            ),
-            Self::TrailingBytes { declared, got } => write!(
-                f,
-                "stream has {got} bytes, expected {declared} as its header declares"
-            ),
-            Self::BadMagic { found } => write!(
-                f,
-                "not an rvq-burn stream: starts with {found:?}, expected {MAGIC:?} (\"RVQZ\")"
-            ),
-            Self::UnsupportedVersion { found, supported } => {
-                write!(f, "stream format version {found}, expected {supported}")
-            }
-            Self::Checksum { stored, computed } => write!(
-                f,
-                "stream corrupted: checksum of its bytes is {computed:016x}, expected the \
-                 stored {stored:016x}"
-            ),
-            Self::ConfigMismatch {
-                field,
-                stream,
-                quantizer,
-            } => write!(
-                f,
-                "stream was written by another configuration: {field} is {stream} in the \
-                 stream, expected {quantizer} (this quantizer)"
-            ),
-            Self::ModelMismatch { stream, quantizer } => write!(
-                f,
-                "stream was coded with probability tables {stream:016x}, this quantizer's are \
-                 {quantizer:016x}: decode with the checkpoint (EMA counts) that wrote it"
-            ),
-            Self::Malformed { reason } => write!(f, "malformed stream: {reason}"),
-            Self::UnsupportedCodebookSize { level, size, max } => write!(
-                f,
-                "level {level} has {size} codes, expected 1 to {max} for entropy coding"
-            ),
-        }
-    }
-}
-
-impl From<StreamError> for RvqError {
-    fn from(error: StreamError) -> Self {
-        RvqError::Stream(error)
-    }
-}
 
 /// A decoded stream: the input shape and the indices of each coded level.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,7 +101,7 @@ impl Reader<'_> {
     }
 }
 
-fn malformed(reason: impl Into<String>) -> StreamError {
+pub(super) fn malformed(reason: impl Into<String>) -> StreamError {
     StreamError::Malformed {
         reason: reason.into(),
     }
@@ -468,79 +343,4 @@ fn read_header(bytes: &[u8], max_codes: u64) -> Result<Header, StreamError> {
         payload_words: payload_words as usize,
         payload_start,
     })
-}
-
-impl EmaResidualVectorQuantizer {
-    /// Encodes `x` `[..., D]` with the first `num_levels` levels and entropy-codes the indices
-    /// with the current EMA counts ([`EmaResidualVectorQuantizer::entropy_models`]).
-    ///
-    /// To code many inputs, build the models once and call [`EntropyModels::compress`].
-    pub fn try_compress<const R: usize>(
-        &self,
-        x: Tensor<R>,
-        num_levels: usize,
-    ) -> Result<Vec<u8>, RvqError> {
-        let shape = x.dims();
-        let models = self.entropy_models()?;
-        let codes = self.try_encode(x, num_levels)?;
-        models.compress(&indices_to_host(codes), &shape)
-    }
-
-    /// [`EmaResidualVectorQuantizer::try_compress`] of the real positions of `x` alone (`mask`
-    /// over its leading shape, true where a position is real): padded positions are not
-    /// coded. The stream holds the real rows as a `[N_real, D]` tensor, in row-major order;
-    /// the mask (the sequence lengths, typically) is the caller's to keep, as the real
-    /// positions' places. Reads the mask back to the host once.
-    pub fn try_compress_masked<const R: usize, const L: usize>(
-        &self,
-        x: Tensor<R>,
-        num_levels: usize,
-        mask: Tensor<L, Bool>,
-    ) -> Result<Vec<u8>, RvqError> {
-        let d = self.embedding_dim;
-        let models = self.entropy_models()?;
-        let codes = self.try_encode_masked(x, num_levels, mask)?;
-        let real = codes.first().map_or(0, |level| level.dims()[0]);
-        models.compress(&indices_to_host(codes), &[real, d])
-    }
-
-    /// Decodes a stream from [`EmaResidualVectorQuantizer::try_compress`] (same checkpoint):
-    /// the indices of each coded level and the dequantized tensor of the original shape, on
-    /// `device`. Fails on any bad stream (see [`StreamError`]) or if the stream's rank is not
-    /// `R`.
-    pub fn try_decompress<const R: usize>(
-        &self,
-        bytes: &[u8],
-        device: &Device,
-    ) -> Result<(Vec<Tensor<1, Int>>, Tensor<R>), RvqError> {
-        let stream = self.entropy_models()?.decompress(bytes)?;
-        let shape: [usize; R] = stream.shape.clone().try_into().map_err(|_| {
-            RvqError::Stream(malformed(format!(
-                "stream holds a tensor of shape {:?}, expected rank {R}",
-                stream.shape
-            )))
-        })?;
-        let indices = indices_to_device(&stream.indices, device);
-        let dequantized = self.try_decode(&indices, shape)?;
-        Ok((indices, dequantized))
-    }
-}
-
-/// Index tensors (one per level) to host lists.
-pub fn indices_to_host(indices: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
-    indices
-        .into_iter()
-        .map(|codes| {
-            let codes = codes.into_data();
-            codes.iter::<i64>().map(|c| c as u32).collect()
-        })
-        .collect()
-}
-
-/// Host index lists to tensors on `device`.
-pub fn indices_to_device(indices: &[Vec<u32>], device: &Device) -> Vec<Tensor<1, Int>> {
-    indices
-        .iter()
-        .map(|codes| int_tensor(codes.iter().map(|&c| i64::from(c)).collect(), device))
-        .collect()
 }

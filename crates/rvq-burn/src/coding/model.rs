@@ -1,19 +1,19 @@
 //! The quantizer's learned prior over its codes, as entropy models for coding them.
 //!
-//! The EMA counts of a level are a running histogram of its codes; Laplace-smoothed as the
-//! layer smooths them (`p_k = (c_k + eps) / (n + K eps)`), they are the level's categorical
-//! model. [`EntropyModels`] turns them into fixed-point tables of `2^24` (every code gets at
-//! least one unit, so any index can be coded) by IEEE `f64` arithmetic in a fixed order on
-//! the saved `f32` counts, so the tables, and the streams coded with them, are bit-identical
-//! on every machine that loaded the same checkpoint. The coding itself is `constriction`'s ANS coder,
-//! see [`crate::stream`].
+//! The EMA counts of a level are a running histogram of its codes; smoothed by the layer's
+//! [`CodebookRule`] as the layer smooths them for its codebook (Laplace: `p_k = (c_k + eps) /
+//! (n + K eps)`; clamp: `p_k` proportional to `max(c_k, eps)`), they are the level's
+//! categorical model. [`EntropyModels`] turns them into fixed-point tables of `2^24` (every
+//! code gets at least one unit, so any index can be coded) by IEEE `f64` arithmetic in a fixed
+//! order on the saved `f32` counts, so the tables, and the streams coded with them, are
+//! bit-identical on every machine that loaded the same checkpoint. The coding itself is
+//! `constriction`'s ANS coder (`coding/stream.rs`).
 
 use constriction::stream::model::DefaultContiguousCategoricalEntropyModel;
 
-use crate::error::RvqError;
-use crate::hash::{fnv1a64, fnv1a64_continue};
-use crate::residual::EmaResidualVectorQuantizer;
-use crate::stream::StreamError;
+use crate::config::CodebookRule;
+use crate::error::{RvqError, StreamError};
+use crate::util::{fnv1a64, fnv1a64_continue};
 
 /// Bits of precision of the fixed-point probabilities: they sum to `2^PRECISION`.
 pub const PRECISION: u32 = 24;
@@ -31,9 +31,14 @@ pub struct LevelModel {
 }
 
 impl LevelModel {
-    /// The model of a level whose EMA counts are `counts` (`K` values), smoothed with
-    /// `epsilon`. `level` only names the level in errors.
-    pub fn from_counts(level: usize, counts: &[f32], epsilon: f64) -> Result<Self, RvqError> {
+    /// The model of a level whose EMA counts are `counts` (`K` values), smoothed by `rule`
+    /// with `epsilon`. `level` only names the level in errors.
+    pub fn from_counts(
+        level: usize,
+        counts: &[f32],
+        rule: CodebookRule,
+        epsilon: f64,
+    ) -> Result<Self, RvqError> {
         let size = counts.len();
         if size == 0 || size > MAX_CODED_CODEBOOK_SIZE {
             return Err(RvqError::Stream(StreamError::UnsupportedCodebookSize {
@@ -48,17 +53,12 @@ impl LevelModel {
                 reason: format!("holds {bad}, expected finite counts >= 0 to build a code model"),
             });
         }
-        // f32 -> f64 is exact and IEEE f64 arithmetic in a fixed order is deterministic, so
-        // the table below depends on the saved counts alone.
-        let smoothed: Vec<f64> = counts.iter().map(|&c| f64::from(c) + epsilon).collect();
-        let total: f64 = smoothed.iter().sum();
-        if total <= 0.0 {
+        let Some(probabilities) = rule.probabilities(counts, epsilon) else {
             return Err(RvqError::InvalidState {
                 field: format!("levels.{level}.ema_count"),
                 reason: "sums to zero and epsilon is zero: no code model".to_string(),
             });
-        }
-        let probabilities: Vec<f64> = smoothed.iter().map(|w| w / total).collect();
+        };
         let fixed_point = fixed_point_probabilities(&probabilities);
         let coder_model =
             DefaultContiguousCategoricalEntropyModel::from_nonzero_fixed_point_probabilities(
@@ -78,7 +78,7 @@ impl LevelModel {
         self.probabilities.len()
     }
 
-    /// The smoothed probabilities `(c_k + eps) / (n + K eps)`.
+    /// The smoothed probabilities (Laplace: `(c_k + eps) / (n + K eps)`).
     pub fn probabilities(&self) -> &[f64] {
         &self.probabilities
     }
@@ -98,27 +98,31 @@ impl LevelModel {
 /// Build once with [`EmaResidualVectorQuantizer::entropy_models`] (one host read of the counts
 /// per level) and reuse for many streams; [`EntropyModels::compress`] and
 /// [`EntropyModels::decompress`] code index lists on the host.
+///
+/// [`EmaResidualVectorQuantizer::entropy_models`]:
+///     crate::EmaResidualVectorQuantizer::entropy_models
 #[derive(Debug, Clone)]
 pub struct EntropyModels {
-    pub(crate) levels: Vec<LevelModel>,
-    pub(crate) embedding_dim: usize,
+    pub(super) levels: Vec<LevelModel>,
+    pub(super) embedding_dim: usize,
     /// `fingerprints[n - 1]`: the fingerprint of the first `n` tables, hashed once here
     /// rather than on every stream.
     fingerprints: Vec<u64>,
 }
 
 impl EntropyModels {
-    /// Models from per-level EMA counts, smoothed with `epsilon`, for vectors of dimension
-    /// `embedding_dim` (recorded in streams).
+    /// Models from per-level EMA counts, smoothed by `rule` with `epsilon`, for vectors of
+    /// dimension `embedding_dim` (recorded in streams).
     pub fn from_counts(
         counts: &[Vec<f32>],
+        rule: CodebookRule,
         epsilon: f64,
         embedding_dim: usize,
     ) -> Result<Self, RvqError> {
         let levels: Vec<LevelModel> = counts
             .iter()
             .enumerate()
-            .map(|(level, counts)| LevelModel::from_counts(level, counts, epsilon))
+            .map(|(level, counts)| LevelModel::from_counts(level, counts, rule, epsilon))
             .collect::<Result<_, _>>()?;
         // One pass over the tables: the hash after level n is the fingerprint of n levels.
         let fingerprints = levels
@@ -214,24 +218,6 @@ fn fixed_point_probabilities(probabilities: &[f64]) -> Vec<u32> {
     table
 }
 
-impl EmaResidualVectorQuantizer {
-    /// The entropy models of every level from the current EMA counts (read once per level,
-    /// after pending updates are applied). Fails if a level has more than
-    /// [`MAX_CODED_CODEBOOK_SIZE`] codes.
-    pub fn entropy_models(&self) -> Result<EntropyModels, RvqError> {
-        let counts = self
-            .levels
-            .iter()
-            .map(|level| {
-                // As f32 whatever dtype the state tensor holds (the saved counts are f32).
-                let counts = level.ema_count.value_sync().into_data();
-                counts.iter::<f32>().collect::<Vec<f32>>()
-            })
-            .collect::<Vec<_>>();
-        EntropyModels::from_counts(&counts, self.levels[0].epsilon, self.embedding_dim)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,7 +255,8 @@ mod tests {
     #[test]
     fn codebooks_too_large_to_code_are_refused() {
         let counts = vec![vec![1.0f32; MAX_CODED_CODEBOOK_SIZE + 1]];
-        let error = EntropyModels::from_counts(&counts, 1e-5, 4).unwrap_err();
+        let error =
+            EntropyModels::from_counts(&counts, CodebookRule::Laplace, 1e-5, 4).unwrap_err();
         assert!(error.to_string().contains("1048577"), "{error}");
     }
 }

@@ -1,0 +1,304 @@
+//! One level of the residual stack: an EMA codebook, its state and its step.
+//!
+//! The state is the two exponential moving averages the reference keeps per level: the EMA of
+//! how many vectors each code was assigned (`ema_count_l{l}`) and the EMA of the sum of those
+//! vectors (`ema_weight_l{l}`). The codebook (`codebook_l{l}`) is *derived* from them by the
+//! configured [`CodebookRule`](crate::CodebookRule),
+//!
+//! ```text
+//! n     = sum_k c_k
+//! c^_k  = (c_k + eps) / (n + K*eps) * n        Laplace smoothing
+//! e_k   = m_k / c^_k
+//! ```
+//!
+//! which is exactly what the reference assigns after every update, and equals its initial
+//! codebook (counts one, sums equal to the codebook, so `c^ = 1`). The rule is configuration,
+//! not state: records and streams do not carry it, so load them into a layer configured with
+//! the rule they were made with. Deriving the codebook instead of storing it a second time
+//! keeps the three consistent by construction, and is what makes the statistics correct when
+//! several devices update them at once: `RunningState` averages the pending per-thread values,
+//! and averaging counts and sums scales both by the same factor, which cancels in the ratio,
+//! while averaging codebooks would not.
+//!
+//! A level's step over a batch ([`EmaCodebook::step`]) reads the state, assigns the rows on
+//! the call's execution path, and in a training step updates and stores the state as the
+//! step's [`StepPlan`] says: [`schedule`] decides what each step does, [`kmeans`] and
+//! [`restart`] are the changes beyond the EMA it may ask for.
+
+pub(crate) mod kmeans;
+pub(crate) mod restart;
+pub(crate) mod schedule;
+
+use burn::module::{Module, RunningState};
+use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
+
+pub(crate) use self::schedule::{Schedule, StepPlan};
+use crate::config::EmaResidualVectorQuantizerConfig;
+use crate::error::RvqError;
+use crate::path::{LevelPass, LevelPath, Rows, Work};
+
+/// A level's EMA statistics: per-code counts `[K]` (reference: `ema_count_l{l}`) and sums of
+/// the assigned vectors `[K, D]` (reference: `ema_weight_l{l}`), in f32, without autodiff.
+#[derive(Debug, Clone)]
+pub struct Statistics {
+    /// EMA of the number of vectors assigned to each code, `[K]`.
+    pub counts: Tensor<1>,
+    /// EMA of the sum of the vectors assigned to each code, `[K, D]`.
+    pub sums: Tensor<2>,
+}
+
+impl Statistics {
+    /// The codebook `[K, D]` these statistics derive by `config`'s rule.
+    pub(crate) fn codebook(&self, config: &EmaResidualVectorQuantizerConfig) -> Tensor<2> {
+        config
+            .codebook_rule
+            .codebook(self.counts.clone(), self.sums.clone(), config.epsilon)
+    }
+}
+
+/// One EMA codebook of `num_embeddings` vectors of dimension `embedding_dim`: a level of
+/// the quantizer.
+///
+/// Its state is non-trainable: no optimizer sees a gradient for it, records save it (as
+/// `levels.{l}.ema_count` and `levels.{l}.ema_weight`), and it changes only in training
+/// forwards of the quantizer and through its `try_set_statistics`.
+#[derive(Module, Debug)]
+pub struct EmaCodebook {
+    /// EMA of per-code assignment counts, shape `[K]`.
+    ema_count: RunningState<Tensor<1>>,
+    /// EMA of per-code sums of assigned vectors, shape `[K, D]`.
+    ema_weight: RunningState<Tensor<2>>,
+    /// `K`.
+    num_embeddings: usize,
+    /// `D`.
+    embedding_dim: usize,
+}
+
+/// What a call asks of every level.
+pub(crate) enum Mode {
+    /// A pass that leaves the state alone, doing `Work`.
+    Pass(Work),
+    /// A training step: everything, and the state updated as the plan says.
+    Train(StepPlan),
+}
+
+/// What every level's step of one call shares: the configuration, the device the call runs
+/// on, and what it asks.
+pub(crate) struct Task<'a> {
+    /// The quantizer's configuration (codebook rule, epsilon, schedule).
+    pub config: &'a EmaResidualVectorQuantizerConfig,
+    /// The call's device, without autodiff.
+    pub device: Device,
+    /// Evaluation or training.
+    pub mode: Mode,
+}
+
+/// What a level's step gives back.
+pub(crate) struct LevelStep {
+    /// The level's pass over the batch.
+    pub pass: LevelPass,
+    /// Codes restarted (or split off busy codes) by this step.
+    pub restarted: usize,
+}
+
+impl EmaCodebook {
+    /// A codebook drawn uniformly from `[-1/K, 1/K]` (the reference's initializer), with
+    /// counts one and sums equal to the codebook.
+    pub(crate) fn init(num_embeddings: usize, embedding_dim: usize, device: &Device) -> Self {
+        let device = device.clone().without_autodiff();
+        let limit = 1.0 / num_embeddings.max(1) as f64;
+        // f32 whatever the device's default float type (see `statistics`).
+        let codebook = Tensor::<2>::random(
+            [num_embeddings, embedding_dim],
+            Distribution::Uniform(-limit, limit),
+            &device,
+        )
+        .cast(FloatDType::F32);
+        let count = Tensor::<1>::ones([num_embeddings], &device).cast(FloatDType::F32);
+        Self {
+            ema_count: RunningState::new(count),
+            ema_weight: RunningState::new(codebook),
+            num_embeddings,
+            embedding_dim,
+        }
+    }
+
+    /// `K`.
+    pub(crate) fn num_embeddings(&self) -> usize {
+        self.num_embeddings
+    }
+
+    /// The current EMA statistics on `device`, without autodiff, in f32.
+    ///
+    /// Reads with `value_sync`, so an update made earlier on this thread is seen, and moves the
+    /// tensors to `device` (under `fork`/`to_device` the shared state may live elsewhere). The
+    /// state is kept in f32 (sums of thousands of vectors lose their low bits in half
+    /// precision); a record saved in another float type (Burn's loaders keep the file's) is
+    /// read as f32 here, so every path computes in f32.
+    pub(crate) fn statistics(&self, device: &Device) -> Statistics {
+        let device = device.clone().without_autodiff();
+        let counts = self
+            .ema_count
+            .value_sync()
+            .without_autodiff()
+            .to_device(&device)
+            .cast(FloatDType::F32);
+        let sums = self
+            .ema_weight
+            .value_sync()
+            .without_autodiff()
+            .to_device(&device)
+            .cast(FloatDType::F32);
+        Statistics { counts, sums }
+    }
+
+    /// The device the state lives on.
+    pub(crate) fn state_device(&self) -> Device {
+        self.ema_count.value().device()
+    }
+
+    /// Applies every pending (deferred) update of the statistics, from every thread.
+    pub(crate) fn sync(&self) {
+        let _ = self.ema_count.valid();
+        let _ = self.ema_weight.valid();
+    }
+
+    /// Replaces the statistics (e.g. to import a trained codebook), applied at once.
+    ///
+    /// Counts must be finite and >= 0 with a positive total, sums finite; shapes `[K]` and
+    /// `[K, D]`. `level` only names the tensors in errors. On error the state is unchanged.
+    pub(crate) fn try_set_statistics(
+        &self,
+        level: usize,
+        statistics: Statistics,
+    ) -> Result<(), RvqError> {
+        let Statistics { counts, sums } = statistics;
+        let (k, d) = (self.num_embeddings, self.embedding_dim);
+        check_shape(level, "ema_count", &[k], &counts.dims())?;
+        check_shape(level, "ema_weight", &[k, d], &sums.dims())?;
+        let host_counts: Vec<f32> = counts.to_data().iter::<f32>().collect();
+        let host_sums: Vec<f32> = sums.to_data().iter::<f32>().collect();
+        if let Err(problem) = check_statistics(&host_counts, &host_sums) {
+            let (field, reason) = match problem {
+                BadStatistics::Count { .. } => ("ema_count", "must hold finite values >= 0"),
+                BadStatistics::ZeroTotal => ("ema_count", "must have a positive total"),
+                BadStatistics::Sum { .. } => ("ema_weight", "must hold finite values"),
+            };
+            return Err(RvqError::InvalidState {
+                field: format!("levels.{level}.{field}"),
+                reason: reason.into(),
+            });
+        }
+        // Kept in f32, whatever float type the statistics came in.
+        self.store(Statistics {
+            counts: counts.without_autodiff().cast(FloatDType::F32),
+            sums: sums.without_autodiff().cast(FloatDType::F32),
+        });
+        // Apply it now: left pending under this thread, it would be averaged with the first
+        // updates of other threads (Burn's multi-device workers) instead of replacing the state.
+        self.sync();
+        Ok(())
+    }
+
+    /// Makes `statistics` the level's state (applied when next read; see `RunningState`).
+    fn store(&self, statistics: Statistics) {
+        self.ema_count.update(statistics.counts);
+        self.ema_weight.update(statistics.sums);
+    }
+
+    /// This level's step over a batch on `path`: read the state, (k-means init or split
+    /// codes,) assign the rows and turn them into the next residual, and, in a training step,
+    /// update and store the state. `index` is the level's place in the stack.
+    pub(crate) fn step<P: LevelPath>(
+        &self,
+        index: usize,
+        path: &P,
+        rows: &mut P::Rows,
+        task: &Task<'_>,
+    ) -> LevelStep {
+        let state = self.statistics(&task.device);
+        let plan = match &task.mode {
+            Mode::Pass(work) => {
+                return LevelStep {
+                    pass: path.level(state.codebook(task.config), rows, *work),
+                    restarted: 0,
+                };
+            }
+            Mode::Train(plan) => plan,
+        };
+        let prepared = plan.prepare(path, rows, index, state.clone(), task.config);
+        let codebook = prepared.statistics.codebook(task.config);
+        // Restarts from batch vectors need the level's input and the residual it leaves.
+        let input = plan.restarts_from_batch().then(|| rows.residual());
+        let pass = path.level(codebook, rows, Work::TRAINING);
+        let residuals = input.map(|input| restart::Residuals {
+            input,
+            next: rows.residual(),
+        });
+        let updated = plan.update(prepared.statistics, &pass, residuals);
+        self.store_if_finite(updated.statistics, state, &plan.non_finite);
+        LevelStep {
+            pass,
+            restarted: prepared.restarted + updated.restarted,
+        }
+    }
+
+    /// Stores `new` statistics, or keeps `old` ones when the batch held a NaN or an infinity
+    /// (`skip`, decided on the device: no read back), so such a batch never enters the state.
+    fn store_if_finite(&self, new: Statistics, old: Statistics, skip: &Tensor<1, Bool>) {
+        let [k, d] = new.sums.dims();
+        self.store(Statistics {
+            counts: new.counts.mask_where(skip.clone().expand([k]), old.counts),
+            sums: new
+                .sums
+                .mask_where(skip.clone().reshape([1, 1]).expand([k, d]), old.sums),
+        });
+    }
+}
+
+/// What makes EMA statistics unusable: the first offending count or sum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum BadStatistics {
+    /// A count is negative or not finite (index, value).
+    Count { at: usize, value: f32 },
+    /// The counts sum to zero: no codebook can be derived.
+    ZeroTotal,
+    /// A sum is not finite (flat index into `[K, D]`, value).
+    Sum { at: usize, value: f32 },
+}
+
+/// Counts finite and >= 0 with a positive total, sums finite: what every state given to a
+/// level must satisfy (`try_set_statistics`, the PyTorch import).
+pub(crate) fn check_statistics(counts: &[f32], sums: &[f32]) -> Result<(), BadStatistics> {
+    if let Some((at, &value)) = counts
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !c.is_finite() || **c < 0.0)
+    {
+        return Err(BadStatistics::Count { at, value });
+    }
+    if counts.iter().map(|&c| f64::from(c)).sum::<f64>() <= 0.0 {
+        return Err(BadStatistics::ZeroTotal);
+    }
+    if let Some((at, &value)) = sums.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(BadStatistics::Sum { at, value });
+    }
+    Ok(())
+}
+
+fn check_shape(
+    level: usize,
+    name: &str,
+    expected: &[usize],
+    got: &[usize],
+) -> Result<(), RvqError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(RvqError::StateShape {
+            field: format!("levels.{level}.{name}"),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}

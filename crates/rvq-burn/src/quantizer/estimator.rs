@@ -1,0 +1,143 @@
+//! The gradient side of a forward: the commitment loss, the straight-through estimator and
+//! the rotation trick, applied once to the levels' results.
+//!
+//! The straight-through estimator is applied once, after the loop, so `dy/dx` is the identity
+//! and the residuals carry no second path to the input; applying it per level multiplies the
+//! decoder's gradient by the number of levels or cuts levels > 1 off (encodec issue 25,
+//! vector-quantize-pytorch issue 33).
+
+use burn::tensor::{Bool, Tensor};
+
+use crate::config::EmaResidualVectorQuantizerConfig;
+use crate::level::LevelStep;
+use crate::output::RvqOutput;
+use crate::path::RunningSums;
+
+/// The forward's output for rows `flat` `[N, D]` (f32, the input's autodiff) from what the
+/// levels gave: the per-level and total commitment losses, the output through the
+/// straight-through estimator (and the rotation trick, if configured), the codes, the batch
+/// histograms and the restarts.
+pub(super) fn output(
+    flat: Tensor<2>,
+    steps: Vec<LevelStep>,
+    sums: RunningSums,
+    config: &EmaResidualVectorQuantizerConfig,
+    update_skipped: Option<Tensor<1, Bool>>,
+) -> RvqOutput<2> {
+    let [num_vectors, d] = flat.dims();
+    let num_levels = steps.len();
+    let autodiff = flat.is_autodiff();
+    let flat_plain = flat.clone().without_autodiff();
+    // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
+    let elements = (num_vectors * d) as f64;
+    let level_losses: Vec<Tensor<1>> = steps
+        .iter()
+        .map(|step| {
+            let squared_error = step.pass.squared_error.clone();
+            squared_error
+                .expect("a forward sums the squared error")
+                .div_scalar(elements)
+                .mul_scalar(config.beta)
+        })
+        .collect();
+    let total_loss = level_losses
+        .iter()
+        .cloned()
+        .reduce(|a, b| a.add(b))
+        .expect("at least one level");
+    let loss = match autodiff {
+        true => commitment_loss_autodiff(flat.clone(), &sums, num_levels, total_loss, config.beta),
+        false => total_loss,
+    };
+    // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
+    let straight_through = sums.quantized.clone().sub(flat_plain);
+    let straight_through = match autodiff {
+        true => straight_through.autodiff(),
+        false => straight_through,
+    };
+    let mut quantized = flat.clone().add(straight_through);
+    if autodiff && config.rotation_trick {
+        quantized = quantized.add(rotation_gradient(flat, sums.quantized));
+    }
+    let restarted_codes = steps.iter().map(|step| step.restarted).collect();
+    let (indices, code_counts) = steps
+        .into_iter()
+        .map(|step| {
+            let counts = step.pass.counts.expect("a forward counts");
+            (step.pass.indices, counts)
+        })
+        .unzip();
+    RvqOutput {
+        quantized,
+        indices,
+        loss,
+        level_losses,
+        code_counts,
+        restarted_codes,
+        update_skipped,
+    }
+}
+
+/// The total commitment loss on the autodiff device, with the gradient of every level's term.
+///
+/// `sum_l beta * mean((x - c_l)^2)` with `c_l = q_1 + ... + q_l` (constants), since
+/// `r_l - q_l = x - c_l`. Its gradient `2 beta / (N D) * sum_l (x - c_l)` equals that of the
+/// single term `beta * M * mean((x - mean_l c_l)^2)`, so one autodiff expression serves all
+/// levels; the value is then corrected to the exact sum of the level losses with a constant.
+fn commitment_loss_autodiff(
+    flat: Tensor<2>,
+    sums: &RunningSums,
+    num_levels: usize,
+    total_loss: Tensor<1>,
+    beta: f64,
+) -> Tensor<1> {
+    // c_l = x - r_{l+1}; mean_l c_l = x - mean_l r_{l+1}
+    let flat_plain = flat.clone().without_autodiff();
+    let mean_residual = sums.residuals.clone().div_scalar(num_levels as f64);
+    let centre = flat_plain.sub(mean_residual).autodiff(); // [N, D] constant
+    let surrogate = flat
+        .sub(centre)
+        .powi_scalar(2)
+        .mean()
+        .mul_scalar(beta * num_levels as f64);
+    let correction = total_loss
+        .sub(surrogate.clone().without_autodiff())
+        .autodiff();
+    surrogate.add(correction)
+}
+
+/// The rotation trick's correction to the straight-through output `y = x + sg(q - x)`: a
+/// term of value zero whose gradient turns `dy/dx` from the identity into `lambda R`, where
+/// `R` rotates each row's direction `u = x / |x|` onto `q^ = q / |q|` and `lambda = |q| / |x|`
+/// (Fifty et al. 2024, section 4.2; `R`, `lambda` are constants).
+///
+/// `R v = v - 2 (v.w) w + 2 (v.u) q^` with `w = (u + q^) / |u + q^|`: two Householder
+/// reflections, `[N, D]` work, nothing of size `D x D`. With `f(x) = lambda R x` the term is
+/// `(f - sg(f)) - (x - sg(x))`, exactly zero in value (so the output keeps the
+/// straight-through estimator's floats) and of gradient `lambda R^T g - g`. Norms below 1e-6
+/// are taken as 1e-6 in the divisions, as vector-quantize-pytorch does.
+fn rotation_gradient(x: Tensor<2>, quantized: Tensor<2>) -> Tensor<2> {
+    const EPS: f64 = 1e-6;
+    let norm = |t: &Tensor<2>| t.clone().powi_scalar(2).sum_dim(1).sqrt(); // [N, 1]
+    let x_plain = x.clone().without_autodiff();
+    let (x_norm, q_norm) = (norm(&x_plain), norm(&quantized));
+    let u = x_plain.div(x_norm.clone().clamp_min(EPS)); // [N, D]
+    let q_hat = quantized.div(q_norm.clone().clamp_min(EPS)); // [N, D]
+    let w = u.clone().add(q_hat.clone());
+    let w = w.clone().div(norm(&w).clamp_min(EPS)); // [N, D]
+    let scale = q_norm.div(x_norm.clamp_min(EPS)); // [N, 1]
+    let (u, q_hat, w, scale) = (
+        u.autodiff(),
+        q_hat.autodiff(),
+        w.autodiff(),
+        scale.autodiff(),
+    );
+    let along = |direction: &Tensor<2>| x.clone().mul(direction.clone()).sum_dim(1); // [N, 1]
+    let rotated = x
+        .clone()
+        .sub(along(&w).mul_scalar(2.0).mul(w.clone()))
+        .add(along(&u).mul_scalar(2.0).mul(q_hat))
+        .mul(scale); // lambda R x
+    let identity = x.clone().sub(x.detach());
+    rotated.clone().sub(rotated.detach()).sub(identity)
+}
