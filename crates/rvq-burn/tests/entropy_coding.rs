@@ -4,11 +4,12 @@
 mod common;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 use common::*;
 use rvq_burn::coding::{FORMAT_VERSION, MAGIC, indices_to_host};
 use rvq_burn::{
-    EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, RvqError, StreamError,
+    EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, ForwardOptions, RvqError,
+    StreamError,
 };
 
 /// `n` vectors of dimension `dim` from a mixture of clusters of unequal weight, so that the
@@ -376,4 +377,48 @@ fn compress_refuses_bad_indices_and_shapes() {
         .try_compress(Tensor::<2>::zeros([2, 3], &device), 3)
         .unwrap_err();
     assert!(matches!(error, RvqError::LevelCount { .. }));
+}
+
+/// A masked forward's `-1` (a padded position) is no code: the public index conversion
+/// refuses it by value, level and position instead of wrapping it to 4294967295, and the
+/// real positions' codes convert.
+#[test]
+fn masked_codes_are_refused_by_the_index_conversion() {
+    let device = Device::flex();
+    let rvq = EmaResidualVectorQuantizerConfig::new(2, 8.into(), 3).init(&device);
+    let x = Tensor::<3>::from_data(TensorData::new(clustered(8, 3, 5), [2, 4, 3]), &device);
+    let real = [true, true, true, false, true, false, false, false];
+    let mask = Tensor::<2, Bool>::from_data(TensorData::new(real.to_vec(), [2, 4]), &device);
+    let out = rvq.forward_with(x.clone(), &ForwardOptions::new().with_mask(mask.clone()));
+    let error = indices_to_host(out.indices.clone()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            RvqError::InvalidArgument {
+                argument: "indices",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("-1 at level 0, position 3") && message.contains("try_encode_masked"),
+        "{message}"
+    );
+    let kept: Vec<Vec<u32>> = out
+        .indices
+        .iter()
+        .map(|level| {
+            let codes: Vec<i64> = level.to_data().iter::<i64>().collect();
+            codes
+                .iter()
+                .zip(real)
+                .filter(|(_, r)| *r)
+                .map(|(&c, _)| c as u32)
+                .collect()
+        })
+        .collect();
+    let masked = rvq.try_encode_masked(x, 2, mask).unwrap();
+    assert_eq!(indices_to_host(masked).unwrap(), kept);
 }

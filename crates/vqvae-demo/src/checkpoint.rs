@@ -18,10 +18,8 @@ use crate::error::DemoError;
 use crate::metrics::{self, EpochRecord};
 use crate::model::VqVae;
 
-/// Environment variable for the crash test: `STAGE:EPOCH` aborts the process while epoch
-/// `EPOCH` is being committed, right after `STAGE` (`model`, `optimizer`, `metrics-cut`: half
-/// of the metrics line written, `metrics`, `marker`).
-pub const ABORT_ENV: &str = "VQVAE_DEMO_ABORT_IN_SAVE";
+#[cfg(feature = "crash-hooks")]
+pub use self::crash::ABORT_ENV;
 
 /// `OUT/checkpoint`.
 pub fn dir(out: &Path) -> PathBuf {
@@ -51,15 +49,6 @@ pub fn last_epoch(out: &Path) -> Result<Option<usize>, DemoError> {
     })
 }
 
-/// Aborts here if the crash test asked for it (see [`ABORT_ENV`]).
-fn abort_point(stage: &str, epoch: usize) {
-    if let Ok(target) = std::env::var(ABORT_ENV)
-        && target == format!("{stage}:{epoch}")
-    {
-        std::process::abort();
-    }
-}
-
 /// Commits `epoch`: the model and the optimizer, the epoch's `record`, then the marker; keeps
 /// the last two checkpoints.
 pub fn commit(
@@ -76,30 +65,20 @@ pub fn commit(
         .clone()
         .save_file(model_file(out, epoch))
         .map_err(|e| DemoError::Checkpoint(format!("saving model-{epoch}.bpk: {e}")))?;
-    abort_point("model", epoch);
+    crash::abort_point("model", epoch);
     optimizer
         .save(optimizer_file(out, epoch))
         .map_err(|e| DemoError::Checkpoint(format!("saving optim-{epoch}.bpk: {e}")))?;
-    abort_point("optimizer", epoch);
+    crash::abort_point("optimizer", epoch);
     let metrics_path = out.join("metrics.jsonl");
-    if std::env::var(ABORT_ENV).is_ok_and(|t| t == format!("metrics-cut:{epoch}")) {
-        let line = serde_json::to_string(record).expect("records serialize");
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| DemoError::io(&metrics_path, e))?;
-        std::io::Write::write_all(&mut file, &line.as_bytes()[..line.len() / 2])
-            .map_err(|e| DemoError::io(&metrics_path, e))?;
-        std::process::abort();
-    }
+    crash::cut_metrics_line(&metrics_path, record);
     metrics::append(&metrics_path, record)?;
-    abort_point("metrics", epoch);
+    crash::abort_point("metrics", epoch);
     let marker = dir(out).join("last_epoch");
     let pending = dir(out).join("last_epoch.tmp");
     fs::write(&pending, epoch.to_string()).map_err(|e| DemoError::io(&pending, e))?;
     fs::rename(&pending, &marker).map_err(|e| DemoError::io(&marker, e))?;
-    abort_point("marker", epoch);
+    crash::abort_point("marker", epoch);
     if epoch > 2 {
         let _ = fs::remove_file(model_file(out, epoch - 2));
         let _ = fs::remove_file(optimizer_file(out, epoch - 2));
@@ -131,4 +110,50 @@ pub fn load_optimizer(
 pub fn clear(out: &Path) {
     let _ = fs::remove_file(out.join("metrics.jsonl"));
     let _ = fs::remove_file(dir(out).join("last_epoch"));
+}
+
+/// The crash test's abort points in the save path (`tests/crash_resume.rs`): compiled in only
+/// with the test-only feature `crash-hooks`, no-ops otherwise.
+mod crash {
+    use std::path::Path;
+
+    use crate::metrics::EpochRecord;
+
+    /// Environment variable for the crash test: `STAGE:EPOCH` aborts the process while epoch
+    /// `EPOCH` is being committed, right after `STAGE` (`model`, `optimizer`, `metrics-cut`:
+    /// half of the metrics line written, `metrics`, `marker`).
+    #[cfg(feature = "crash-hooks")]
+    pub const ABORT_ENV: &str = "VQVAE_DEMO_ABORT_IN_SAVE";
+
+    /// Whether the crash test asked to abort at `stage` of committing `epoch`.
+    #[cfg(feature = "crash-hooks")]
+    fn asked(stage: &str, epoch: usize) -> bool {
+        std::env::var(ABORT_ENV).is_ok_and(|target| target == format!("{stage}:{epoch}"))
+    }
+
+    /// Aborts here if the crash test asked for it.
+    pub(super) fn abort_point(_stage: &str, _epoch: usize) {
+        #[cfg(feature = "crash-hooks")]
+        if asked(_stage, _epoch) {
+            std::process::abort();
+        }
+    }
+
+    /// Writes half of `record`'s line to `metrics` and aborts, if the crash test asked for it
+    /// (`metrics-cut`).
+    pub(super) fn cut_metrics_line(_metrics: &Path, _record: &EpochRecord) {
+        #[cfg(feature = "crash-hooks")]
+        if asked("metrics-cut", _record.epoch) {
+            use std::io::Write;
+            let line = serde_json::to_string(_record).expect("records serialize");
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(_metrics)
+                .expect("the metrics file opens");
+            file.write_all(&line.as_bytes()[..line.len() / 2])
+                .expect("half a line is written");
+            std::process::abort();
+        }
+    }
 }

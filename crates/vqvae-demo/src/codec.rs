@@ -18,12 +18,12 @@ use crate::checkpoint;
 use crate::data::{Digits, IMAGE_PIXELS, Mnist, parse_images};
 use crate::error::DemoError;
 use crate::evaluation::psnr_db;
-use crate::model::VqVae;
+use crate::model::{LATENT_SIDE, VqVae};
 use crate::report::{COLUMNS, to_pixels, write_digit_rows, write_pairs};
 use crate::training::TrainingConfig;
 
-/// Latent positions per image (7 x 7).
-const POSITIONS: usize = 49;
+/// Latent positions per image.
+const POSITIONS: usize = LATENT_SIDE * LATENT_SIDE;
 /// Images per forward pass.
 const BATCH: usize = 256;
 /// Rows of digits (originals above reconstructions) in the pictures.
@@ -189,7 +189,7 @@ pub fn compress(options: &CompressOptions, device: &Device) -> Result<CompressRe
         }
     }
     let models = quantizer.entropy_models()?;
-    let shape = [images, 7, 7, quantizer.embedding_dim()];
+    let shape = [images, LATENT_SIDE, LATENT_SIDE, quantizer.embedding_dim()];
     let stream = models.compress(&indices, &shape)?;
     fs::write(&options.output, &stream).map_err(|e| DemoError::io(&options.output, e))?;
 
@@ -197,9 +197,10 @@ pub fn compress(options: &CompressOptions, device: &Device) -> Result<CompressRe
     let written = fs::read(&options.output).map_err(|e| DemoError::io(&options.output, e))?;
     let decoded = models.decompress(&written)?;
     if decoded.indices != indices || decoded.shape != shape {
-        return Err(DemoError::Checkpoint(
-            "the stream did not decode to the codes that were written".into(),
-        ));
+        return Err(DemoError::Codec(format!(
+            "{} did not decode to the codes that were written",
+            options.output.display()
+        )));
     }
     let pixels = decode_digits(&model, &decoded.indices, device);
     let mse = pixels
@@ -251,16 +252,16 @@ pub fn decompress(
     let stream = model.quantizer.entropy_models()?.decompress(&bytes)?;
     let expected = [
         stream.num_vectors() / POSITIONS,
-        7,
-        7,
+        LATENT_SIDE,
+        LATENT_SIDE,
         model.quantizer.embedding_dim(),
     ];
     if stream.shape != expected {
         return Err(DemoError::Config(format!(
-            "{}: holds codes of shape {:?}, expected [images, 7, 7, {}] (digit latents)",
+            "{}: holds codes of shape {:?}, expected {:?} (digit latents)",
             input.display(),
             stream.shape,
-            model.quantizer.embedding_dim()
+            [0, LATENT_SIDE, LATENT_SIDE, model.quantizer.embedding_dim()]
         )));
     }
     let images = expected[0];

@@ -14,6 +14,10 @@ pub enum DemoError {
     Quantizer(rvq_burn::RvqError),
     /// Another configuration or command-line problem.
     Config(String),
+    /// A training step failed (a worker thread panicked).
+    Training(String),
+    /// A compressed stream did not round-trip.
+    Codec(String),
     /// The backend's device cannot be had (no adapter, too few, a driver that fails).
     Device(String),
     /// A checkpoint is missing or does not fit the model.
@@ -35,6 +39,8 @@ impl fmt::Display for DemoError {
             Self::Data(error) => write!(f, "data: {error}"),
             Self::Quantizer(error) => write!(f, "quantizer: {error}"),
             Self::Config(message) => write!(f, "configuration: {message}"),
+            Self::Training(message) => write!(f, "training: {message}"),
+            Self::Codec(message) => write!(f, "codec: {message}"),
             Self::Device(message) => write!(f, "device: {message}"),
             Self::Checkpoint(message) => write!(f, "checkpoint: {message}"),
             Self::Io(message) => write!(f, "{message}"),

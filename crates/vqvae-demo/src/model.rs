@@ -21,6 +21,10 @@ use rvq_burn::{
 
 use crate::conv::{conv_transpose2d, conv2d};
 
+/// The side of the latent grid: a 28 x 28 digit is encoded as 7 x 7 latent vectors (two
+/// stride-2 convolutions), each quantized on its own.
+pub const LATENT_SIDE: usize = 7;
+
 /// The model's architecture.
 #[derive(Config, Debug)]
 pub struct VqVaeConfig {
@@ -180,7 +184,9 @@ impl VqVae {
     /// images `[batch, 1, 28, 28]`.
     pub fn decode_codes(&self, codes: &[Tensor<1, Int>], batch: usize) -> Tensor<4> {
         let latent = self.quantizer.embedding_dim();
-        let latents = self.quantizer.decode(codes, [batch, 7, 7, latent]);
+        let latents = self
+            .quantizer
+            .decode(codes, [batch, LATENT_SIDE, LATENT_SIDE, latent]);
         self.decode(latents)
     }
 }

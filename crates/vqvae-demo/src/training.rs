@@ -15,7 +15,7 @@ use crate::data::Mnist;
 use crate::error::DemoError;
 use crate::evaluation::{Validation, evaluate};
 use crate::metrics::{self, EpochRecord};
-use crate::model::{VqVae, VqVaeConfig, VqVaeOutput};
+use crate::model::{LATENT_SIDE, VqVae, VqVaeConfig, VqVaeOutput};
 use crate::progress::Progress;
 use crate::report;
 
@@ -79,14 +79,7 @@ pub struct TrainingSummary {
 /// A deterministic permutation of `0..len` for `(seed, epoch)`: SplitMix64 + Fisher-Yates, so
 /// a resumed run sees the batches an uninterrupted one would.
 pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut state = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = split_mix(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut order: Vec<usize> = (0..len).collect();
     for i in (1..len).rev() {
         let j = (next() % (i as u64 + 1)) as usize;
@@ -325,8 +318,15 @@ fn train_step(
     let mut accumulator = GradientsAccumulator::<VqVae>::new();
     let mut figures = Vec::with_capacity(results.len());
     for (device, result) in results.into_iter().enumerate() {
-        let (grads, shard) = result.map_err(|_| {
-            DemoError::Config(format!("the training step on device {device} panicked"))
+        let (grads, shard) = result.map_err(|payload| {
+            let reason = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            DemoError::Training(format!(
+                "the training step on device {device} panicked: {reason}"
+            ))
         })?;
         accumulator.accumulate(&model, grads.to_device(main, &model));
         figures.push(shard);
@@ -407,26 +407,33 @@ impl EpochTotals {
     }
 }
 
-/// Latent rows (of 7) that are real for each of `count` digits: with probability `p`, 4 to 6
-/// (the last 1 to 3 rows padding), else all 7; a fixed hash of `(seed, epoch, step, digit)`.
+/// A SplitMix64 stream (Steele, Lea and Flood 2014) from `state`: the demo's fixed hash for
+/// every draw that must repeat exactly on resume.
+fn split_mix(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Latent rows (of [`LATENT_SIDE`]) that are real for each of `count` digits: with
+/// probability `p`, all but the last 1 to 3 (padding), else all; a fixed hash of `(seed,
+/// epoch, step, digit)`.
 fn random_tails(count: usize, p: f64, seed: u64, epoch: usize, step: usize) -> Vec<usize> {
     (0..count)
         .map(|digit| {
-            let mut state = seed
-                ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
-                ^ (digit as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let mut next = || {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^ (z >> 31)
-            };
+            let mut next = split_mix(
+                seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                    ^ (digit as u64).wrapping_mul(0x94D0_49BB_1331_11EB),
+            );
             let padded = ((next() >> 11) as f64 / (1u64 << 53) as f64) < p;
             match padded {
-                true => 6 - (next() % 3) as usize,
-                false => 7,
+                true => LATENT_SIDE - 1 - (next() % 3) as usize,
+                false => LATENT_SIDE,
             }
         })
         .collect()

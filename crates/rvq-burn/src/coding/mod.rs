@@ -63,8 +63,8 @@ impl EmaResidualVectorQuantizer {
 
     /// Decodes a stream from [`EmaResidualVectorQuantizer::try_compress`] (same checkpoint):
     /// the indices of each coded level and the dequantized tensor of the original shape, on
-    /// `device`. Fails on any bad stream (see [`StreamError`]) or if the stream's rank is not
-    /// `R`.
+    /// `device`. Fails on any bad stream (see [`StreamError`](crate::StreamError)) or if the
+    /// stream's rank is not `R`.
     pub fn try_decompress<const R: usize>(
         &self,
         bytes: &[u8],

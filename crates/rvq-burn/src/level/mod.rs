@@ -78,8 +78,9 @@ pub struct EmaCodebook {
 pub(crate) enum Mode {
     /// A pass that leaves the state alone, doing `Work`.
     Pass(Work),
-    /// A training step: everything, and the state updated as the plan says.
-    Train(StepPlan),
+    /// A training step: everything, and the state updated as the plan says (boxed: a plan
+    /// holds a tensor, and a call makes one).
+    Train(Box<StepPlan>),
 }
 
 /// What every level's step of one call shares: the configuration, the device the call runs

@@ -108,7 +108,7 @@ impl EmaResidualVectorQuantizer {
         let mode = match training && options.update_ema {
             true => {
                 let non_finite = flat_plain.clone().is_finite().all().bool_not();
-                Mode::Train(schedule.plan(step, non_finite))
+                Mode::Train(Box::new(schedule.plan(step, non_finite)))
             }
             false => Mode::Pass(Work::EVALUATION),
         };
@@ -122,7 +122,7 @@ impl EmaResidualVectorQuantizer {
         let update_skipped = match task.mode {
             Mode::Train(plan) => {
                 self.count_step(&plan.non_finite);
-                Some(plan.non_finite)
+                Some(plan.non_finite.clone())
             }
             Mode::Pass(_) => None,
         };
