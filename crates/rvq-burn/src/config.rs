@@ -94,6 +94,7 @@ impl CodebookRule {
 
     /// The divisors `c^_k` of [`CodebookRule::codebook`] on the host, in f32 in the same order
     /// (for checking a state before it is stored).
+    #[cfg(feature = "pytorch")]
     pub(crate) fn divisors(self, counts: &[f32], epsilon: f64) -> Vec<f32> {
         let eps = epsilon as f32;
         match self {

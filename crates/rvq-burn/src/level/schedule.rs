@@ -47,6 +47,7 @@ impl<'a> Schedule<'a> {
     /// `dead_code_check_every` past any initialization steps (k-means init at step 0; the
     /// data-parallel replacement steps), so no init runs on an imported state and the next
     /// dead-code check comes a whole period later.
+    #[cfg(feature = "pytorch")]
     pub(crate) fn steps_after_import(&self) -> u64 {
         let c = self.config;
         let init_steps = match (c.data_parallel, c.kmeans_init) {

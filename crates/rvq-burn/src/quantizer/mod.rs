@@ -20,7 +20,7 @@ mod estimator;
 mod forward;
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
@@ -217,16 +217,18 @@ impl EmaResidualVectorQuantizer {
             .collect()
     }
 
-    /// The levels, for the crate's other views of the state (coding, interop).
+    /// The levels, for the PyTorch interop's view of the state.
+    #[cfg(feature = "pytorch")]
     pub(crate) fn levels(&self) -> &[EmaCodebook] {
         &self.levels
     }
 
     /// Sets the step counter to `steps`, applied at once (an import).
+    #[cfg(feature = "pytorch")]
     pub(crate) fn set_steps_taken(&self, steps: u64) {
         let device = self.steps.value().device();
         self.steps.update(Tensor::<1>::from_data(
-            TensorData::new(vec![steps as f32], [1]),
+            burn::tensor::TensorData::new(vec![steps as f32], [1]),
             &device,
         ));
         let _ = self.steps.valid();
