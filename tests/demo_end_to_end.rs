@@ -316,6 +316,8 @@ fn trains_on_libtorch_and_resumes_exactly() {
 fn trains_and_codes_on_wgpu() {
     use burn::tensor::DeviceType;
     use vqvae_demo::backend::Backend;
+    use vqvae_demo::codec::load_trained;
+    use vqvae_demo::evaluation::evaluate;
 
     if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
         eprintln!("########## RVQ_SKIP_WGPU set: the demo's wgpu test is SKIPPED ##########");
@@ -353,6 +355,21 @@ fn trains_and_codes_on_wgpu() {
     assert!(v.val_usage.iter().all(|u| (0.0..=1.0).contains(u)));
     assert_eq!(record.ema_entropy.len(), 2);
     assert_codes_in_range(&summary.model, &data, 16, &coding);
+    // The validation measured on WGPU is the one the checkpoint gives on flex (a reduction
+    // fused after the decoder once made WGPU's reconstructions come back wrong).
+    let flex = Device::flex();
+    let on_flex = evaluate(
+        &load_trained(&out, &flex).expect("the checkpoint loads on flex"),
+        &data.valid.take(64),
+        32,
+        &flex,
+    );
+    assert!(
+        (on_flex.val_psnr_db - v.val_psnr_db).abs() < 1e-3,
+        "validation PSNR on wgpu {} dB, the same checkpoint on flex {} dB",
+        v.val_psnr_db,
+        on_flex.val_psnr_db
+    );
 
     compress_eight(&out, &coding);
     let stream = out.join("digits.rvqz");

@@ -5,14 +5,20 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use rvq_burn::EntropyModels;
+use rvq_burn::{CodebookRule, EntropyModels};
 
 fn models() -> &'static EntropyModels {
     static MODELS: OnceLock<EntropyModels> = OnceLock::new();
     MODELS.get_or_init(|| {
         let skewed: Vec<f32> = (0..16).map(|k| (1u32 << (15 - k)) as f32).collect();
         let uniform = vec![3.0f32; 5];
-        EntropyModels::from_counts(&[skewed, uniform, vec![1.0]], 1e-5, 2).expect("valid counts")
+        EntropyModels::from_counts(
+            &[skewed, uniform, vec![1.0]],
+            CodebookRule::Laplace,
+            1e-5,
+            2,
+        )
+        .expect("valid counts")
     })
 }
 

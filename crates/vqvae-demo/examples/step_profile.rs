@@ -2,34 +2,21 @@
 //! `cargo run --release -p vqvae-demo --example step_profile -- [--steps N] [--batch-size B]
 //! [--backend flex|tch|ndarray]`.
 //!
-//! Runs the demo's step piece by piece on a CPU backend, `flex` unless `--backend` names
-//! another the demo was built with (all three are eager: an operation's time is spent when it
-//! is called), and prints, per piece, the median milliseconds over `N` steps
-//! (after 5 warm-up steps) and its share of the step, then the same as one JSON line:
-//! data (the batch to a tensor), encoder convolutions, quantizer, decoder convolutions and
-//! loss, backward (almost all of it the convolutions' backward: the quantizer's is one
-//! straight-through identity and a squared error), optimizer (Adam), and the host reads the
-//! training loop makes per step (losses and the quantizer's metrics).
+//! Runs the training loop's own step (`training::profiled_step`) on a CPU backend, `flex`
+//! unless `--backend` names another the demo was built with (all three are eager: an
+//! operation's time is spent when it is called), and prints, per part, the median
+//! milliseconds over `N` steps (after 5 warm-up steps) and its share of the step, then the
+//! same as one JSON line: data (the batch to a tensor), encoder convolutions, quantizer,
+//! decoder convolutions and loss, the host reads the training loop makes per step (losses and
+//! the quantizer's metrics), backward (almost all of it the convolutions' backward: the
+//! quantizer's is one straight-through identity and a squared error), optimizer (Adam).
 
 use std::time::Instant;
 
-use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::Tensor;
-use rvq_burn::ForwardOptions;
 use vqvae_demo::backend::Backend;
 use vqvae_demo::data::Mnist;
-use vqvae_demo::model::VqVaeConfig;
-use vqvae_demo::training::epoch_order;
-
-const PARTS: [&str; 7] = [
-    "data",
-    "encoder",
-    "quantizer",
-    "decoder+loss",
-    "backward",
-    "optimizer",
-    "reads",
-];
+use vqvae_demo::profile::StepPart;
+use vqvae_demo::training::{TrainingConfig, epoch_order, profiled_step};
 
 fn main() {
     let mut steps = 60;
@@ -67,48 +54,40 @@ fn main() {
         }
     };
     let data = Mnist::embedded();
-    let mut model = VqVaeConfig::new()
+    let recipe = TrainingConfig::new();
+    let mut model = recipe
+        .model
         .try_init_seeded(&device, 42)
         .expect("the default model");
-    let mut optimizer = AdamConfig::new().init();
+    let mut optimizer = recipe.optimizer.init();
     let order = epoch_order(data.train.len(), 42, 1);
-    let mut times: Vec<[f64; 7]> = Vec::new();
+    // The parts: the batch, then the step's own.
+    let parts: Vec<&str> = std::iter::once("data")
+        .chain(StepPart::ALL.iter().map(|part| part.name()))
+        .collect();
+    let mut times: Vec<Vec<f64>> = Vec::new();
     for (step, batch) in order.chunks(batch_size).take(steps + 5).enumerate() {
-        let mut t = [0.0; 7];
+        let mut t = vec![0.0; parts.len()];
         let mut clock = Instant::now();
-        let mut lap = |part: usize, t: &mut [f64; 7]| {
-            t[part] = clock.elapsed().as_secs_f64() * 1e3;
+        let images = data.train.batch(batch, &device);
+        t[0] = clock.elapsed().as_secs_f64() * 1e3;
+        clock = Instant::now();
+        let mut lap = |part: StepPart| {
+            let index = 1 + StepPart::ALL
+                .iter()
+                .position(|&p| p == part)
+                .expect("a part");
+            t[index] = clock.elapsed().as_secs_f64() * 1e3;
             clock = Instant::now();
         };
-        let images = data.train.batch(batch, &device);
-        lap(0, &mut t);
-        let latents = model.encode(images.clone());
-        lap(1, &mut t);
-        let quantized = model
-            .quantizer
-            .forward_with(latents, &ForwardOptions::default());
-        lap(2, &mut t);
-        let reconstruction = model.decode(quantized.quantized.clone());
-        let mse = reconstruction.sub(images).powi_scalar(2).mean();
-        let loss = mse.clone().add(quantized.loss.clone());
-        lap(3, &mut t);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        lap(4, &mut t);
-        model = optimizer.step(1e-3, model, grads);
-        lap(5, &mut t);
-        let values: Vec<f64> = Tensor::cat(
-            vec![
-                mse.without_autodiff(),
-                quantized.loss.clone().without_autodiff(),
-            ],
-            0,
+        model = profiled_step(
+            model,
+            &mut optimizer,
+            recipe.learning_rate,
+            images,
+            &mut lap,
         )
-        .into_data()
-        .iter::<f64>()
-        .collect();
-        let perplexity = quantized.metrics().perplexity_mean();
-        std::hint::black_box((values, perplexity));
-        lap(6, &mut t);
+        .expect("a training step");
         if step >= 5 {
             times.push(t);
         }
@@ -118,7 +97,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let medians: Vec<f64> = (0..PARTS.len()).map(median).collect();
+    let medians: Vec<f64> = (0..parts.len()).map(median).collect();
     let total: f64 = medians.iter().sum();
     println!(
         "{}: {} steps of {batch_size} images (medians, ms; sum {total:.1} ms = {:.0} images/s):",
@@ -126,10 +105,10 @@ fn main() {
         times.len(),
         batch_size as f64 / total * 1e3
     );
-    for (part, ms) in PARTS.iter().zip(&medians) {
+    for (part, ms) in parts.iter().zip(&medians) {
         println!("  {part:<13} {ms:>8.2} ms  {:>5.1} %", 100.0 * ms / total);
     }
-    let fields: Vec<String> = PARTS
+    let fields: Vec<String> = parts
         .iter()
         .zip(&medians)
         .map(|(part, ms)| format!("\"{part}_ms\":{ms}"))

@@ -36,6 +36,11 @@ pub fn psnr_db(mse: f64) -> f64 {
 
 /// Measures `model` on `digits` in eval mode (`valid()`: no autodiff, no EMA update), in
 /// batches of `batch_size` on `device`.
+///
+/// Each reconstruction is read back before anything else is computed from it, and its
+/// squared error summed on the host in f64: on WGPU (Burn 0.22.1's fusion, seen on Mesa's
+/// lavapipe) a reduction queued on the decoder's output before it was read made that output
+/// itself come back wrong (README, "The demo on WGPU").
 pub fn evaluate(model: &VqVae, digits: &Digits, batch_size: usize, device: &Device) -> Validation {
     let model = model.valid();
     let device = device.clone().without_autodiff();
@@ -43,12 +48,17 @@ pub fn evaluate(model: &VqVae, digits: &Digits, batch_size: usize, device: &Devi
     let num_levels = sizes.len();
     let mut histograms: Vec<Tensor<1>> =
         sizes.iter().map(|&k| Tensor::zeros([k], &device)).collect();
-    // Sum of squared errors when decoding with 1..=M levels, kept on the device.
-    let mut squared_errors: Vec<Tensor<1>> = vec![Tensor::zeros([1], &device); num_levels];
+    // Sum of squared errors when decoding with 1..=M levels.
+    let mut squared_errors = vec![0.0f64; num_levels];
     let indices: Vec<usize> = (0..digits.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let images = digits.batch(chunk, &device);
-        let latents = model.encode(images.clone());
+        let originals: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&index| &digits.pixels[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS])
+            .map(|&p| p as f32 / 255.0)
+            .collect();
+        let latents = model.encode(images);
         let codes = model.quantizer.encode(latents);
         for (histogram, level_codes) in histograms.iter_mut().zip(&codes) {
             let [n] = level_codes.dims();
@@ -61,16 +71,16 @@ pub fn evaluate(model: &VqVae, digits: &Digits, batch_size: usize, device: &Devi
         }
         for (levels, sse) in squared_errors.iter_mut().enumerate() {
             let reconstruction = model.decode_codes(&codes[..=levels], chunk.len());
-            let error = reconstruction.sub(images.clone()).powi_scalar(2).sum();
-            *sse = sse.clone().add(error);
+            let reconstruction = reconstruction.into_data();
+            *sse += reconstruction
+                .iter::<f32>()
+                .zip(&originals)
+                .map(|(r, &o)| f64::from(r - o).powi(2))
+                .sum::<f64>();
         }
     }
     let pixels = (digits.len() * IMAGE_PIXELS).max(1) as f64;
-    let mse_by_levels: Vec<f64> = Tensor::cat(squared_errors, 0)
-        .into_data()
-        .iter::<f64>()
-        .map(|sse| sse / pixels)
-        .collect();
+    let mse_by_levels: Vec<f64> = squared_errors.iter().map(|sse| sse / pixels).collect();
     let code_histograms: Vec<Vec<f32>> = histograms
         .into_iter()
         .map(|h| h.into_data().iter::<f32>().collect())

@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: checkpoints committed so that a killed run resumes; [`metrics`]: the
 //!   per-epoch records of `metrics.jsonl`.
 //! - [`evaluation`]: validation PSNR and codebook health.
+//! - [`profile`]: the parts of a training step, for the step profile.
 //! - [`report`]: the pictures (digits, codebook usage, training curves); [`progress`]: the
 //!   progress bar.
 //! - [`codec`]: the trained model as an image codec (`compress`, `decompress`).
@@ -27,6 +28,7 @@ pub mod error;
 pub mod evaluation;
 pub mod metrics;
 pub mod model;
+pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod training;

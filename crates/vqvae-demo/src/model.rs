@@ -20,6 +20,7 @@ use rvq_burn::{
 };
 
 use crate::conv::{conv_transpose2d, conv2d};
+use crate::profile::StepPart;
 
 /// The side of the latent grid: a 28 x 28 digit is encoded as 7 x 7 latent vectors (two
 /// stride-2 convolutions), each quantized on its own.
@@ -169,10 +170,30 @@ impl VqVae {
 
     /// Encode, quantize (updating the codebooks when training), decode.
     pub fn forward(&self, images: Tensor<4>, options: &ForwardOptions) -> VqVaeOutput {
+        self.forward_reporting(images, options, &mut StepPart::ignore)
+    }
+
+    /// The reconstruction of `images` `[B, 1, 28, 28]` through the quantizer (in eval mode on
+    /// a plain device), without the losses.
+    pub fn reconstruct(&self, images: Tensor<4>) -> Tensor<4> {
+        let latents = self.encode(images);
+        self.decode(self.quantizer.forward(latents).quantized)
+    }
+
+    /// [`VqVae::forward`], telling `lap` as each of its parts ends (the step profile's clock).
+    pub fn forward_reporting(
+        &self,
+        images: Tensor<4>,
+        options: &ForwardOptions,
+        lap: &mut dyn FnMut(StepPart),
+    ) -> VqVaeOutput {
         let latents = self.encode(images.clone());
+        lap(StepPart::Encoder);
         let quantizer = self.quantizer.forward_with(latents, options);
+        lap(StepPart::Quantizer);
         let reconstruction = self.decode(quantizer.quantized.clone());
         let reconstruction_loss = reconstruction.clone().sub(images).powi_scalar(2).mean();
+        lap(StepPart::DecoderAndLoss);
         VqVaeOutput {
             reconstruction,
             reconstruction_loss,

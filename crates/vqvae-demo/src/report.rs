@@ -6,7 +6,6 @@ use std::sync::OnceLock;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use rvq_burn::ForwardOptions;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -74,9 +73,9 @@ pub fn write_reconstructions(
     let device = device.clone().without_autodiff();
     let indices: Vec<usize> = (0..count).collect();
     let model = model.valid();
-    let reconstruction = model
-        .forward(digits.batch(&indices, &device), &ForwardOptions::default())
-        .reconstruction;
+    // The reconstruction alone, read back before anything else is computed from it (see
+    // `evaluation::evaluate`).
+    let reconstruction = model.reconstruct(digits.batch(&indices, &device));
     let reconstructed = to_pixels(reconstruction);
     write_pairs(path, &digits.pixels, &reconstructed, count)
 }

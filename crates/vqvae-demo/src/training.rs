@@ -16,6 +16,7 @@ use crate::error::DemoError;
 use crate::evaluation::{Validation, evaluate};
 use crate::metrics::{self, EpochRecord};
 use crate::model::{LATENT_SIDE, VqVae, VqVaeConfig, VqVaeOutput};
+use crate::profile::StepPart;
 use crate::progress::Progress;
 use crate::report;
 
@@ -197,8 +198,14 @@ pub fn train(
                 })
                 .collect();
             let figures;
-            (model, figures) =
-                train_step(model, &mut optimizer, config.learning_rate, shards, &main)?;
+            (model, figures) = train_step(
+                model,
+                &mut optimizer,
+                config.learning_rate,
+                shards,
+                &main,
+                &mut StepPart::ignore,
+            )?;
             if devices.len() > 1 {
                 // Each device's EMA update is pending under the thread that ran it: average
                 // them now, before the next step's threads read the state.
@@ -256,11 +263,16 @@ struct ShardFigures {
     images: usize,
 }
 
-/// The forward pass of one shard: its loss (to differentiate) and its figures.
-fn shard_forward(model: &VqVae, shard: Shard) -> (Tensor<1>, ShardFigures) {
+/// The forward pass of one shard: its loss (to differentiate) and its figures; `lap` is told
+/// as each part ends.
+fn shard_forward(
+    model: &VqVae,
+    shard: Shard,
+    lap: &mut dyn FnMut(StepPart),
+) -> (Tensor<1>, ShardFigures) {
     let images = shard.images.dims()[0];
     let output = match &shard.tails {
-        None => model.forward(shard.images, &ForwardOptions::default()),
+        None => model.forward_reporting(shard.images, &ForwardOptions::default(), lap),
         Some(rows) => forward_with_padded_tails(model, shard.images, rows),
     };
     let values: Vec<f64> = Tensor::cat(
@@ -281,7 +293,27 @@ fn shard_forward(model: &VqVae, shard: Shard) -> (Tensor<1>, ShardFigures) {
         restarted: output.quantizer.restarted_codes.clone(),
         images,
     };
+    lap(StepPart::Reads);
     (output.loss(), figures)
+}
+
+/// One training step of the loop on one device, on `images`, without padded tails, telling
+/// `lap` as each part ends: what `examples/step_profile.rs` times. Returns the model after
+/// the optimizer's step.
+pub fn profiled_step(
+    model: VqVae,
+    optimizer: &mut ModuleOptimizer,
+    learning_rate: f64,
+    images: Tensor<4>,
+    lap: &mut dyn FnMut(StepPart),
+) -> Result<VqVae, DemoError> {
+    let main = images.device();
+    let shards = vec![Shard {
+        images,
+        tails: None,
+    }];
+    let (model, _) = train_step(model, optimizer, learning_rate, shards, &main, lap)?;
+    Ok(model)
 }
 
 /// One optimizer step over `shards` (one per device, the first on `main`).
@@ -291,12 +323,16 @@ fn train_step(
     learning_rate: f64,
     shards: Vec<Shard>,
     main: &Device,
+    lap: &mut dyn FnMut(StepPart),
 ) -> Result<(VqVae, Vec<ShardFigures>), DemoError> {
     if let [_] = shards.as_slice() {
         let shard = shards.into_iter().next().expect("one shard");
-        let (loss, figures) = shard_forward(&model, shard);
+        let (loss, figures) = shard_forward(&model, shard, lap);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        return Ok((optimizer.step(learning_rate, model, grads), vec![figures]));
+        lap(StepPart::Backward);
+        let model = optimizer.step(learning_rate, model, grads);
+        lap(StepPart::Optimizer);
+        return Ok((model, vec![figures]));
     }
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = shards
@@ -305,7 +341,7 @@ fn train_step(
                 let replica = model.clone();
                 scope.spawn(move || {
                     let replica = replica.fork(&shard.images.device());
-                    let (loss, figures) = shard_forward(&replica, shard);
+                    let (loss, figures) = shard_forward(&replica, shard, &mut StepPart::ignore);
                     (
                         GradientsParams::from_grads(loss.backward(), &replica),
                         figures,
