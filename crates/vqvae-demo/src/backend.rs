@@ -112,7 +112,7 @@ mod gpu {
 
     use burn::tensor::{Device, DeviceKind, DeviceType, Tensor};
 
-    use crate::error::DemoError;
+    use crate::error::{DemoError, panic_message};
 
     /// See [`super::Backend::devices`].
     pub(super) fn devices(count: usize) -> Result<Vec<Device>, DemoError> {
@@ -154,12 +154,7 @@ mod gpu {
         let seen = Arc::clone(&message);
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
-            let text = info
-                .payload()
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic without a message".into());
+            let text = panic_message(info.payload()).to_string();
             seen.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get_or_insert(text);

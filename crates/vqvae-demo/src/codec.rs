@@ -258,10 +258,11 @@ pub fn decompress(
     ];
     if stream.shape != expected {
         return Err(DemoError::Config(format!(
-            "{}: holds codes of shape {:?}, expected {:?} (digit latents)",
+            "{}: holds codes of shape {:?}, expected [images, {LATENT_SIDE}, {LATENT_SIDE}, {}] \
+             (digit latents)",
             input.display(),
             stream.shape,
-            [0, LATENT_SIDE, LATENT_SIDE, model.quantizer.embedding_dim()]
+            model.quantizer.embedding_dim()
         )));
     }
     let images = expected[0];

@@ -150,13 +150,20 @@ impl Digits {
         self.labels.is_empty()
     }
 
-    /// The digits at `indices`, as a batch `[B, 1, 28, 28]` of floats in `[0, 1]`.
-    pub fn batch(&self, indices: &[usize], device: &Device) -> Tensor<4> {
+    /// The pixels of the digits at `indices` as floats in `[0, 1]`, row-major: the values of
+    /// [`Digits::batch`], on the host.
+    pub fn floats(&self, indices: &[usize]) -> Vec<f32> {
         let mut values = Vec::with_capacity(indices.len() * IMAGE_PIXELS);
         for &index in indices {
             let image = &self.pixels[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS];
             values.extend(image.iter().map(|&p| p as f32 / 255.0));
         }
+        values
+    }
+
+    /// The digits at `indices`, as a batch `[B, 1, 28, 28]` of floats in `[0, 1]`.
+    pub fn batch(&self, indices: &[usize], device: &Device) -> Tensor<4> {
+        let values = self.floats(indices);
         Tensor::from_data(
             TensorData::new(values, [indices.len(), 1, IMAGE_SIDE, IMAGE_SIDE]),
             device,

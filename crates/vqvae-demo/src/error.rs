@@ -50,6 +50,16 @@ impl fmt::Display for DemoError {
 
 impl std::error::Error for DemoError {}
 
+/// The message a panic carried (its `String` or `&str` payload), for an error that reports a
+/// panic caught on another thread.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message")
+}
+
 impl From<DataError> for DemoError {
     fn from(error: DataError) -> Self {
         Self::Data(error)

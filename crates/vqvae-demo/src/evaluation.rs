@@ -53,11 +53,7 @@ pub fn evaluate(model: &VqVae, digits: &Digits, batch_size: usize, device: &Devi
     let indices: Vec<usize> = (0..digits.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let images = digits.batch(chunk, &device);
-        let originals: Vec<f32> = chunk
-            .iter()
-            .flat_map(|&index| &digits.pixels[index * IMAGE_PIXELS..(index + 1) * IMAGE_PIXELS])
-            .map(|&p| p as f32 / 255.0)
-            .collect();
+        let originals = digits.floats(chunk);
         let latents = model.encode(images);
         let codes = model.quantizer.encode(latents);
         for (histogram, level_codes) in histograms.iter_mut().zip(&codes) {

@@ -12,7 +12,7 @@ use rvq_burn::{CodebookHealth, ForwardOptions, RvqMetrics};
 
 use crate::checkpoint;
 use crate::data::Mnist;
-use crate::error::DemoError;
+use crate::error::{DemoError, panic_message};
 use crate::evaluation::{Validation, evaluate};
 use crate::metrics::{self, EpochRecord};
 use crate::model::{LATENT_SIDE, VqVae, VqVaeConfig, VqVaeOutput};
@@ -355,13 +355,9 @@ fn train_step(
     let mut figures = Vec::with_capacity(results.len());
     for (device, result) in results.into_iter().enumerate() {
         let (grads, shard) = result.map_err(|payload| {
-            let reason = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
             DemoError::Training(format!(
-                "the training step on device {device} panicked: {reason}"
+                "the training step on device {device} panicked: {}",
+                panic_message(&*payload)
             ))
         })?;
         accumulator.accumulate(&model, grads.to_device(main, &model));

@@ -137,20 +137,15 @@ impl EmaCodebook {
     /// precision); a record saved in another float type (Burn's loaders keep the file's) is
     /// read as f32 here, so every path computes in f32.
     pub(crate) fn statistics(&self, device: &Device) -> Statistics {
-        let device = device.clone().without_autodiff();
-        let counts = self
-            .ema_count
-            .value_sync()
-            .without_autodiff()
-            .to_device(&device)
-            .cast(FloatDType::F32);
-        let sums = self
-            .ema_weight
-            .value_sync()
-            .without_autodiff()
-            .to_device(&device)
-            .cast(FloatDType::F32);
-        Statistics { counts, sums }
+        Statistics {
+            counts: read(&self.ema_count, device),
+            sums: read(&self.ema_weight, device),
+        }
+    }
+
+    /// The counts of [`EmaCodebook::statistics`] alone (the entropy models, codebook health).
+    pub(crate) fn counts(&self, device: &Device) -> Tensor<1> {
+        read(&self.ema_count, device)
     }
 
     /// The device the state lives on.
@@ -255,6 +250,16 @@ impl EmaCodebook {
                 .mask_where(skip.clone().reshape([1, 1]).expand([k, d]), old.sums),
         });
     }
+}
+
+/// A state tensor as every reader takes it: after pending updates, on `device` without
+/// autodiff, in f32.
+fn read<const D: usize>(state: &RunningState<Tensor<D>>, device: &Device) -> Tensor<D> {
+    state
+        .value_sync()
+        .without_autodiff()
+        .to_device(&device.clone().without_autodiff())
+        .cast(FloatDType::F32)
 }
 
 /// What makes EMA statistics unusable: the first offending count or sum.

@@ -207,12 +207,7 @@ impl EmaResidualVectorQuantizer {
             .iter()
             .map(|level| {
                 let device = level.state_device();
-                level
-                    .statistics(&device)
-                    .counts
-                    .into_data()
-                    .iter::<f32>()
-                    .collect()
+                level.counts(&device).into_data().iter::<f32>().collect()
             })
             .collect()
     }
