@@ -1,6 +1,6 @@
 //! Where one training step of the demo's default recipe spends its time:
 //! `cargo run --release -p vqvae-demo --example step_profile -- [--steps N] [--batch-size B]
-//! [--backend flex|tch|ndarray]`.
+//! [--backend flex|tch|ndarray] [--convolutions own|burn]`.
 //!
 //! Runs the training loop's own step (`training::profiled_step`) on a CPU backend, `flex`
 //! unless `--backend` names another the demo was built with (all three are eager: an
@@ -10,6 +10,12 @@
 //! decoder convolutions and loss, the host reads the training loop makes per step (losses and
 //! the quantizer's metrics), backward (almost all of it the convolutions' backward: the
 //! quantizer's is one straight-through identity and a squared error), optimizer (Adam).
+//!
+//! On flex, the convolutions run on the demo's own products (`--convolutions own`, the
+//! default) or on Burn's module (`--convolutions burn`, for the comparison). On its own
+//! products the profile also prints the convolutions' share of the forward parts and of the
+//! backward (`conv forward`, `conv backward`, not counted again in the sum); Burn's module
+//! cannot be timed apart inside the backward.
 
 use std::time::Instant;
 
@@ -29,6 +35,9 @@ fn main() {
         match (flag.as_str(), value) {
             ("--steps", Some(v)) => steps = v,
             ("--batch-size", Some(v)) => batch_size = v,
+            ("--convolutions", _) if text == "own" || text == "burn" => {
+                vqvae_demo::conv::use_burns_module(text == "burn");
+            }
             ("--backend", _) => match text.parse::<Backend>() {
                 Ok(Backend::Wgpu) => {
                     eprintln!("step_profile times eager CPU backends; wgpu runs asynchronously");
@@ -41,7 +50,9 @@ fn main() {
                 }
             },
             _ => {
-                eprintln!("usage: step_profile [--steps N] [--batch-size B] [--backend NAME]");
+                eprintln!(
+                    "usage: step_profile [--steps N] [--batch-size B] [--backend NAME] [--convolutions own|burn]"
+                );
                 std::process::exit(2);
             }
         }
@@ -66,8 +77,10 @@ fn main() {
         .chain(StepPart::ALL.iter().map(|part| part.name()))
         .collect();
     let mut times: Vec<Vec<f64>> = Vec::new();
+    let mut conv_times: Vec<(f64, f64)> = Vec::new();
     for (step, batch) in order.chunks(batch_size).take(steps + 5).enumerate() {
         let mut t = vec![0.0; parts.len()];
+        vqvae_demo::conv::take_timings();
         let mut clock = Instant::now();
         let images = data.train.batch(batch, &device);
         t[0] = clock.elapsed().as_secs_f64() * 1e3;
@@ -88,8 +101,10 @@ fn main() {
             &mut lap,
         )
         .expect("a training step");
+        let convolutions = vqvae_demo::conv::take_timings();
         if step >= 5 {
             times.push(t);
+            conv_times.push(convolutions);
         }
     }
     let median = |part: usize| {
@@ -108,11 +123,28 @@ fn main() {
     for (part, ms) in parts.iter().zip(&medians) {
         println!("  {part:<13} {ms:>8.2} ms  {:>5.1} %", 100.0 * ms / total);
     }
-    let fields: Vec<String> = parts
+    let conv_median = |pick: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = conv_times.iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (conv_forward, conv_backward) = (conv_median(|t| t.0), conv_median(|t| t.1));
+    let mut fields: Vec<String> = parts
         .iter()
         .zip(&medians)
         .map(|(part, ms)| format!("\"{part}_ms\":{ms}"))
         .collect();
+    if conv_forward > 0.0 {
+        println!("  of which, the demo's own convolutions (counted above):");
+        for (part, ms) in [
+            ("conv forward", conv_forward),
+            ("conv backward", conv_backward),
+        ] {
+            println!("  {part:<13} {ms:>8.2} ms  {:>5.1} %", 100.0 * ms / total);
+        }
+        fields.push(format!("\"conv_forward_ms\":{conv_forward}"));
+        fields.push(format!("\"conv_backward_ms\":{conv_backward}"));
+    }
     println!(
         "{{\"backend\":\"{}\",\"steps\":{},\"batch_size\":{batch_size},{},\"step_ms\":{total}}}",
         backend.name(),

@@ -1,0 +1,514 @@
+//! 2-d convolutions and their gradients as matrix products on host memory (im2col lowering),
+//! for Burn's CPU backend (`conv/flex.rs`).
+//!
+//! Every operation is written against one regular convolution between an *image*
+//! `[C, H, W]` and its *grid* of patches `[Ho, Wo]` ([`Patches`]): a convolution reads the
+//! image (its input) and writes the grid, a transposed convolution reads the grid (its input)
+//! and writes the image. `im2col` turns an image into the matrix `[C·kh·kw, Ho·Wo]` of its
+//! patches, `col2im` adds such a matrix back into an image. With them:
+//!
+//! - convolution: `y = W · im2col(x)`, `dW = dy · im2col(x)ᵀ`, `dx = col2im(Wᵀ · dy)`;
+//! - transposed convolution: `y = col2im(Wᵀ · x)`, `dx = W · im2col(dy)`,
+//!   `dW = x · im2col(dy)ᵀ`;
+//! - bias: added to `y`, its gradient the sum of `dy` over images and positions.
+//!
+//! A batch is cut into blocks of images, as many as keep a block's patch matrix in the core's
+//! cache; each block lays its images side by side as the columns of one product (the gemm
+//! crate, single-threaded), so the products are wide even where one image has 49 positions.
+//! The blocks run in parallel on rayon, and each thread keeps its work buffers between calls.
+
+use rayon::prelude::*;
+
+/// A regular 2-d convolution's geometry: the image, its grid of patches, and the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Patches {
+    /// Channels of the image side.
+    pub channels: usize,
+    /// `[H, W]` of the image.
+    pub image: [usize; 2],
+    /// `[Ho, Wo]` of the grid.
+    pub grid: [usize; 2],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// Padding before the first row and column (the end padding only changes the sizes).
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl Patches {
+    /// Rows of the patch matrix: `C·kh·kw`.
+    fn rows(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Positions of the grid: `Ho·Wo`.
+    fn cells(&self) -> usize {
+        self.grid[0] * self.grid[1]
+    }
+
+    /// Values of one image.
+    fn image_len(&self) -> usize {
+        self.channels * self.image[0] * self.image[1]
+    }
+
+    /// The image row (or column) that grid row `o`, kernel row `k` reads on `axis`, if inside.
+    #[inline]
+    fn source(&self, axis: usize, o: usize, k: usize) -> Option<usize> {
+        (o * self.stride[axis] + k * self.dilation[axis])
+            .checked_sub(self.padding[axis])
+            .filter(|&i| i < self.image[axis])
+    }
+
+    /// For kernel column `k`: the grid columns `lo..hi` that read inside the image, and the
+    /// image column that `lo` reads.
+    fn columns(&self, k: usize) -> (usize, usize, usize) {
+        let (lo, hi) = (0..self.grid[1])
+            .filter(|&o| self.source(1, o, k).is_some())
+            .fold((usize::MAX, 0), |(lo, hi), o| (lo.min(o), hi.max(o + 1)));
+        if lo >= hi {
+            return (0, 0, 0);
+        }
+        (lo, hi, self.source(1, lo, k).expect("inside"))
+    }
+
+    /// Writes the patches of `image` into columns `first..first + Ho·Wo` of `cols`, a matrix
+    /// `[C·kh·kw, width]`.
+    fn im2col(&self, image: &[f32], cols: &mut [f32], width: usize, first: usize) {
+        let [kh, kw] = self.kernel;
+        let [h, w] = self.image;
+        let [gh, gw] = self.grid;
+        let stride = self.stride[1];
+        for kj in 0..kw {
+            let (lo, hi, start) = self.columns(kj);
+            for c in 0..self.channels {
+                let plane = &image[c * h * w..(c + 1) * h * w];
+                for ki in 0..kh {
+                    let row = (c * kh + ki) * kw + kj;
+                    let out = &mut cols[row * width + first..][..gh * gw];
+                    for oh in 0..gh {
+                        let line = &mut out[oh * gw..(oh + 1) * gw];
+                        let Some(ih) = self.source(0, oh, ki) else {
+                            line.fill(0.0);
+                            continue;
+                        };
+                        line[..lo].fill(0.0);
+                        line[hi..].fill(0.0);
+                        let src = &plane[ih * w + start..(ih + 1) * w];
+                        let line = &mut line[lo..hi];
+                        if stride == 1 {
+                            line.copy_from_slice(&src[..hi - lo]);
+                        } else {
+                            for (value, from) in line.iter_mut().zip(src.iter().step_by(stride)) {
+                                *value = *from;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds columns `first..first + Ho·Wo` of `cols` (`[C·kh·kw, width]`) into `image`, each
+    /// value where [`Patches::im2col`] would have read it.
+    fn col2im(&self, cols: &[f32], width: usize, first: usize, image: &mut [f32]) {
+        let [kh, kw] = self.kernel;
+        let [h, w] = self.image;
+        let [gh, gw] = self.grid;
+        let stride = self.stride[1];
+        for kj in 0..kw {
+            let (lo, hi, start) = self.columns(kj);
+            for c in 0..self.channels {
+                let plane = &mut image[c * h * w..(c + 1) * h * w];
+                for ki in 0..kh {
+                    let row = (c * kh + ki) * kw + kj;
+                    let src = &cols[row * width + first..][..gh * gw];
+                    for oh in 0..gh {
+                        let Some(ih) = self.source(0, oh, ki) else {
+                            continue;
+                        };
+                        let dst = &mut plane[ih * w + start..(ih + 1) * w];
+                        let line = &src[oh * gw + lo..oh * gw + hi];
+                        if stride == 1 {
+                            for (to, value) in dst.iter_mut().zip(line) {
+                                *to += value;
+                            }
+                        } else {
+                            for (to, value) in dst.iter_mut().step_by(stride).zip(line) {
+                                *to += value;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A matrix view for [`product`]: values, row stride, column stride.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    fn rows(data: &'a [f32], width: usize) -> Self {
+        Self {
+            data,
+            row_stride: width,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `width` columns.
+    fn transposed(data: &'a [f32], width: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: width,
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// `dst[m × n] (row-major) = (dst if accumulate) + lhs[m × k] · rhs[k × n]`, single-threaded.
+fn product(dst: &mut [f32], [m, n, k]: [usize; 3], lhs: View, rhs: View, accumulate: bool) {
+    assert!(dst.len() >= m * n, "product destination too small");
+    lhs.check(m, k);
+    rhs.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the three views were checked to hold every element the product reads or
+    // writes; `dst` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `[n, C, P]` (images) into `out` `[C, n·P]` (channels, the images' positions side by side).
+fn channels_major(src: &[f32], channels: usize, cells: usize, out: &mut [f32]) {
+    let images = src.len() / (channels * cells);
+    for b in 0..images {
+        for c in 0..channels {
+            out[(c * images + b) * cells..][..cells]
+                .copy_from_slice(&src[(b * channels + c) * cells..][..cells]);
+        }
+    }
+}
+
+/// The inverse of [`channels_major`], into `dst` `[n, C, P]`, adding `bias[c]` if given.
+fn images_major(src: &[f32], channels: usize, cells: usize, bias: Option<&[f32]>, dst: &mut [f32]) {
+    let images = dst.len() / (channels * cells);
+    for b in 0..images {
+        for c in 0..channels {
+            let add = bias.map_or(0.0, |bias| bias[c]);
+            let from = &src[(c * images + b) * cells..][..cells];
+            for (d, s) in dst[(b * channels + c) * cells..][..cells]
+                .iter_mut()
+                .zip(from)
+            {
+                *d = s + add;
+            }
+        }
+    }
+}
+
+/// Values of the patch matrix a block of images should fill at most: the block's patches,
+/// product and output then stay in the core's cache between the steps that write and read
+/// them.
+const BLOCK_VALUES: usize = 1 << 16;
+
+/// Images per block for `per_image` patch-matrix values each.
+fn block_images(per_image: usize) -> usize {
+    (BLOCK_VALUES / per_image.max(1)).max(1)
+}
+
+thread_local! {
+    /// Each thread's two work buffers, kept from call to call.
+    static BUFFERS: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `work` on this thread's two work buffers, `a` and `b` values long. Their contents are
+/// left from earlier calls: `work` writes every value before it reads it.
+fn with_buffers<R>(a: usize, b: usize, work: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    BUFFERS.with(|buffers| {
+        let mut buffers = buffers.borrow_mut();
+        let [first, second] = &mut *buffers;
+        for (buffer, len) in [(&mut *first, a), (&mut *second, b)] {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+        }
+        work(&mut first[..a], &mut second[..b])
+    })
+}
+
+/// Per-channel sums of `dy` `[B, C, P]`.
+fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f64; channels];
+    for (i, plane) in dy.chunks(cells).enumerate() {
+        sums[i % channels] += plane.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    sums.into_iter().map(|s| s as f32).collect()
+}
+
+/// Adds two partial sums of a gradient.
+fn add(mut total: Vec<f32>, partial: Vec<f32>) -> Vec<f32> {
+    for (t, p) in total.iter_mut().zip(partial) {
+        *t += p;
+    }
+    total
+}
+
+/// The gradients a backward step asks for.
+#[derive(Debug, Default)]
+pub(super) struct Gradients {
+    pub input: Option<Vec<f32>>,
+    pub weight: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Which gradients to compute.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wanted {
+    pub input: bool,
+    pub weight: bool,
+    pub bias: bool,
+}
+
+/// `dx` cut into blocks of `per` values when it is wanted, `blocks` `None`s otherwise.
+fn input_blocks(dx: &mut [f32], per: usize, blocks: usize) -> Vec<Option<&mut [f32]>> {
+    if dx.is_empty() {
+        (0..blocks).map(|_| None).collect()
+    } else {
+        dx.chunks_mut(per).map(Some).collect()
+    }
+}
+
+/// A convolution: `x` `[B, C, H, W]` (the image side of `g`), `weight` `[Co, C, kh, kw]`,
+/// `bias` `[Co]`; returns `[B, Co, Ho, Wo]`.
+pub(super) fn conv2d(
+    g: &Patches,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+) -> Vec<f32> {
+    let (rows, cells) = (g.rows(), g.cells());
+    let batch = x.len() / g.image_len();
+    let per = block_images(rows * cells);
+    let mut y = vec![0.0; batch * co * cells];
+    y.par_chunks_mut(per * co * cells)
+        .zip(x.par_chunks(per * g.image_len()))
+        .for_each(|(y, x)| {
+            let width = x.len() / g.image_len() * cells;
+            with_buffers(rows * width, co * width, |cols, out| {
+                for (b, image) in x.chunks(g.image_len()).enumerate() {
+                    g.im2col(image, cols, width, b * cells);
+                }
+                product(
+                    out,
+                    [co, width, rows],
+                    View::rows(weight, rows),
+                    View::rows(cols, width),
+                    false,
+                );
+                images_major(out, co, cells, bias, y);
+            });
+        });
+    y
+}
+
+/// The gradients of [`conv2d`] for the output gradient `dy` `[B, Co, Ho, Wo]`.
+pub(super) fn conv2d_backward(
+    g: &Patches,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    co: usize,
+    wanted: Wanted,
+) -> Gradients {
+    let (rows, cells) = (g.rows(), g.cells());
+    let batch = x.len() / g.image_len();
+    let per = block_images(rows * cells);
+    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
+    let blocks = input_blocks(&mut dx, per * g.image_len(), batch.div_ceil(per));
+    let dw = blocks
+        .into_par_iter()
+        .zip(x.par_chunks(per * g.image_len()))
+        .zip(dy.par_chunks(per * co * cells))
+        .fold(
+            || vec![0.0; if wanted.weight { co * rows } else { 0 }],
+            |mut dw, ((dx, x), dy)| {
+                let width = x.len() / g.image_len() * cells;
+                with_buffers(rows * width, co * width, |cols, dy_rows| {
+                    channels_major(dy, co, cells, dy_rows);
+                    if wanted.weight {
+                        for (b, image) in x.chunks(g.image_len()).enumerate() {
+                            g.im2col(image, cols, width, b * cells);
+                        }
+                        product(
+                            &mut dw,
+                            [co, rows, width],
+                            View::rows(dy_rows, width),
+                            View::transposed(cols, width),
+                            true,
+                        );
+                    }
+                    if let Some(dx) = dx {
+                        product(
+                            cols,
+                            [rows, width, co],
+                            View::transposed(weight, rows),
+                            View::rows(dy_rows, width),
+                            false,
+                        );
+                        for (b, image) in dx.chunks_mut(g.image_len()).enumerate() {
+                            g.col2im(cols, width, b * cells, image);
+                        }
+                    }
+                });
+                dw
+            },
+        )
+        .reduce(|| vec![0.0; if wanted.weight { co * rows } else { 0 }], add);
+    Gradients {
+        input: wanted.input.then_some(dx),
+        weight: wanted.weight.then_some(dw),
+        bias: wanted.bias.then(|| bias_gradient(dy, co, cells)),
+    }
+}
+
+/// A transposed convolution: `x` `[B, Ci, Hi, Wi]` (the grid side of `g`), `weight`
+/// `[Ci, C, kh, kw]`, `bias` `[C]`; returns `[B, C, H, W]` (the image side).
+pub(super) fn conv_transpose2d(
+    g: &Patches,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    ci: usize,
+) -> Vec<f32> {
+    let (rows, cells) = (g.rows(), g.cells());
+    let batch = x.len() / (ci * cells);
+    let per = block_images(rows * cells);
+    let mut y = vec![0.0; batch * g.image_len()];
+    y.par_chunks_mut(per * g.image_len())
+        .zip(x.par_chunks(per * ci * cells))
+        .for_each(|(y, x)| {
+            let width = x.len() / (ci * cells) * cells;
+            with_buffers(rows * width, ci * width, |cols, x_rows| {
+                channels_major(x, ci, cells, x_rows);
+                product(
+                    cols,
+                    [rows, width, ci],
+                    View::transposed(weight, rows),
+                    View::rows(x_rows, width),
+                    false,
+                );
+                let plane = g.image[0] * g.image[1];
+                for (b, image) in y.chunks_mut(g.image_len()).enumerate() {
+                    if let Some(bias) = bias {
+                        for (c, channel) in image.chunks_mut(plane).enumerate() {
+                            channel.fill(bias[c]);
+                        }
+                    }
+                    g.col2im(cols, width, b * cells, image);
+                }
+            });
+        });
+    y
+}
+
+/// The gradients of [`conv_transpose2d`] for the output gradient `dy` `[B, C, H, W]`.
+pub(super) fn conv_transpose2d_backward(
+    g: &Patches,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    ci: usize,
+    wanted: Wanted,
+) -> Gradients {
+    let (rows, cells) = (g.rows(), g.cells());
+    let batch = x.len() / (ci * cells);
+    let per = block_images(rows * cells);
+    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
+    let blocks = input_blocks(&mut dx, per * ci * cells, batch.div_ceil(per));
+    let dw = blocks
+        .into_par_iter()
+        .zip(x.par_chunks(per * ci * cells))
+        .zip(dy.par_chunks(per * g.image_len()))
+        .fold(
+            || vec![0.0; if wanted.weight { ci * rows } else { 0 }],
+            |mut dw, ((dx, x), dy)| {
+                let width = x.len() / (ci * cells) * cells;
+                with_buffers(rows * width, ci * width, |cols, rows_buffer| {
+                    for (b, image) in dy.chunks(g.image_len()).enumerate() {
+                        g.im2col(image, cols, width, b * cells);
+                    }
+                    if let Some(dx) = dx {
+                        product(
+                            rows_buffer,
+                            [ci, width, rows],
+                            View::rows(weight, rows),
+                            View::rows(cols, width),
+                            false,
+                        );
+                        images_major(rows_buffer, ci, cells, None, dx);
+                    }
+                    if wanted.weight {
+                        channels_major(x, ci, cells, rows_buffer);
+                        product(
+                            &mut dw,
+                            [ci, rows, width],
+                            View::rows(rows_buffer, width),
+                            View::transposed(cols, width),
+                            true,
+                        );
+                    }
+                });
+                dw
+            },
+        )
+        .reduce(|| vec![0.0; if wanted.weight { ci * rows } else { 0 }], add);
+    Gradients {
+        input: wanted.input.then_some(dx),
+        weight: wanted.weight.then_some(dw),
+        bias: wanted
+            .bias
+            .then(|| bias_gradient(dy, g.channels, g.image[0] * g.image[1])),
+    }
+}
