@@ -189,7 +189,34 @@ mod tests {
             Conv2dConfig::new([4, 5], [2, 3])
                 .with_padding(PaddingConfig2d::Explicit(0, 2, 1, 0))
                 .with_bias(false),
+            // Fewer output than input channels: lowered on the output side on flex.
+            Conv2dConfig::new([16, 2], [3, 3])
+                .with_stride([2, 2])
+                .with_dilation([2, 1])
+                .with_padding(PaddingConfig2d::Explicit(2, 1, 0, 1)),
+            Conv2dConfig::new([12, 3], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 0, 1, 2))
+                .with_bias(false),
         ]
+    }
+
+    /// The cases reach both of the flex path's lowerings (im2col and the output side).
+    #[test]
+    fn the_cases_cover_both_flex_lowerings() {
+        let device = Device::flex();
+        let spreads: Vec<bool> = conv_cases()
+            .iter()
+            .map(|config| {
+                let layer = config.init(&device);
+                let patches = flex::conv_patches(&layer, [5, config.channels[0], 11, 9]).unwrap();
+                patches.spreads(config.channels[1])
+            })
+            .collect();
+        assert!(
+            spreads.contains(&true) && spreads.contains(&false),
+            "{spreads:?}"
+        );
+        assert!(spreads.iter().filter(|&&s| s).count() >= 3, "{spreads:?}");
     }
 
     /// Transposed convolutions: the demo's layers, then output padding, dilation, no bias.

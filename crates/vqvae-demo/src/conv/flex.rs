@@ -51,12 +51,25 @@ pub(super) fn applies(x: &Tensor<4>) -> bool {
 /// `layer.forward(x)` with this path's products, or `None` where it does not cover the layer
 /// (groups, another dtype, an empty dimension): the caller then runs Burn's module.
 pub(super) fn conv2d(layer: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
-    let [_, channels, height, width] = x.dims();
-    let [co, _, kh, kw] = layer.weight.dims();
+    let patches = conv_patches(layer, x.dims())?;
+    covered(layer.groups, x, &layer.weight.val(), layer.weight.dims()[0]).then(|| {
+        run(
+            x,
+            &layer.weight,
+            layer.bias.as_ref(),
+            Geometry::Conv(patches),
+        )
+    })
+}
+
+/// The geometry of `layer` on an input of shape `dims`; `None` for `Same` padding (Burn's
+/// module works out its sizes) or a kernel larger than the padded input.
+pub(super) fn conv_patches(layer: &Conv2d, dims: [usize; 4]) -> Option<Patches> {
+    let [_, channels, height, width] = dims;
+    let [_, _, kh, kw] = layer.weight.dims();
     let (top, left, bottom, right) = match layer.padding {
         PaddingConfig2d::Valid => (0, 0, 0, 0),
         PaddingConfig2d::Explicit(top, left, bottom, right) => (top, left, bottom, right),
-        // Its sizes depend on the input's; Burn's module works them out.
         PaddingConfig2d::Same => return None,
     };
     let out = |size: usize, begin: usize, end: usize, k: usize, axis: usize| {
@@ -64,26 +77,17 @@ pub(super) fn conv2d(layer: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
             .checked_sub(layer.dilation[axis] * (k - 1) + 1)
             .map(|span| span / layer.stride[axis] + 1)
     };
-    let grid = [
-        out(height, top, bottom, kh, 0)?,
-        out(width, left, right, kw, 1)?,
-    ];
-    let patches = Patches {
+    Some(Patches {
         channels,
         image: [height, width],
-        grid,
+        grid: [
+            out(height, top, bottom, kh, 0)?,
+            out(width, left, right, kw, 1)?,
+        ],
         kernel: [kh, kw],
         stride: layer.stride,
         padding: [top, left],
         dilation: layer.dilation,
-    };
-    covered(layer.groups, x, &layer.weight.val(), co).then(|| {
-        run(
-            x,
-            &layer.weight,
-            layer.bias.as_ref(),
-            Geometry::Conv(patches),
-        )
     })
 }
 

@@ -19,6 +19,8 @@
 
 use rayon::prelude::*;
 
+mod spread;
+
 /// A regular 2-d convolution's geometry: the image, its grid of patches, and the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Patches {
@@ -42,12 +44,12 @@ impl Patches {
     }
 
     /// Positions of the grid: `Ho·Wo`.
-    fn cells(&self) -> usize {
+    pub(super) fn cells(&self) -> usize {
         self.grid[0] * self.grid[1]
     }
 
     /// Values of one image.
-    fn image_len(&self) -> usize {
+    pub(super) fn image_len(&self) -> usize {
         self.channels * self.image[0] * self.image[1]
     }
 
@@ -142,18 +144,102 @@ impl Patches {
             }
         }
     }
+
+    /// Whether a convolution with `co` output channels moves fewer values by spreading its
+    /// output side over image positions ([`Patches::spread`], `Co·kh·kw` rows of `H·W`) than by
+    /// im2col (`C·kh·kw` rows of `Ho·Wo`): when it has fewer output than input channels at
+    /// stride 1, as the encoder's last layer (64 -> 16).
+    pub fn spreads(&self, co: usize) -> bool {
+        co * self.image[0] * self.image[1] < self.channels * self.cells()
+    }
+
+    /// Writes grid values `z` (`[Cg, Ho, Wo]`) into columns `first..first + H·W` of `out`
+    /// (`[Cg·kh·kw, width]`): row `(c, ki, kj)` holds `z[c]` at the image positions its
+    /// kernel offset reads, zero elsewhere. For one kernel offset no two grid positions read
+    /// the same image position.
+    pub(super) fn spread(
+        &self,
+        channels: usize,
+        z: &[f32],
+        out: &mut [f32],
+        width: usize,
+        first: usize,
+    ) {
+        let [kh, kw] = self.kernel;
+        let [h, w] = self.image;
+        let [gh, gw] = self.grid;
+        let stride = self.stride[1];
+        for kj in 0..kw {
+            let (lo, hi, start) = self.columns(kj);
+            for c in 0..channels {
+                let plane = &z[c * gh * gw..(c + 1) * gh * gw];
+                for ki in 0..kh {
+                    let row = (c * kh + ki) * kw + kj;
+                    let dst = &mut out[row * width + first..][..h * w];
+                    dst.fill(0.0);
+                    for oh in 0..gh {
+                        let Some(ih) = self.source(0, oh, ki) else {
+                            continue;
+                        };
+                        let to = &mut dst[ih * w + start..(ih + 1) * w];
+                        let from = &plane[oh * gw + lo..oh * gw + hi];
+                        for (to, value) in to.iter_mut().step_by(stride).zip(from) {
+                            *to = *value;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Patches::spread`]: adds to grid values `y` (`[Cg, Ho, Wo]`) what
+    /// row `(c, ki, kj)` of `t` (`[Cg·kh·kw, width]`, columns `first..first + H·W`) holds at the
+    /// image position each grid position reads.
+    pub(super) fn collect(
+        &self,
+        channels: usize,
+        t: &[f32],
+        width: usize,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        let [kh, kw] = self.kernel;
+        let [h, w] = self.image;
+        let [gh, gw] = self.grid;
+        let stride = self.stride[1];
+        for kj in 0..kw {
+            let (lo, hi, start) = self.columns(kj);
+            for c in 0..channels {
+                let plane = &mut y[c * gh * gw..(c + 1) * gh * gw];
+                for ki in 0..kh {
+                    let row = (c * kh + ki) * kw + kj;
+                    let src = &t[row * width + first..][..h * w];
+                    for oh in 0..gh {
+                        let Some(ih) = self.source(0, oh, ki) else {
+                            continue;
+                        };
+                        let from = &src[ih * w + start..(ih + 1) * w];
+                        let to = &mut plane[oh * gw + lo..oh * gw + hi];
+                        for (to, value) in to.iter_mut().zip(from.iter().step_by(stride)) {
+                            *to += value;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A matrix view for [`product`]: values, row stride, column stride.
 #[derive(Clone, Copy)]
-struct View<'a> {
+pub(super) struct View<'a> {
     data: &'a [f32],
     row_stride: usize,
     col_stride: usize,
 }
 
 impl<'a> View<'a> {
-    fn rows(data: &'a [f32], width: usize) -> Self {
+    pub(super) fn rows(data: &'a [f32], width: usize) -> Self {
         Self {
             data,
             row_stride: width,
@@ -162,7 +248,7 @@ impl<'a> View<'a> {
     }
 
     /// The transpose of a row-major matrix with `width` columns.
-    fn transposed(data: &'a [f32], width: usize) -> Self {
+    pub(super) fn transposed(data: &'a [f32], width: usize) -> Self {
         Self {
             data,
             row_stride: 1,
@@ -179,7 +265,13 @@ impl<'a> View<'a> {
 }
 
 /// `dst[m × n] (row-major) = (dst if accumulate) + lhs[m × k] · rhs[k × n]`, single-threaded.
-fn product(dst: &mut [f32], [m, n, k]: [usize; 3], lhs: View, rhs: View, accumulate: bool) {
+pub(super) fn product(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+) {
     assert!(dst.len() >= m * n, "product destination too small");
     lhs.check(m, k);
     rhs.check(k, n);
@@ -220,7 +312,7 @@ fn product(dst: &mut [f32], [m, n, k]: [usize; 3], lhs: View, rhs: View, accumul
 }
 
 /// `[n, C, P]` (images) into `out` `[C, n·P]` (channels, the images' positions side by side).
-fn channels_major(src: &[f32], channels: usize, cells: usize, out: &mut [f32]) {
+pub(super) fn channels_major(src: &[f32], channels: usize, cells: usize, out: &mut [f32]) {
     let images = src.len() / (channels * cells);
     for b in 0..images {
         for c in 0..channels {
@@ -231,7 +323,13 @@ fn channels_major(src: &[f32], channels: usize, cells: usize, out: &mut [f32]) {
 }
 
 /// The inverse of [`channels_major`], into `dst` `[n, C, P]`, adding `bias[c]` if given.
-fn images_major(src: &[f32], channels: usize, cells: usize, bias: Option<&[f32]>, dst: &mut [f32]) {
+pub(super) fn images_major(
+    src: &[f32],
+    channels: usize,
+    cells: usize,
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+) {
     let images = dst.len() / (channels * cells);
     for b in 0..images {
         for c in 0..channels {
@@ -253,7 +351,7 @@ fn images_major(src: &[f32], channels: usize, cells: usize, bias: Option<&[f32]>
 const BLOCK_VALUES: usize = 1 << 16;
 
 /// Images per block for `per_image` patch-matrix values each.
-fn block_images(per_image: usize) -> usize {
+pub(super) fn block_images(per_image: usize) -> usize {
     (BLOCK_VALUES / per_image.max(1)).max(1)
 }
 
@@ -264,7 +362,11 @@ thread_local! {
 
 /// Runs `work` on this thread's two work buffers, `a` and `b` values long. Their contents are
 /// left from earlier calls: `work` writes every value before it reads it.
-fn with_buffers<R>(a: usize, b: usize, work: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(super) fn with_buffers<R>(
+    a: usize,
+    b: usize,
+    work: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
     BUFFERS.with(|buffers| {
         let mut buffers = buffers.borrow_mut();
         let [first, second] = &mut *buffers;
@@ -278,7 +380,7 @@ fn with_buffers<R>(a: usize, b: usize, work: impl FnOnce(&mut [f32], &mut [f32])
 }
 
 /// Per-channel sums of `dy` `[B, C, P]`.
-fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f32> {
+pub(super) fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f32> {
     let mut sums = vec![0.0f64; channels];
     for (i, plane) in dy.chunks(cells).enumerate() {
         sums[i % channels] += plane.iter().map(|&v| v as f64).sum::<f64>();
@@ -287,7 +389,7 @@ fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f32> {
 }
 
 /// Adds two partial sums of a gradient.
-fn add(mut total: Vec<f32>, partial: Vec<f32>) -> Vec<f32> {
+pub(super) fn add(mut total: Vec<f32>, partial: Vec<f32>) -> Vec<f32> {
     for (t, p) in total.iter_mut().zip(partial) {
         *t += p;
     }
@@ -311,7 +413,7 @@ pub(super) struct Wanted {
 }
 
 /// `dx` cut into blocks of `per` values when it is wanted, `blocks` `None`s otherwise.
-fn input_blocks(dx: &mut [f32], per: usize, blocks: usize) -> Vec<Option<&mut [f32]>> {
+pub(super) fn input_blocks(dx: &mut [f32], per: usize, blocks: usize) -> Vec<Option<&mut [f32]>> {
     if dx.is_empty() {
         (0..blocks).map(|_| None).collect()
     } else {
@@ -328,6 +430,9 @@ pub(super) fn conv2d(
     bias: Option<&[f32]>,
     co: usize,
 ) -> Vec<f32> {
+    if g.spreads(co) {
+        return spread::conv2d(g, x, weight, bias, co);
+    }
     let (rows, cells) = (g.rows(), g.cells());
     let batch = x.len() / g.image_len();
     let per = block_images(rows * cells);
@@ -362,6 +467,9 @@ pub(super) fn conv2d_backward(
     co: usize,
     wanted: Wanted,
 ) -> Gradients {
+    if g.spreads(co) {
+        return spread::conv2d_backward(g, x, weight, dy, co, wanted);
+    }
     let (rows, cells) = (g.rows(), g.cells());
     let batch = x.len() / g.image_len();
     let per = block_images(rows * cells);
