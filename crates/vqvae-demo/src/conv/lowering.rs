@@ -206,13 +206,68 @@ pub(super) struct Wanted {
     pub bias: bool,
 }
 
-/// `dx` cut into blocks of `per` values when it is wanted, `blocks` `None`s otherwise.
-pub(super) fn input_blocks(dx: &mut [f32], per: usize, blocks: usize) -> Vec<Option<&mut [f32]>> {
-    if dx.is_empty() {
-        (0..blocks).map(|_| None).collect()
+/// Runs `work(x, y)` over blocks of `per` images in parallel, `x` with `x_image` values per
+/// image, the output with `y_image`; returns the output.
+pub(super) fn forward_blocks(
+    x: &[f32],
+    [x_image, y_image]: [usize; 2],
+    per: usize,
+    work: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut y = vec![0.0; x.len() / x_image * y_image];
+    y.par_chunks_mut(per * y_image)
+        .zip(x.par_chunks(per * x_image))
+        .for_each(|(y, x)| work(x, y));
+    y
+}
+
+/// One block of images of a backward pass.
+pub(super) struct Block<'a> {
+    /// The input and output gradient of the block's images.
+    pub x: &'a [f32],
+    pub dy: &'a [f32],
+    /// The input gradient to write, when wanted.
+    pub dx: Option<&'a mut [f32]>,
+    /// The weight gradient to add to, when wanted (empty otherwise).
+    pub dw: &'a mut Vec<f32>,
+}
+
+/// Runs `work` over blocks of `per` images in parallel (`x` with `x_image` values per image,
+/// `dy` with `dy_image`) and returns the input gradient (empty unless wanted) and the sum of the
+/// blocks' weight gradients (`dw_len` values, empty unless wanted).
+pub(super) fn backward_blocks(
+    (x, dy): (&[f32], &[f32]),
+    [x_image, dy_image]: [usize; 2],
+    per: usize,
+    wanted: Wanted,
+    dw_len: usize,
+    work: impl Fn(Block) + Sync + Send,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
+    let blocks: Vec<Option<&mut [f32]>> = if wanted.input {
+        dx.chunks_mut(per * x_image).map(Some).collect()
     } else {
-        dx.chunks_mut(per).map(Some).collect()
-    }
+        (0..x.len().div_ceil(per * x_image)).map(|_| None).collect()
+    };
+    let dw_len = if wanted.weight { dw_len } else { 0 };
+    let dw = blocks
+        .into_par_iter()
+        .zip(x.par_chunks(per * x_image))
+        .zip(dy.par_chunks(per * dy_image))
+        .fold(
+            || vec![0.0; dw_len],
+            |mut dw, ((dx, x), dy)| {
+                work(Block {
+                    x,
+                    dy,
+                    dx,
+                    dw: &mut dw,
+                });
+                dw
+            },
+        )
+        .reduce(|| vec![0.0; dw_len], add);
+    (dx, dw)
 }
 
 /// A convolution: `x` `[B, C, H, W]` (the image side of `g`), `weight` `[Co, C, kh, kw]`,
@@ -228,28 +283,23 @@ pub(super) fn conv2d(
         return spread::conv2d(g, x, weight, bias, co);
     }
     let (rows, cells) = (g.rows(), g.cells());
-    let batch = x.len() / g.image_len();
     let per = block_images(rows * cells);
-    let mut y = vec![0.0; batch * co * cells];
-    y.par_chunks_mut(per * co * cells)
-        .zip(x.par_chunks(per * g.image_len()))
-        .for_each(|(y, x)| {
-            let width = x.len() / g.image_len() * cells;
-            with_buffers(rows * width, co * width, |cols, out| {
-                for (b, image) in x.chunks(g.image_len()).enumerate() {
-                    g.im2col(image, cols, width, b * cells);
-                }
-                product(
-                    out,
-                    [co, width, rows],
-                    View::rows(weight, rows),
-                    View::rows(cols, width),
-                    false,
-                );
-                images_major(out, co, cells, bias, y);
-            });
+    forward_blocks(x, [g.image_len(), co * cells], per, |x, y| {
+        let width = x.len() / g.image_len() * cells;
+        with_buffers(rows * width, co * width, |cols, out| {
+            for (b, image) in x.chunks(g.image_len()).enumerate() {
+                g.im2col(image, cols, width, b * cells);
+            }
+            product(
+                out,
+                [co, width, rows],
+                View::rows(weight, rows),
+                View::rows(cols, width),
+                false,
+            );
+            images_major(out, co, cells, bias, y);
         });
-    y
+    })
 }
 
 /// The gradients of [`conv2d`] for the output gradient `dy` `[B, Co, Ho, Wo]`.
@@ -265,49 +315,38 @@ pub(super) fn conv2d_backward(
         return spread::conv2d_backward(g, x, weight, dy, co, wanted);
     }
     let (rows, cells) = (g.rows(), g.cells());
-    let batch = x.len() / g.image_len();
     let per = block_images(rows * cells);
-    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
-    let blocks = input_blocks(&mut dx, per * g.image_len(), batch.div_ceil(per));
-    let dw = blocks
-        .into_par_iter()
-        .zip(x.par_chunks(per * g.image_len()))
-        .zip(dy.par_chunks(per * co * cells))
-        .fold(
-            || vec![0.0; if wanted.weight { co * rows } else { 0 }],
-            |mut dw, ((dx, x), dy)| {
-                let width = x.len() / g.image_len() * cells;
-                with_buffers(rows * width, co * width, |cols, dy_rows| {
-                    channels_major(dy, co, cells, dy_rows);
-                    if wanted.weight {
-                        for (b, image) in x.chunks(g.image_len()).enumerate() {
-                            g.im2col(image, cols, width, b * cells);
-                        }
-                        product(
-                            &mut dw,
-                            [co, rows, width],
-                            View::rows(dy_rows, width),
-                            View::transposed(cols, width),
-                            true,
-                        );
-                    }
-                    if let Some(dx) = dx {
-                        product(
-                            cols,
-                            [rows, width, co],
-                            View::transposed(weight, rows),
-                            View::rows(dy_rows, width),
-                            false,
-                        );
-                        for (b, image) in dx.chunks_mut(g.image_len()).enumerate() {
-                            g.col2im(cols, width, b * cells, image);
-                        }
-                    }
-                });
-                dw
-            },
-        )
-        .reduce(|| vec![0.0; if wanted.weight { co * rows } else { 0 }], add);
+    let sizes = [g.image_len(), co * cells];
+    let (dx, dw) = backward_blocks((x, dy), sizes, per, wanted, co * rows, |block| {
+        let width = block.x.len() / g.image_len() * cells;
+        with_buffers(rows * width, co * width, |cols, dy_rows| {
+            channels_major(block.dy, co, cells, dy_rows);
+            if wanted.weight {
+                for (b, image) in block.x.chunks(g.image_len()).enumerate() {
+                    g.im2col(image, cols, width, b * cells);
+                }
+                product(
+                    block.dw,
+                    [co, rows, width],
+                    View::rows(dy_rows, width),
+                    View::transposed(cols, width),
+                    true,
+                );
+            }
+            if let Some(dx) = block.dx {
+                product(
+                    cols,
+                    [rows, width, co],
+                    View::transposed(weight, rows),
+                    View::rows(dy_rows, width),
+                    false,
+                );
+                for (b, image) in dx.chunks_mut(g.image_len()).enumerate() {
+                    g.col2im(cols, width, b * cells, image);
+                }
+            }
+        });
+    });
     Gradients {
         input: wanted.input.then_some(dx),
         weight: wanted.weight.then_some(dw),
@@ -325,34 +364,29 @@ pub(super) fn conv_transpose2d(
     ci: usize,
 ) -> Vec<f32> {
     let (rows, cells) = (g.rows(), g.cells());
-    let batch = x.len() / (ci * cells);
     let per = block_images(rows * cells);
-    let mut y = vec![0.0; batch * g.image_len()];
-    y.par_chunks_mut(per * g.image_len())
-        .zip(x.par_chunks(per * ci * cells))
-        .for_each(|(y, x)| {
-            let width = x.len() / (ci * cells) * cells;
-            with_buffers(rows * width, ci * width, |cols, x_rows| {
-                channels_major(x, ci, cells, x_rows);
-                product(
-                    cols,
-                    [rows, width, ci],
-                    View::transposed(weight, rows),
-                    View::rows(x_rows, width),
-                    false,
-                );
-                let plane = g.image[0] * g.image[1];
-                for (b, image) in y.chunks_mut(g.image_len()).enumerate() {
-                    if let Some(bias) = bias {
-                        for (c, channel) in image.chunks_mut(plane).enumerate() {
-                            channel.fill(bias[c]);
-                        }
+    let plane = g.image[0] * g.image[1];
+    forward_blocks(x, [ci * cells, g.image_len()], per, |x, y| {
+        let width = x.len() / (ci * cells) * cells;
+        with_buffers(rows * width, ci * width, |cols, x_rows| {
+            channels_major(x, ci, cells, x_rows);
+            product(
+                cols,
+                [rows, width, ci],
+                View::transposed(weight, rows),
+                View::rows(x_rows, width),
+                false,
+            );
+            for (b, image) in y.chunks_mut(g.image_len()).enumerate() {
+                if let Some(bias) = bias {
+                    for (channel, value) in image.chunks_mut(plane).zip(bias) {
+                        channel.fill(*value);
                     }
-                    g.col2im(cols, width, b * cells, image);
                 }
-            });
+                g.col2im(cols, width, b * cells, image);
+            }
         });
-    y
+    })
 }
 
 /// The gradients of [`conv_transpose2d`] for the output gradient `dy` `[B, C, H, W]`.
@@ -365,47 +399,36 @@ pub(super) fn conv_transpose2d_backward(
     wanted: Wanted,
 ) -> Gradients {
     let (rows, cells) = (g.rows(), g.cells());
-    let batch = x.len() / (ci * cells);
     let per = block_images(rows * cells);
-    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
-    let blocks = input_blocks(&mut dx, per * ci * cells, batch.div_ceil(per));
-    let dw = blocks
-        .into_par_iter()
-        .zip(x.par_chunks(per * ci * cells))
-        .zip(dy.par_chunks(per * g.image_len()))
-        .fold(
-            || vec![0.0; if wanted.weight { ci * rows } else { 0 }],
-            |mut dw, ((dx, x), dy)| {
-                let width = x.len() / (ci * cells) * cells;
-                with_buffers(rows * width, ci * width, |cols, rows_buffer| {
-                    for (b, image) in dy.chunks(g.image_len()).enumerate() {
-                        g.im2col(image, cols, width, b * cells);
-                    }
-                    if let Some(dx) = dx {
-                        product(
-                            rows_buffer,
-                            [ci, width, rows],
-                            View::rows(weight, rows),
-                            View::rows(cols, width),
-                            false,
-                        );
-                        images_major(rows_buffer, ci, cells, None, dx);
-                    }
-                    if wanted.weight {
-                        channels_major(x, ci, cells, rows_buffer);
-                        product(
-                            &mut dw,
-                            [ci, rows, width],
-                            View::rows(rows_buffer, width),
-                            View::transposed(cols, width),
-                            true,
-                        );
-                    }
-                });
-                dw
-            },
-        )
-        .reduce(|| vec![0.0; if wanted.weight { ci * rows } else { 0 }], add);
+    let sizes = [ci * cells, g.image_len()];
+    let (dx, dw) = backward_blocks((x, dy), sizes, per, wanted, ci * rows, |block| {
+        let width = block.x.len() / (ci * cells) * cells;
+        with_buffers(rows * width, ci * width, |cols, rows_buffer| {
+            for (b, image) in block.dy.chunks(g.image_len()).enumerate() {
+                g.im2col(image, cols, width, b * cells);
+            }
+            if let Some(dx) = block.dx {
+                product(
+                    rows_buffer,
+                    [ci, width, rows],
+                    View::rows(weight, rows),
+                    View::rows(cols, width),
+                    false,
+                );
+                images_major(rows_buffer, ci, cells, None, dx);
+            }
+            if wanted.weight {
+                channels_major(block.x, ci, cells, rows_buffer);
+                product(
+                    block.dw,
+                    [ci, rows, width],
+                    View::rows(rows_buffer, width),
+                    View::transposed(cols, width),
+                    true,
+                );
+            }
+        });
+    });
     Gradients {
         input: wanted.input.then_some(dx),
         weight: wanted.weight.then_some(dw),

@@ -55,84 +55,88 @@ impl Patches {
         (lo, hi, self.source(1, lo, k).expect("inside"))
     }
 
-    /// Writes the patches of `image` into columns `first..first + Ho·Wo` of `cols`, a matrix
-    /// `[C·kh·kw, width]`.
-    pub(super) fn im2col(&self, image: &[f32], cols: &mut [f32], width: usize, first: usize) {
-        let [kh, kw] = self.kernel;
-        let [h, w] = self.image;
-        let [gh, gw] = self.grid;
-        let stride = self.stride[1];
-        for kj in 0..kw {
-            let (lo, hi, start) = self.columns(kj);
-            for c in 0..self.channels {
-                let plane = &image[c * h * w..(c + 1) * h * w];
-                for ki in 0..kh {
-                    let row = (c * kh + ki) * kw + kj;
-                    let out = &mut cols[row * width + first..][..gh * gw];
-                    for oh in 0..gh {
-                        let line = &mut out[oh * gw..(oh + 1) * gw];
-                        let Some(ih) = self.source(0, oh, ki) else {
-                            line.fill(0.0);
-                            continue;
-                        };
-                        line[..lo].fill(0.0);
-                        line[hi..].fill(0.0);
-                        let src = &plane[ih * w + start..(ih + 1) * w];
-                        let line = &mut line[lo..hi];
-                        if stride == 1 {
-                            line.copy_from_slice(&src[..hi - lo]);
-                        } else {
-                            for (value, from) in line.iter_mut().zip(src.iter().step_by(stride)) {
-                                *value = *from;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adds columns `first..first + Ho·Wo` of `cols` (`[C·kh·kw, width]`) into `image`, each
-    /// value where [`Patches::im2col`] would have read it.
-    pub(super) fn col2im(&self, cols: &[f32], width: usize, first: usize, image: &mut [f32]) {
-        let [kh, kw] = self.kernel;
-        let [h, w] = self.image;
-        let [gh, gw] = self.grid;
-        let stride = self.stride[1];
-        for kj in 0..kw {
-            let (lo, hi, start) = self.columns(kj);
-            for c in 0..self.channels {
-                let plane = &mut image[c * h * w..(c + 1) * h * w];
-                for ki in 0..kh {
-                    let row = (c * kh + ki) * kw + kj;
-                    let src = &cols[row * width + first..][..gh * gw];
-                    for oh in 0..gh {
-                        let Some(ih) = self.source(0, oh, ki) else {
-                            continue;
-                        };
-                        let dst = &mut plane[ih * w + start..(ih + 1) * w];
-                        let line = &src[oh * gw + lo..oh * gw + hi];
-                        if stride == 1 {
-                            for (to, value) in dst.iter_mut().zip(line) {
-                                *to += value;
-                            }
-                        } else {
-                            for (to, value) in dst.iter_mut().step_by(stride).zip(line) {
-                                *to += value;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Whether a convolution with `co` output channels moves fewer values by spreading its
     /// output side over image positions ([`Patches::spread`], `Co·kh·kw` rows of `H·W`) than by
     /// im2col (`C·kh·kw` rows of `Ho·Wo`): when it has fewer output than input channels at
     /// stride 1, as the encoder's last layer (64 -> 16).
     pub(crate) fn spreads(&self, co: usize) -> bool {
         co * self.image[0] * self.image[1] < self.channels * self.cells()
+    }
+
+    /// Calls `visit` with every line of the lowering: for each patch-matrix row (channel,
+    /// kernel row, kernel column) and grid row, the image row it reads (if inside) and the grid
+    /// columns that read inside the image. The four moves below are this loop with another
+    /// body.
+    fn lines(&self, channels: usize, mut visit: impl FnMut(Line)) {
+        let [kh, kw] = self.kernel;
+        for kj in 0..kw {
+            let (lo, hi, start) = self.columns(kj);
+            for channel in 0..channels {
+                for ki in 0..kh {
+                    let row = (channel * kh + ki) * kw + kj;
+                    for oh in 0..self.grid[0] {
+                        let ih = self.source(0, oh, ki);
+                        visit(Line {
+                            row,
+                            channel,
+                            oh,
+                            ih,
+                            lo,
+                            hi,
+                            start,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The image values line `l` touches in image row `ih` of `channel`: from its first column
+    /// to the row's end, read every `stride`-th.
+    fn image_row(&self, l: &Line, ih: usize) -> std::ops::Range<usize> {
+        let [h, w] = self.image;
+        let row = l.channel * h * w + ih * w;
+        row + l.start..row + w
+    }
+
+    /// Writes the patches of `image` into columns `first..first + Ho·Wo` of `cols`, a matrix
+    /// `[C·kh·kw, width]`.
+    pub(super) fn im2col(&self, image: &[f32], cols: &mut [f32], width: usize, first: usize) {
+        let (gw, stride) = (self.grid[1], self.stride[1]);
+        self.lines(self.channels, |l| {
+            let line = &mut cols[l.row * width + first + l.oh * gw..][..gw];
+            let Some(ih) = l.ih else {
+                line.fill(0.0);
+                return;
+            };
+            line[..l.lo].fill(0.0);
+            line[l.hi..].fill(0.0);
+            let src = &image[self.image_row(&l, ih)];
+            let line = &mut line[l.lo..l.hi];
+            if stride == 1 {
+                line.copy_from_slice(&src[..line.len()]);
+            } else {
+                for (to, value) in line.iter_mut().zip(src.iter().step_by(stride)) {
+                    *to = *value;
+                }
+            }
+        });
+    }
+
+    /// Adds columns `first..first + Ho·Wo` of `cols` (`[C·kh·kw, width]`) into `image`, each
+    /// value where [`Patches::im2col`] would have read it.
+    pub(super) fn col2im(&self, cols: &[f32], width: usize, first: usize, image: &mut [f32]) {
+        let (gw, stride) = (self.grid[1], self.stride[1]);
+        self.lines(self.channels, |l| {
+            let Some(ih) = l.ih else {
+                return;
+            };
+            let line = &cols[l.row * width + first + l.oh * gw..][l.lo..l.hi];
+            let dst = &mut image[self.image_row(&l, ih)];
+            for (to, value) in dst.iter_mut().step_by(stride).zip(line) {
+                *to += value;
+            }
+        });
     }
 
     /// Writes grid values `z` (`[Cg, Ho, Wo]`) into columns `first..first + H·W` of `out`
@@ -147,31 +151,21 @@ impl Patches {
         width: usize,
         first: usize,
     ) {
-        let [kh, kw] = self.kernel;
-        let [h, w] = self.image;
-        let [gh, gw] = self.grid;
-        let stride = self.stride[1];
-        for kj in 0..kw {
-            let (lo, hi, start) = self.columns(kj);
-            for c in 0..channels {
-                let plane = &z[c * gh * gw..(c + 1) * gh * gw];
-                for ki in 0..kh {
-                    let row = (c * kh + ki) * kw + kj;
-                    let dst = &mut out[row * width + first..][..h * w];
-                    dst.fill(0.0);
-                    for oh in 0..gh {
-                        let Some(ih) = self.source(0, oh, ki) else {
-                            continue;
-                        };
-                        let to = &mut dst[ih * w + start..(ih + 1) * w];
-                        let from = &plane[oh * gw + lo..oh * gw + hi];
-                        for (to, value) in to.iter_mut().step_by(stride).zip(from) {
-                            *to = *value;
-                        }
-                    }
-                }
-            }
+        let ([h, w], [gh, gw], stride) = (self.image, self.grid, self.stride[1]);
+        for row in 0..channels * self.kernel[0] * self.kernel[1] {
+            out[row * width + first..][..h * w].fill(0.0);
         }
+        self.lines(channels, |l| {
+            let Some(ih) = l.ih else {
+                return;
+            };
+            let from = &z[l.channel * gh * gw + l.oh * gw..][l.lo..l.hi];
+            let image = self.image_row(&Line { channel: 0, ..l }, ih);
+            let to = &mut out[l.row * width + first..][image];
+            for (to, value) in to.iter_mut().step_by(stride).zip(from) {
+                *to = *value;
+            }
+        });
     }
 
     /// The adjoint of [`Patches::spread`]: adds to grid values `y` (`[Cg, Ho, Wo]`) what
@@ -185,29 +179,33 @@ impl Patches {
         first: usize,
         y: &mut [f32],
     ) {
-        let [kh, kw] = self.kernel;
-        let [h, w] = self.image;
-        let [gh, gw] = self.grid;
-        let stride = self.stride[1];
-        for kj in 0..kw {
-            let (lo, hi, start) = self.columns(kj);
-            for c in 0..channels {
-                let plane = &mut y[c * gh * gw..(c + 1) * gh * gw];
-                for ki in 0..kh {
-                    let row = (c * kh + ki) * kw + kj;
-                    let src = &t[row * width + first..][..h * w];
-                    for oh in 0..gh {
-                        let Some(ih) = self.source(0, oh, ki) else {
-                            continue;
-                        };
-                        let from = &src[ih * w + start..(ih + 1) * w];
-                        let to = &mut plane[oh * gw + lo..oh * gw + hi];
-                        for (to, value) in to.iter_mut().zip(from.iter().step_by(stride)) {
-                            *to += value;
-                        }
-                    }
-                }
+        let ([gh, gw], stride) = (self.grid, self.stride[1]);
+        self.lines(channels, |l| {
+            let Some(ih) = l.ih else {
+                return;
+            };
+            let image = self.image_row(&Line { channel: 0, ..l }, ih);
+            let from = &t[l.row * width + first..][image];
+            let to = &mut y[l.channel * gh * gw + l.oh * gw..][l.lo..l.hi];
+            for (to, value) in to.iter_mut().zip(from.iter().step_by(stride)) {
+                *to += value;
             }
-        }
+        });
     }
+}
+
+/// One line of the lowering ([`Patches::lines`]).
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    /// The patch-matrix row: `(channel, kernel row, kernel column)`.
+    row: usize,
+    channel: usize,
+    /// The grid row.
+    oh: usize,
+    /// The image row it reads, if inside.
+    ih: Option<usize>,
+    /// Grid columns `lo..hi` read inside the image, from image column `start` on.
+    lo: usize,
+    hi: usize,
+    start: usize,
 }

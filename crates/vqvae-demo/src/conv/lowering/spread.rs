@@ -7,37 +7,49 @@
 //! - backward: `U` = the output gradient spread over those image positions
 //!   ([`Patches::spread`]), then `dx = Wgᵀ · U` and `dWg = U · xᵀ`.
 
-use rayon::prelude::*;
-
 use super::{
-    Gradients, Patches, View, Wanted, add, bias_gradient, block_images, channels_major,
-    images_major, input_blocks, product, with_buffers,
+    Gradients, Patches, View, Wanted, backward_blocks, bias_gradient, block_images, channels_major,
+    forward_blocks, images_major, product, with_buffers,
 };
 
-/// `weight` `[Co, C, K]` as `[Co, K, C]` (`K` = kernel positions).
-fn kernel_major(weight: &[f32], co: usize, c: usize, k: usize) -> Vec<f32> {
+/// `weight` `[n, a, b]` as `[n, b, a]`: the weight `[Co, C, K]` as `[Co, K, C]` (`K` = kernel
+/// positions) and back.
+fn swap_inner(weight: &[f32], [n, a, b]: [usize; 3]) -> Vec<f32> {
     let mut out = vec![0.0; weight.len()];
-    for o in 0..co {
-        for i in 0..c {
-            for j in 0..k {
-                out[(o * k + j) * c + i] = weight[(o * c + i) * k + j];
+    for o in 0..n {
+        for i in 0..a {
+            for j in 0..b {
+                out[(o * b + j) * a + i] = weight[(o * a + i) * b + j];
             }
         }
     }
     out
 }
 
-/// The inverse of [`kernel_major`].
-fn channel_major(weight: &[f32], co: usize, c: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0.0; weight.len()];
-    for o in 0..co {
-        for i in 0..c {
-            for j in 0..k {
-                out[(o * c + i) * k + j] = weight[(o * k + j) * c + i];
-            }
+/// The sizes both directions use.
+struct Sizes {
+    /// Input channels, kernel positions, image positions, grid positions.
+    c: usize,
+    k: usize,
+    plane: usize,
+    cells: usize,
+    /// Rows of the spread matrix (`Co·K`), and images per block.
+    rows: usize,
+    per: usize,
+}
+
+impl Sizes {
+    fn of(g: &Patches, co: usize) -> Self {
+        let (k, plane) = (g.kernel[0] * g.kernel[1], g.image[0] * g.image[1]);
+        Self {
+            c: g.channels,
+            k,
+            plane,
+            cells: g.cells(),
+            rows: co * k,
+            per: block_images(co * k * plane),
         }
     }
-    out
 }
 
 /// [`super::conv2d`] on the output side.
@@ -48,44 +60,39 @@ pub(super) fn conv2d(
     bias: Option<&[f32]>,
     co: usize,
 ) -> Vec<f32> {
-    let (c, k, plane, cells) = (
-        g.channels,
-        g.kernel[0] * g.kernel[1],
-        g.image[0] * g.image[1],
-        g.cells(),
-    );
-    let rows = co * k;
-    let wg = kernel_major(weight, co, c, k);
-    let batch = x.len() / g.image_len();
-    let per = block_images(rows * plane);
-    let mut y = vec![0.0; batch * co * cells];
-    y.par_chunks_mut(per * co * cells)
-        .zip(x.par_chunks(per * g.image_len()))
-        .for_each(|(y, x)| {
-            let width = x.len() / g.image_len() * plane;
-            with_buffers(c * width, rows * width, |x_rows, t| {
-                channels_major(x, c, plane, x_rows);
-                product(
-                    t,
-                    [rows, width, c],
-                    View::rows(&wg, c),
-                    View::rows(x_rows, width),
-                    false,
-                );
-                for (b, out) in y.chunks_mut(co * cells).enumerate() {
-                    match bias {
-                        Some(bias) => {
-                            for (channel, value) in out.chunks_mut(cells).zip(bias) {
-                                channel.fill(*value);
-                            }
+    let Sizes {
+        c,
+        k,
+        plane,
+        cells,
+        rows,
+        per,
+    } = Sizes::of(g, co);
+    let wg = swap_inner(weight, [co, c, k]);
+    forward_blocks(x, [g.image_len(), co * cells], per, |x, y| {
+        let width = x.len() / g.image_len() * plane;
+        with_buffers(c * width, rows * width, |x_rows, t| {
+            channels_major(x, c, plane, x_rows);
+            product(
+                t,
+                [rows, width, c],
+                View::rows(&wg, c),
+                View::rows(x_rows, width),
+                false,
+            );
+            for (b, out) in y.chunks_mut(co * cells).enumerate() {
+                match bias {
+                    Some(bias) => {
+                        for (channel, value) in out.chunks_mut(cells).zip(bias) {
+                            channel.fill(*value);
                         }
-                        None => out.fill(0.0),
                     }
-                    g.collect(co, t, width, b * plane, out);
+                    None => out.fill(0.0),
                 }
-            });
+                g.collect(co, t, width, b * plane, out);
+            }
         });
-    y
+    })
 }
 
 /// [`super::conv2d_backward`] on the output side.
@@ -97,58 +104,47 @@ pub(super) fn conv2d_backward(
     co: usize,
     wanted: Wanted,
 ) -> Gradients {
-    let (c, k, plane, cells) = (
-        g.channels,
-        g.kernel[0] * g.kernel[1],
-        g.image[0] * g.image[1],
-        g.cells(),
-    );
-    let rows = co * k;
-    let wg = kernel_major(weight, co, c, k);
-    let batch = x.len() / g.image_len();
-    let per = block_images(rows * plane);
-    let mut dx = vec![0.0; if wanted.input { x.len() } else { 0 }];
-    let blocks = input_blocks(&mut dx, per * g.image_len(), batch.div_ceil(per));
-    let dwg = blocks
-        .into_par_iter()
-        .zip(x.par_chunks(per * g.image_len()))
-        .zip(dy.par_chunks(per * co * cells))
-        .fold(
-            || vec![0.0; if wanted.weight { rows * c } else { 0 }],
-            |mut dwg, ((dx, x), dy)| {
-                let width = x.len() / g.image_len() * plane;
-                with_buffers(rows * width, c * width, |u, x_rows| {
-                    for (b, grid) in dy.chunks(co * cells).enumerate() {
-                        g.spread(co, grid, u, width, b * plane);
-                    }
-                    if wanted.weight {
-                        channels_major(x, c, plane, x_rows);
-                        product(
-                            &mut dwg,
-                            [rows, c, width],
-                            View::rows(u, width),
-                            View::transposed(x_rows, width),
-                            true,
-                        );
-                    }
-                    if let Some(dx) = dx {
-                        product(
-                            x_rows,
-                            [c, width, rows],
-                            View::transposed(&wg, c),
-                            View::rows(u, width),
-                            false,
-                        );
-                        images_major(x_rows, c, plane, None, dx);
-                    }
-                });
-                dwg
-            },
-        )
-        .reduce(|| vec![0.0; if wanted.weight { rows * c } else { 0 }], add);
+    let Sizes {
+        c,
+        k,
+        plane,
+        cells,
+        rows,
+        per,
+    } = Sizes::of(g, co);
+    let wg = swap_inner(weight, [co, c, k]);
+    let sizes = [g.image_len(), co * cells];
+    let (dx, dwg) = backward_blocks((x, dy), sizes, per, wanted, rows * c, |block| {
+        let width = block.x.len() / g.image_len() * plane;
+        with_buffers(rows * width, c * width, |u, x_rows| {
+            for (b, grid) in block.dy.chunks(co * cells).enumerate() {
+                g.spread(co, grid, u, width, b * plane);
+            }
+            if wanted.weight {
+                channels_major(block.x, c, plane, x_rows);
+                product(
+                    block.dw,
+                    [rows, c, width],
+                    View::rows(u, width),
+                    View::transposed(x_rows, width),
+                    true,
+                );
+            }
+            if let Some(dx) = block.dx {
+                product(
+                    x_rows,
+                    [c, width, rows],
+                    View::transposed(&wg, c),
+                    View::rows(u, width),
+                    false,
+                );
+                images_major(x_rows, c, plane, None, dx);
+            }
+        });
+    });
     Gradients {
         input: wanted.input.then_some(dx),
-        weight: wanted.weight.then(|| channel_major(&dwg, co, c, k)),
+        weight: wanted.weight.then(|| swap_inner(&dwg, [co, k, c])),
         bias: wanted.bias.then(|| bias_gradient(dy, co, cells)),
     }
 }
