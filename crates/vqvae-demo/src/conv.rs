@@ -293,6 +293,48 @@ mod tests {
         assert_eq!(mismatch(&got, &want), None, "plain device");
     }
 
+    /// The flex path's gradients are the same floats whatever the number of threads: a seeded
+    /// run trains the same weights on any machine, and resumes bit-exactly.
+    #[test]
+    fn flex_gradients_do_not_depend_on_the_thread_count() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let padding = PaddingConfig2d::Explicit(1, 1, 1, 1);
+        let layers = [
+            Conv2dConfig::new([32, 64], [4, 4])
+                .with_stride([2, 2])
+                .with_padding(padding.clone())
+                .init(&device),
+            Conv2dConfig::new([64, 16], [3, 3])
+                .with_padding(padding)
+                .init(&device),
+        ];
+        let x = Tensor::<4>::random([64, 32, 14, 14], Distribution::Default, &device);
+        let gradients = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let x = x.clone().require_grad();
+                let y = conv2d(&layers[1], conv2d(&layers[0], x.clone()));
+                let grads = (y.clone() * y).sum().backward();
+                let mut bits: Vec<u32> = Vec::new();
+                for g in [
+                    layers[0].weight.val().grad(&grads).unwrap(),
+                    layers[1].weight.val().grad(&grads).unwrap(),
+                    x.grad(&grads).unwrap(),
+                ] {
+                    bits.extend(g.into_data().iter::<f32>().map(f32::to_bits));
+                }
+                bits
+            })
+        };
+        let one = gradients(1);
+        assert!(one == gradients(2), "2 threads");
+        assert!(one == gradients(5), "5 threads");
+    }
+
     /// What the flex path leaves to Burn's module: groups, `Same` padding and other dtypes.
     #[test]
     fn flex_leaves_groups_same_padding_and_half_precision_to_burn() {

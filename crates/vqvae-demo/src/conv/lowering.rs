@@ -221,6 +221,9 @@ pub(super) fn forward_blocks(
     y
 }
 
+/// Groups of blocks whose weight gradients a backward pass sums separately, then in order.
+const GROUPS: usize = 16;
+
 /// One block of images of a backward pass.
 pub(super) struct Block<'a> {
     /// The input and output gradient of the block's images.
@@ -250,23 +253,29 @@ pub(super) fn backward_blocks(
         (0..x.len().div_ceil(per * x_image)).map(|_| None).collect()
     };
     let dw_len = if wanted.weight { dw_len } else { 0 };
-    let dw = blocks
+    // A fixed grouping of the blocks, each group summed in order and the groups in order: the
+    // same floats on every run and every thread count (rayon's own fold would group them by
+    // how its threads happened to steal the work), so a seeded run trains the same weights.
+    let per_group = blocks.len().div_ceil(GROUPS).max(1);
+    let partials: Vec<Vec<f32>> = blocks
         .into_par_iter()
         .zip(x.par_chunks(per * x_image))
         .zip(dy.par_chunks(per * dy_image))
-        .fold(
-            || vec![0.0; dw_len],
-            |mut dw, ((dx, x), dy)| {
+        .chunks(per_group)
+        .map(|group| {
+            let mut dw = vec![0.0; dw_len];
+            for ((dx, x), dy) in group {
                 work(Block {
                     x,
                     dy,
                     dx,
                     dw: &mut dw,
                 });
-                dw
-            },
-        )
-        .reduce(|| vec![0.0; dw_len], add);
+            }
+            dw
+        })
+        .collect();
+    let dw = partials.into_iter().fold(vec![0.0; dw_len], add);
     (dx, dw)
 }
 
