@@ -182,11 +182,6 @@ pub(super) fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f3
     sums.into_iter().map(|s| s as f32).collect()
 }
 
-/// Adds two partial sums of a gradient.
-pub(super) fn add(mut total: Vec<f32>, partial: Vec<f32>) -> Vec<f32> {
-    for (t, p) in total.iter_mut().zip(partial) {
-        *t += p;
-    }
     total
 }
 
@@ -222,7 +217,10 @@ pub(super) fn forward_blocks(
 }
 
 /// Groups of blocks whose weight gradients a backward pass sums separately, then in order.
-const GROUPS: usize = 16;
+const GROUPS: usize = 8;
+
+/// Values per task of the final sum of the groups' weight gradients.
+const SUM_CHUNK: usize = 4096;
 
 /// One block of images of a backward pass.
 pub(super) struct Block<'a> {
@@ -275,7 +273,17 @@ pub(super) fn backward_blocks(
             dw
         })
         .collect();
-    let dw = partials.into_iter().fold(vec![0.0; dw_len], add);
+    // Each value sums the groups in order; the values themselves in parallel.
+    let mut dw = vec![0.0; dw_len];
+    dw.par_chunks_mut(SUM_CHUNK)
+        .enumerate()
+        .for_each(|(i, out)| {
+            for partial in &partials {
+                for (total, value) in out.iter_mut().zip(&partial[i * SUM_CHUNK..]) {
+                    *total += value;
+                }
+            }
+        });
     (dx, dw)
 }
 
