@@ -182,9 +182,6 @@ pub(super) fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f3
     sums.into_iter().map(|s| s as f32).collect()
 }
 
-    total
-}
-
 /// The gradients a backward step asks for.
 #[derive(Debug, Default)]
 pub(super) struct Gradients {
