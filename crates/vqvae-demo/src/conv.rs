@@ -335,7 +335,8 @@ mod tests {
         assert!(one == gradients(5), "5 threads");
     }
 
-    /// What the flex path leaves to Burn's module: groups, `Same` padding and other dtypes.
+    /// What the flex path leaves to Burn's module: groups, `Same` padding, other dtypes, and
+    /// inputs whose channels do not match the weight's (Burn's module reports those).
     #[test]
     fn flex_leaves_groups_same_padding_and_half_precision_to_burn() {
         let device = Device::flex().autodiff();
@@ -352,6 +353,17 @@ mod tests {
         assert!(flex::conv2d(&grouped, &x).is_none(), "groups");
         assert!(flex::conv2d(&same, &x).is_none(), "same padding");
         assert!(flex::conv_transpose2d(&transposed, &x).is_none(), "groups");
+        // An input with other channels than the weight's is Burn's module's to report.
+        let plain = Conv2dConfig::new([3, 6], [3, 3]).init(&device);
+        let deconv = ConvTranspose2dConfig::new([3, 6], [3, 3]).init(&device);
+        assert!(
+            flex::conv2d(&plain, &x).is_none(),
+            "4 channels into a 3-channel conv"
+        );
+        assert!(
+            flex::conv_transpose2d(&deconv, &x).is_none(),
+            "4 channels into a 3-channel transposed conv"
+        );
         for (layer, what) in [(&grouped, "groups"), (&same, "same padding")] {
             let (got, want) = (conv2d(layer, x.clone()), layer.forward(x.clone()));
             assert_eq!(mismatch(&got, &want), None, "{what} through Burn's module");

@@ -49,10 +49,12 @@ pub(super) fn applies(x: &Tensor<4>) -> bool {
 }
 
 /// `layer.forward(x)` with this path's products, or `None` where it does not cover the layer
-/// (groups, another dtype, an empty dimension): the caller then runs Burn's module.
+/// (groups, another dtype, an empty dimension, an input whose channels do not match the
+/// weight's): the caller then runs Burn's module.
 pub(super) fn conv2d(layer: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
     let patches = conv_patches(layer, x.dims())?;
-    covered(layer.groups, x, &layer.weight.val(), layer.weight.dims()[0]).then(|| {
+    let [co, ci, _, _] = layer.weight.dims();
+    covered(layer.groups, x, &layer.weight.val(), [ci, co]).then(|| {
         run(
             x,
             &layer.weight,
@@ -112,7 +114,13 @@ pub(super) fn conv_transpose2d(layer: &ConvTranspose2d, x: &Tensor<4>) -> Option
         padding: layer.padding,
         dilation: layer.dilation,
     };
-    covered(layer.groups, x, &layer.weight.val(), co).then(|| {
+    covered(
+        layer.groups,
+        x,
+        &layer.weight.val(),
+        [layer.weight.dims()[0], co],
+    )
+    .then(|| {
         run(
             x,
             &layer.weight,
@@ -140,10 +148,12 @@ fn run(
     ))
 }
 
-/// One group, f32 weights, and no empty dimension.
-fn covered(groups: usize, x: &Tensor<4>, weight: &Tensor<4>, co: usize) -> bool {
+/// One group, f32 weights, no empty dimension, and an input with the `[input, output]`
+/// channels the weight expects (a mismatch goes to Burn's module, which reports it).
+fn covered(groups: usize, x: &Tensor<4>, weight: &Tensor<4>, [ci, co]: [usize; 2]) -> bool {
     groups == 1
         && weight.dtype() == DType::F32
+        && x.dims()[1] == ci
         && co > 0
         && x.dims().iter().chain(&weight.dims()).all(|&n| n > 0)
 }
