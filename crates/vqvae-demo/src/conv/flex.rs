@@ -224,8 +224,8 @@ fn forward(
         let (xs, ws, bs) = (values(x), values(weight), values(bias));
         let shape = geometry.output_shape(dims(x)[0], geometry.output_channels(w));
         let y = match &geometry {
-            Geometry::Conv(g) => lowering::conv2d(g, &xs, &ws, Some(&bs), w[0]),
-            Geometry::Transposed(g) => lowering::conv_transpose2d(g, &xs, &ws, Some(&bs), w[0]),
+            Geometry::Conv(g) => lowering::conv2d(g, &xs, &ws, &bs, w[0]),
+            Geometry::Transposed(g) => lowering::conv_transpose2d(g, &xs, &ws, &bs, w[0]),
         };
         tensor(y, shape)
     })

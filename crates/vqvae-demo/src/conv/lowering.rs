@@ -173,6 +173,14 @@ pub(super) fn with_buffers<R>(
     })
 }
 
+/// Sets each channel of `out` (`[C, plane]`) to its bias: where an output is summed into
+/// rather than written.
+pub(super) fn fill_bias(out: &mut [f32], plane: usize, bias: &[f32]) {
+    for (channel, value) in out.chunks_mut(plane).zip(bias) {
+        channel.fill(*value);
+    }
+}
+
 /// Per-channel sums of `dy` `[B, C, P]`.
 pub(super) fn bias_gradient(dy: &[f32], channels: usize, cells: usize) -> Vec<f32> {
     let mut sums = vec![0.0f64; channels];
@@ -286,13 +294,7 @@ pub(super) fn backward_blocks(
 
 /// A convolution: `x` `[B, C, H, W]` (the image side of `g`), `weight` `[Co, C, kh, kw]`,
 /// `bias` `[Co]`; returns `[B, Co, Ho, Wo]`.
-pub(super) fn conv2d(
-    g: &Patches,
-    x: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    co: usize,
-) -> Vec<f32> {
+pub(super) fn conv2d(g: &Patches, x: &[f32], weight: &[f32], bias: &[f32], co: usize) -> Vec<f32> {
     if g.spreads(co) {
         return spread::conv2d(g, x, weight, bias, co);
     }
@@ -311,7 +313,7 @@ pub(super) fn conv2d(
                 View::rows(cols, width),
                 false,
             );
-            images_major(out, co, cells, bias, y);
+            images_major(out, co, cells, Some(bias), y);
         });
     })
 }
@@ -374,7 +376,7 @@ pub(super) fn conv_transpose2d(
     g: &Patches,
     x: &[f32],
     weight: &[f32],
-    bias: Option<&[f32]>,
+    bias: &[f32],
     ci: usize,
 ) -> Vec<f32> {
     let (rows, cells) = (g.rows(), g.cells());
@@ -392,11 +394,7 @@ pub(super) fn conv_transpose2d(
                 false,
             );
             for (b, image) in y.chunks_mut(g.image_len()).enumerate() {
-                if let Some(bias) = bias {
-                    for (channel, value) in image.chunks_mut(plane).zip(bias) {
-                        channel.fill(*value);
-                    }
-                }
+                fill_bias(image, plane, bias);
                 g.col2im(cols, width, b * cells, image);
             }
         });

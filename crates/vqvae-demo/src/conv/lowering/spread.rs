@@ -9,7 +9,7 @@
 
 use super::{
     Gradients, Patches, View, Wanted, backward_blocks, bias_gradient, block_images, channels_major,
-    forward_blocks, images_major, product, with_buffers,
+    fill_bias, forward_blocks, images_major, product, with_buffers,
 };
 
 /// `weight` `[n, a, b]` as `[n, b, a]`: the weight `[Co, C, K]` as `[Co, K, C]` (`K` = kernel
@@ -53,13 +53,7 @@ impl Sizes {
 }
 
 /// [`super::conv2d`] on the output side.
-pub(super) fn conv2d(
-    g: &Patches,
-    x: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    co: usize,
-) -> Vec<f32> {
+pub(super) fn conv2d(g: &Patches, x: &[f32], weight: &[f32], bias: &[f32], co: usize) -> Vec<f32> {
     let Sizes {
         c,
         k,
@@ -81,14 +75,7 @@ pub(super) fn conv2d(
                 false,
             );
             for (b, out) in y.chunks_mut(co * cells).enumerate() {
-                match bias {
-                    Some(bias) => {
-                        for (channel, value) in out.chunks_mut(cells).zip(bias) {
-                            channel.fill(*value);
-                        }
-                    }
-                    None => out.fill(0.0),
-                }
+                fill_bias(out, cells, bias);
                 g.collect(co, t, width, b * plane, out);
             }
         });
