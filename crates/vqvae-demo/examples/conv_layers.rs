@@ -13,6 +13,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2dConfig, ConvTranspose2dConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 use vqvae_demo::conv::{conv_transpose2d, conv2d, use_burns_module};
+use vqvae_demo::profile::median;
 
 fn main() {
     let mut repeats = 30;
@@ -103,10 +104,6 @@ fn main() {
                     bwd.push(backward);
                 }
             }
-            let median = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             results.push([median(fwd), median(bwd)]);
         }
         use_burns_module(false);

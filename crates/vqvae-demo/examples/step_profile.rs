@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use vqvae_demo::backend::Backend;
 use vqvae_demo::data::Mnist;
-use vqvae_demo::profile::StepPart;
+use vqvae_demo::profile::{StepPart, median};
 use vqvae_demo::training::{TrainingConfig, epoch_order, profiled_step};
 
 fn main() {
@@ -107,12 +107,9 @@ fn main() {
             conv_times.push(convolutions);
         }
     }
-    let median = |part: usize| {
-        let mut v: Vec<f64> = times.iter().map(|t| t[part]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let medians: Vec<f64> = (0..parts.len()).map(median).collect();
+    let medians: Vec<f64> = (0..parts.len())
+        .map(|part| median(times.iter().map(|t| t[part]).collect()))
+        .collect();
     let total: f64 = medians.iter().sum();
     println!(
         "{}: {} steps of {batch_size} images (medians, ms; sum {total:.1} ms = {:.0} images/s):",
@@ -123,12 +120,8 @@ fn main() {
     for (part, ms) in parts.iter().zip(&medians) {
         println!("  {part:<13} {ms:>8.2} ms  {:>5.1} %", 100.0 * ms / total);
     }
-    let conv_median = |pick: fn(&(f64, f64)) -> f64| {
-        let mut v: Vec<f64> = conv_times.iter().map(pick).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (conv_forward, conv_backward) = (conv_median(|t| t.0), conv_median(|t| t.1));
+    let conv_forward = median(conv_times.iter().map(|t| t.0).collect());
+    let conv_backward = median(conv_times.iter().map(|t| t.1).collect());
     let mut fields: Vec<String> = parts
         .iter()
         .zip(&medians)

@@ -1,6 +1,6 @@
-//! The parts of a training step, as the step reports them when each ends: what
-//! `examples/step_profile.rs` times. The training loop itself listens to none
-//! ([`StepPart::ignore`]).
+//! The parts of a training step, as the step reports them when each ends (what
+//! `examples/step_profile.rs` times; the training loop itself listens to none:
+//! [`StepPart::ignore`]), and the median both profiling examples report.
 
 /// A part of one training step on one device, in the order the step runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,4 +44,11 @@ impl StepPart {
 
     /// A listener that ignores every part: the training loop's.
     pub fn ignore(_: StepPart) {}
+}
+
+/// The median of `values` (the upper one of an even count): what the profiling examples
+/// report, robust to the odd slow step of a busy machine.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }

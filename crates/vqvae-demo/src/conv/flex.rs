@@ -280,12 +280,11 @@ impl Backward<Flex, 3> for OwnBackward {
                 }
             }
         });
-        let shape = dims;
         if let (Some(node), Some(dx)) = (px, found.input) {
-            grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
+            grads.register::<Flex>(node.id, tensor(dx, dims(&x)));
         }
         if let (Some(node), Some(dw)) = (pw, found.weight) {
-            grads.register::<Flex>(node.id, tensor(dw, shape(&weight)));
+            grads.register::<Flex>(node.id, tensor(dw, dims(&weight)));
         }
         if let (Some(node), Some(db)) = (pb, found.bias) {
             let len = db.len();
