@@ -197,7 +197,7 @@ pub enum StreamError {
     UnsupportedVersion {
         /// The version in the stream.
         found: u8,
-        /// The version this crate reads.
+        /// The newest version this crate reads (it reads every one from 1).
         supported: u8,
     },
     /// The checksum does not match the bytes: the stream was altered.
@@ -256,7 +256,10 @@ impl fmt::Display for StreamError {
                 *b"RVQZ"
             ),
             Self::UnsupportedVersion { found, supported } => {
-                write!(f, "stream format version {found}, expected {supported}")
+                write!(
+                    f,
+                    "stream format version {found}, expected 1 to {supported}"
+                )
             }
             Self::Checksum { stored, computed } => write!(
                 f,

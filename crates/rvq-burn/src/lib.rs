@@ -100,7 +100,7 @@ pub use error::{RvqError, StreamError};
 pub use interop::{ImportReport, KeyStyle, Layout, PytorchState};
 pub use level::Statistics;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
-pub use options::{ForwardOptions, Mask};
+pub use options::{EncodeOptions, ForwardOptions, Mask};
 pub use output::RvqOutput;
 pub use quantizer::EmaResidualVectorQuantizer;
 

@@ -120,3 +120,129 @@ impl Mask {
         Ok(real.reshape([count]))
     }
 }
+
+/// Options of [`EmaResidualVectorQuantizer::try_encode_with`] and
+/// [`EmaResidualVectorQuantizer::try_compress_with`]: codes chosen for their bits as well as
+/// their error.
+///
+/// The encoder minimizes, per vector, the rate-distortion cost
+/// `J = ||x - x^||^2 + lambda * bits`, where `bits` is the length of the vector's codes under
+/// the entropy models [`EmaResidualVectorQuantizer::entropy_models`] builds from the EMA
+/// counts (`-log2` of each code's fixed-point probability, the coder's own price):
+///
+/// - `lambda > 0`: at each level the code minimizing `||r - e_c||^2 + lambda * len(c)`
+///   (entropy-constrained VQ, Chou, Lookabaugh and Gray 1989);
+/// - `beam > 1`: the `beam` best partial codes per vector by `J` are kept from level to level
+///   and the best is taken at the end (a beam search across levels);
+/// - `rd_depth`: each vector stops after the level with the least `J` (at least one level),
+///   and `stop_below` stops it at the first level whose error is at most that; codes past a
+///   vector's depth are `-1`.
+///
+/// The default (`lambda = 0`, `beam = 1`, every level, no per-vector depth) gives exactly
+/// [`EmaResidualVectorQuantizer::try_encode`]'s codes.
+///
+/// [`EmaResidualVectorQuantizer::try_encode_with`]: crate::EmaResidualVectorQuantizer::try_encode_with
+/// [`EmaResidualVectorQuantizer::try_compress_with`]: crate::EmaResidualVectorQuantizer::try_compress_with
+/// [`EmaResidualVectorQuantizer::try_encode`]: crate::EmaResidualVectorQuantizer::try_encode
+/// [`EmaResidualVectorQuantizer::entropy_models`]: crate::EmaResidualVectorQuantizer::entropy_models
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncodeOptions {
+    /// Squared error per bit, `>= 0`: how much error one bit saved is worth. Default 0.
+    pub lambda: f64,
+    /// Partial codes kept per vector, `>= 1` (1: greedy, level by level). Default 1.
+    pub beam: usize,
+    /// Levels to use, `1..=M` (`None`: all). Default `None`.
+    pub max_levels: Option<usize>,
+    /// Let each vector stop after the level where its cost `J` is least. Default `false`.
+    pub rd_depth: bool,
+    /// Stop a vector at the first level whose squared error `||x - x^||^2` is at most this
+    /// (`>= 0`). Default `None`.
+    pub stop_below: Option<f64>,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        Self {
+            lambda: 0.0,
+            beam: 1,
+            max_levels: None,
+            rd_depth: false,
+            stop_below: None,
+        }
+    }
+}
+
+impl EncodeOptions {
+    /// Greedy codes of every level, as `try_encode` gives them (same as `default()`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`EncodeOptions::lambda`].
+    pub fn with_lambda(mut self, lambda: f64) -> Self {
+        self.lambda = lambda;
+        self
+    }
+
+    /// Sets [`EncodeOptions::beam`].
+    pub fn with_beam(mut self, beam: usize) -> Self {
+        self.beam = beam;
+        self
+    }
+
+    /// Sets [`EncodeOptions::max_levels`].
+    pub fn with_max_levels(mut self, max_levels: usize) -> Self {
+        self.max_levels = Some(max_levels);
+        self
+    }
+
+    /// Sets [`EncodeOptions::rd_depth`].
+    pub fn with_rd_depth(mut self, rd_depth: bool) -> Self {
+        self.rd_depth = rd_depth;
+        self
+    }
+
+    /// Sets [`EncodeOptions::stop_below`].
+    pub fn with_stop_below(mut self, squared_error: f64) -> Self {
+        self.stop_below = Some(squared_error);
+        self
+    }
+
+    /// Whether a vector may stop before the last level.
+    pub(crate) fn variable_depth(&self) -> bool {
+        self.rd_depth || self.stop_below.is_some()
+    }
+
+    /// Whether these options ask for plain greedy codes (`try_encode`'s).
+    pub(crate) fn is_greedy(&self) -> bool {
+        self.lambda == 0.0 && self.beam == 1 && !self.variable_depth()
+    }
+
+    /// Checks `lambda`, `beam` and `stop_below` (the levels are the quantizer's to check).
+    pub(crate) fn validate(&self) -> Result<(), RvqError> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(RvqError::InvalidArgument {
+                argument: "lambda",
+                value: self.lambda.to_string(),
+                rule: "must be finite and >= 0",
+            });
+        }
+        if self.beam == 0 {
+            return Err(RvqError::InvalidArgument {
+                argument: "beam",
+                value: "0".into(),
+                rule: "must be >= 1",
+            });
+        }
+        if let Some(threshold) = self.stop_below
+            && !(threshold.is_finite() && threshold >= 0.0)
+        {
+            return Err(RvqError::InvalidArgument {
+                argument: "stop_below",
+                value: threshold.to_string(),
+                rule: "must be finite and >= 0",
+            });
+        }
+        Ok(())
+    }
+}

@@ -8,8 +8,9 @@ mod stream;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 pub use self::model::{EntropyModels, LevelModel, MAX_CODED_CODEBOOK_SIZE, PRECISION};
-pub use self::stream::{CodeStream, FORMAT_VERSION, MAGIC, MAX_CODES};
+pub use self::stream::{ABSENT, CodeStream, FORMAT_VERSION, MAGIC, MAX_CODES};
 use crate::error::RvqError;
+use crate::options::EncodeOptions;
 use crate::quantizer::EmaResidualVectorQuantizer;
 use crate::util::{host_ints, int_tensor};
 
@@ -61,10 +62,28 @@ impl EmaResidualVectorQuantizer {
         models.compress(&indices_to_host(codes)?, &[real, d])
     }
 
+    /// Encodes `x` `[..., D]` by `options` ([`EncodeOptions`]: codes chosen for their bits
+    /// under these same models, a beam search, a depth per vector) and entropy-codes the
+    /// codes. With the default options the stream is [`EmaResidualVectorQuantizer::try_compress`]'s
+    /// of every level, byte for byte (`max_levels` sets the levels). A per-vector depth
+    /// writes a version 2 stream when some vector stops early.
+    pub fn try_compress_with<const R: usize>(
+        &self,
+        x: Tensor<R>,
+        options: &EncodeOptions,
+    ) -> Result<Vec<u8>, RvqError> {
+        let shape = x.dims();
+        let models = self.entropy_models()?;
+        let codes = self.encode_with_models(x, options, Some(&models))?;
+        models.compress(&codes_to_host(codes), &shape)
+    }
+
     /// Decodes a stream from [`EmaResidualVectorQuantizer::try_compress`] (same checkpoint):
     /// the indices of each coded level and the dequantized tensor of the original shape, on
-    /// `device`. Fails on any bad stream (see [`StreamError`](crate::StreamError)) or if the
-    /// stream's rank is not `R`.
+    /// `device`. A stream with a depth per vector ([`EmaResidualVectorQuantizer::try_compress_with`])
+    /// gives `-1` past each vector's depth, and its sum of the codes it has
+    /// ([`EmaResidualVectorQuantizer::try_decode_partial`]). Fails on any bad stream (see
+    /// [`StreamError`](crate::StreamError)) or if the stream's rank is not `R`.
     pub fn try_decompress<const R: usize>(
         &self,
         bytes: &[u8],
@@ -78,7 +97,10 @@ impl EmaResidualVectorQuantizer {
             )))
         })?;
         let indices = indices_to_device(&stream.indices, device);
-        let dequantized = self.try_decode(&indices, shape)?;
+        let dequantized = match stream.has_depths() {
+            true => self.try_decode_partial(&indices, shape)?,
+            false => self.try_decode(&indices, shape)?,
+        };
         Ok((indices, dequantized))
     }
 }
@@ -109,10 +131,31 @@ pub fn indices_to_host(indices: Vec<Tensor<1, Int>>) -> Result<Vec<Vec<u32>>, Rv
 }
 
 /// Host index lists (as [`CodeStream::indices`] holds them) to tensors on `device`, for
-/// [`EmaResidualVectorQuantizer::decode`].
+/// [`EmaResidualVectorQuantizer::decode`] ([`ABSENT`] becomes `-1`, for
+/// [`EmaResidualVectorQuantizer::try_decode_partial`]).
 pub fn indices_to_device(indices: &[Vec<u32>], device: &Device) -> Vec<Tensor<1, Int>> {
     indices
         .iter()
-        .map(|codes| int_tensor(codes.iter().map(|&c| i64::from(c)).collect(), device))
+        .map(|codes| {
+            let codes = codes
+                .iter()
+                .map(|&c| if c == ABSENT { -1 } else { i64::from(c) })
+                .collect();
+            int_tensor(codes, device)
+        })
+        .collect()
+}
+
+/// Codes from [`EmaResidualVectorQuantizer::try_encode_with`] (in range, or `-1` past a
+/// vector's depth) to host lists, `-1` as [`ABSENT`].
+fn codes_to_host(codes: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
+    codes
+        .into_iter()
+        .map(|level| {
+            host_ints(level)
+                .into_iter()
+                .map(|c| if c < 0 { ABSENT } else { c as u32 })
+                .collect()
+        })
         .collect()
 }

@@ -88,6 +88,16 @@ impl LevelModel {
         &self.fixed_point
     }
 
+    /// What each code costs in a stream, in bits: `-log2` of its fixed-point probability
+    /// (`PRECISION - log2 table_k`), the price the rate-distortion encoder puts on it
+    /// ([`EncodeOptions`](crate::EncodeOptions)).
+    pub fn code_lengths(&self) -> Vec<f64> {
+        self.fixed_point
+            .iter()
+            .map(|&p| f64::from(PRECISION) - f64::from(p).log2())
+            .collect()
+    }
+
     pub(crate) fn coder_model(&self) -> &DefaultContiguousCategoricalEntropyModel {
         &self.coder_model
     }
@@ -189,7 +199,7 @@ impl EntropyModels {
 /// Quantizes probabilities (summing to 1) to integers >= 1 that sum to `2^PRECISION`:
 /// `1 + floor(p_k (2^P - K))`, then the units left over go to the largest fractional parts
 /// (ties to the lower index). Deterministic: f64 products and a total order.
-fn fixed_point_probabilities(probabilities: &[f64]) -> Vec<u32> {
+pub(super) fn fixed_point_probabilities(probabilities: &[f64]) -> Vec<u32> {
     let size = probabilities.len();
     let target = 1u64 << PRECISION;
     let free = (target - size as u64) as f64;

@@ -81,6 +81,16 @@ pub(crate) struct LevelPass {
     pub squared_error: Option<Tensor<1>>,
 }
 
+/// What a level of a beam search chose: for each vector `i` and rank `j < B` (at `i B + j`),
+/// the candidate it continues (`0..B`) and the code it adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expansion {
+    /// The candidate each new one continues, `[N B]`.
+    pub parents: Vec<u32>,
+    /// The code each new one adds, `[N B]`.
+    pub codes: Vec<u32>,
+}
+
 /// The sums a forward's levels leave behind.
 #[derive(Debug, Clone)]
 pub(crate) struct RunningSums {
@@ -128,7 +138,34 @@ pub(crate) trait LevelPath {
 
     /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal
     /// distances), what `work` asks for, and the rows replaced by their residuals.
-    fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelPass;
+    fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelPass {
+        self.level_priced(codebook, None, rows, work)
+    }
+
+    /// [`LevelPath::level`] with `penalty` `[K]` added to every distance to its code: the code
+    /// minimizing `||r - e_c||^2 + penalty_c` (the rate term of an entropy-constrained
+    /// search), in the same fused search.
+    fn level_priced(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        rows: &mut Self::Rows,
+        work: Work,
+    ) -> LevelPass;
+
+    /// One level of a beam search. `candidates` `[N B, D]` holds `beam` partial residuals per
+    /// vector (vector `i`'s at rows `i B..(i + 1) B`) and `base` `[N B]` their costs so far;
+    /// gives, per vector, the `beam` least of `base_b + ||r_b - e_c||^2 + penalty_c` over
+    /// every candidate `b` and code `c`, cheapest first, equal costs by the lower `b K + c`
+    /// (a NaN or infinite cost only where nothing finite is left).
+    fn expand(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        candidates: Tensor<2>,
+        base: &[f32],
+        beam: usize,
+    ) -> Expansion;
 
     /// `sum_l codebooks[l][indices[l]]`, `[N, D]`, level by level, after checking every index
     /// against its codebook's size.

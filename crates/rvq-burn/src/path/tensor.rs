@@ -4,10 +4,11 @@
 //! a gather, a subtraction, scatter-adds (or 0/1 products, [`Search::dense`]) for the per-code
 //! statistics. The other paths are tested equal to it.
 
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::{LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
+use super::{Expansion, LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
 use crate::error::RvqError;
+use crate::util::host_ints;
 
 /// How the tensor path searches and accumulates a batch: the memory bound of the `[N, K]`
 /// intermediates and whether per-code statistics are scatter-adds or dense products.
@@ -107,16 +108,41 @@ pub(crate) fn check_indices(
 impl LevelPath for TensorPath {
     type Rows = TensorRows;
 
-    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelPass {
+    fn level_priced(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        rows: &mut TensorRows,
+        work: Work,
+    ) -> LevelPass {
         let [k, _] = codebook.dims();
         let search = self.0;
         let residual = rows.residual();
-        let indices = nearest_indices(&codebook, residual.clone(), search.max_elements);
+        let indices =
+            nearest_indices_priced(&codebook, penalty, residual.clone(), search.max_elements);
         let counts = work.counts.then(|| per_code_counts(&indices, k, search));
         let sums = work
             .sums
             .then(|| per_code_sums(&indices, residual, k, search));
         rows.finish_level(codebook, indices, counts, sums, work)
+    }
+
+    fn expand(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        candidates: Tensor<2>,
+        base: &[f32],
+        beam: usize,
+    ) -> Expansion {
+        expand(
+            &codebook,
+            penalty,
+            candidates,
+            base,
+            beam,
+            self.0.max_elements,
+        )
     }
 
     fn decode(
@@ -238,8 +264,29 @@ fn dense_accumulate(
 ///
 /// `||r||^2` is the same for every code of a row and is left out of the comparison; this keeps
 /// the argmin and avoids the cancellation that adding it brings for inputs far from the origin.
+#[cfg(test)]
 pub(crate) fn nearest_indices(
     codebook: &Tensor<2>,
+    residual: Tensor<2>,
+    max_elements: usize,
+) -> Tensor<1, Int> {
+    nearest_indices_priced(codebook, None, residual, max_elements)
+}
+
+/// `||e_c||^2 (+ penalty_c)`, `[1, K]`: what every path adds to `-2 r.e_c` for a distance.
+pub(crate) fn code_norms(codebook: &Tensor<2>, penalty: Option<Tensor<1>>) -> Tensor<2> {
+    let [k, _] = codebook.dims();
+    let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]);
+    match penalty {
+        Some(penalty) => norms.add(penalty.reshape([1, k])),
+        None => norms,
+    }
+}
+
+/// [`nearest_indices`] with `penalty` `[K]` added to the distance to each code.
+pub(crate) fn nearest_indices_priced(
+    codebook: &Tensor<2>,
+    penalty: Option<Tensor<1>>,
     residual: Tensor<2>,
     max_elements: usize,
 ) -> Tensor<1, Int> {
@@ -248,7 +295,7 @@ pub(crate) fn nearest_indices(
     // -2 e^T, [D, K]: scaling by a power of two is exact, so folding it into the (small)
     // codebook gives the same distances as scaling the [N, K] product, one pass cheaper.
     let codebook_t = codebook.clone().transpose().mul_scalar(-2.0);
-    let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]); // [1, K]
+    let norms = code_norms(codebook, penalty); // [1, K]
     let search = |rows: Tensor<2>| -> Tensor<1, Int> {
         let [m, _] = rows.dims();
         // ||e||^2 - 2 r.e : [m, D] x [D, K] -> [m, K]
@@ -268,6 +315,63 @@ pub(crate) fn nearest_indices(
         })
         .collect();
     Tensor::cat(chunks, 0)
+}
+
+/// One level of a beam search as tensor operations ([`LevelPath::expand`]): per chunk of
+/// vectors (at most `max_elements` costs), the `[rows, K]` costs
+/// `(-2 r.e_c + (||e_c||^2 + penalty_c)) + (||r||^2 + base)` seen as `[vectors, B K]`, and
+/// `B` argmins, each pick set to infinity before the next (ties to the lower `b K + c`).
+pub(crate) fn expand(
+    codebook: &Tensor<2>,
+    penalty: Option<Tensor<1>>,
+    candidates: Tensor<2>,
+    base: &[f32],
+    beam: usize,
+    max_elements: usize,
+) -> Expansion {
+    let [rows, _] = candidates.dims();
+    let [k, _] = codebook.dims();
+    let n = rows / beam;
+    let device = candidates.device();
+    let codebook_t = codebook.clone().transpose().mul_scalar(-2.0); // [D, K]
+    let norms = code_norms(codebook, penalty); // [1, K]
+    let base = Tensor::<1>::from_data(TensorData::new(base.to_vec(), [rows]), &device);
+    let start = candidates
+        .clone()
+        .powi_scalar(2)
+        .sum_dim(1)
+        .add(base.reshape([rows, 1])); // [rows, 1]
+    let width = beam * k;
+    let columns = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]);
+    let vectors_per_chunk = (max_elements / width.max(1)).max(1);
+    let mut picks = Vec::with_capacity(rows);
+    for first in (0..n).step_by(vectors_per_chunk) {
+        let m = vectors_per_chunk.min(n - first);
+        let range = first * beam..(first + m) * beam;
+        #[allow(clippy::single_range_in_vec_init)] // rows of the chunk
+        let mut costs = candidates
+            .clone()
+            .slice([range.clone()])
+            .matmul(codebook_t.clone())
+            .add(norms.clone())
+            .add(start.clone().slice([range]))
+            .reshape([m, width]);
+        let mut ranks = Vec::with_capacity(beam);
+        for _ in 0..beam {
+            let pick = costs.clone().argmin(1); // [m, 1]
+            let taken = columns
+                .clone()
+                .expand([m, width])
+                .equal(pick.clone().expand([m, width]));
+            costs = costs.mask_fill(taken, f32::INFINITY);
+            ranks.push(pick);
+        }
+        picks.extend(host_ints(Tensor::cat(ranks, 1).reshape([m * beam])));
+    }
+    Expansion {
+        parents: picks.iter().map(|&p| (p as usize / k) as u32).collect(),
+        codes: picks.iter().map(|&p| (p as usize % k) as u32).collect(),
+    }
 }
 
 #[cfg(test)]

@@ -194,7 +194,7 @@ impl EmaResidualVectorQuantizer {
     }
 
     /// `x` `[..., D]` as `N` rows `[N, D]` in f32, without autodiff (`N > 0`).
-    fn plain_rows<const R: usize>(&self, x: Tensor<R>, num_vectors: usize) -> Tensor<2> {
+    pub(super) fn plain_rows<const R: usize>(&self, x: Tensor<R>, num_vectors: usize) -> Tensor<2> {
         x.without_autodiff()
             .reshape([num_vectors, self.embedding_dim()])
             .cast(FloatDType::F32)

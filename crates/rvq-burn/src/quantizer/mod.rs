@@ -13,11 +13,14 @@
 //! ```
 //!
 //! The entry points (`forward`, `encode`, `decode`) are in `forward.rs`, the loss and the
-//! gradient estimators in `estimator.rs`, the bitrate arithmetic in `bitrate.rs`.
+//! gradient estimators in `estimator.rs`, the bitrate arithmetic in `bitrate.rs`, the
+//! rate-distortion encoding (`try_encode_with`, `try_decode_partial`) in
+//! `rate_distortion.rs`.
 
 mod bitrate;
 mod estimator;
 mod forward;
+mod rate_distortion;
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
 use burn::tensor::{Device, Tensor};

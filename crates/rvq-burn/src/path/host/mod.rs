@@ -11,13 +11,14 @@
 //! squared error to rounding (summed in `f64` per tile, then over tiles in order);
 //! `path::tensor::tests`.
 
+mod beam;
 mod search;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use self::search::{HostCodebook, Outputs, Running, search};
-use super::{LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
+use super::{Expansion, LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
 use crate::error::RvqError;
 use crate::util::{float_tensor, host_floats, host_ints, int_tensor};
 
@@ -77,8 +78,17 @@ impl Rows for HostRows {
 impl LevelPath for HostPath {
     type Rows = HostRows;
 
-    fn level(&self, codebook: Tensor<2>, rows: &mut HostRows, work: Work) -> LevelPass {
-        let codebook = HostCodebook::new(&codebook);
+    fn level_priced(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        rows: &mut HostRows,
+        work: Work,
+    ) -> LevelPass {
+        let mut codebook = HostCodebook::new(&codebook);
+        if let Some(penalty) = penalty {
+            codebook.add_penalty(&host_floats(penalty));
+        }
         let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
         // The per-code sums need the level's input after the search: the next residual
         // goes to the spare buffer then, else over the rows.
@@ -123,6 +133,21 @@ impl LevelPath for HostPath {
                 Tensor::from_data(TensorData::new(vec![squared_error as f32], [1]), device)
             }),
         }
+    }
+
+    fn expand(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        candidates: Tensor<2>,
+        base: &[f32],
+        beam: usize,
+    ) -> Expansion {
+        let mut codebook = HostCodebook::new(&codebook);
+        if let Some(penalty) = penalty {
+            codebook.add_penalty(&host_floats(penalty));
+        }
+        beam::expand(&codebook, &host_floats(candidates), base, beam)
     }
 
     fn decode(

@@ -50,6 +50,21 @@ impl HostCodebook {
         }
     }
 
+    /// Adds `penalty` `[K]` to the norms: the search then minimizes
+    /// `||r - e_c||^2 + penalty_c`.
+    pub(crate) fn add_penalty(&mut self, penalty: &[f32]) {
+        assert_eq!(penalty.len(), self.num_embeddings, "one penalty per code");
+        self.norms
+            .iter_mut()
+            .zip(penalty)
+            .for_each(|(norm, p)| *norm += p);
+    }
+
+    /// The squared norms (with any penalty added), `[K]`.
+    pub(super) fn norms(&self) -> &[f32] {
+        &self.norms
+    }
+
     /// Code `index`, `[D]`.
     fn code(&self, index: usize) -> &[f32] {
         &self.codes[index * self.embedding_dim..(index + 1) * self.embedding_dim]
@@ -233,7 +248,7 @@ fn finish_tile(codebook: &HostCodebook, tile: Tile<'_>, squared_error: bool) -> 
 
 /// `sum_j v_j^2` in eight lanes (which the compiler can keep in one vector register), then
 /// across them: a row's error to the rounding of f32, summed over rows in f64 by the caller.
-fn squared_norm(values: &[f32]) -> f32 {
+pub(super) fn squared_norm(values: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let chunks = values.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
@@ -268,7 +283,7 @@ fn search_tile(
     indices: &mut [i64],
     buffers: &mut TileBuffers,
 ) {
-    let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
+    let k = codebook.num_embeddings;
     let m = indices.len();
     buffers.products.resize(k * m, 0.0);
     buffers.best.clear();
@@ -276,6 +291,28 @@ fn search_tile(
     buffers.best_code.clear();
     buffers.best_code.resize(m, 0);
     let products = &mut buffers.products[..k * m];
+    product(codebook, tile, products);
+    let (best, best_code) = (&mut buffers.best[..m], &mut buffers.best_code[..m]);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { nearest_by_column_avx2(products, &codebook.norms, best, best_code) };
+    } else {
+        nearest_by_column(products, &codebook.norms, best, best_code);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    nearest_by_column(products, &codebook.norms, best, best_code);
+    for (index, &code) in indices.iter_mut().zip(best_code.iter()) {
+        *index = i64::from(code);
+    }
+}
+
+/// `-2 E T^T` into `products` `[K, m]` for the `m` rows of `tile` `[m, D]`: one
+/// single-threaded `gemm` product.
+pub(super) fn product(codebook: &HostCodebook, tile: &[f32], products: &mut [f32]) {
+    let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
+    let m = tile.len() / d;
+    assert_eq!(products.len(), k * m, "K x m products");
     // SAFETY: `products` holds k x m values (row stride m, column stride 1); `codes` is
     // k x d (row stride d, column stride 1); `tile` m x d is read as its transpose d x m
     // (row stride 1, column stride d). The three do not overlap.
@@ -301,19 +338,6 @@ fn search_tile(
             false,
             gemm::Parallelism::None,
         );
-    }
-    let (best, best_code) = (&mut buffers.best[..m], &mut buffers.best_code[..m]);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        unsafe { nearest_by_column_avx2(products, &codebook.norms, best, best_code) };
-    } else {
-        nearest_by_column(products, &codebook.norms, best, best_code);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    nearest_by_column(products, &codebook.norms, best, best_code);
-    for (index, &code) in indices.iter_mut().zip(best_code.iter()) {
-        *index = i64::from(code);
     }
 }
 

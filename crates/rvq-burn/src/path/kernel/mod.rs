@@ -28,8 +28,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::tensor::{TensorRows, check_indices};
-use super::{LevelPass, LevelPath, Rows, Work};
+use super::tensor::{self, TensorRows, check_indices};
+use super::{Expansion, LevelPass, LevelPath, Rows, Work};
 use crate::error::RvqError;
 use crate::util::int_tensor;
 
@@ -39,6 +39,8 @@ const SEARCH_ROWS: usize = 64;
 const SEARCH_UNITS: u32 = 256;
 /// Units per cube of the statistics: each takes every 64th dimension.
 const STATISTICS_UNITS: usize = 64;
+/// Largest `[vectors, B K]` cost block of a beam search level.
+const BEAM_ELEMENTS: usize = 1 << 24;
 /// Units per cube of the decode.
 const DECODE_UNITS: u32 = 256;
 
@@ -49,10 +51,16 @@ pub(crate) struct KernelPath;
 impl LevelPath for KernelPath {
     type Rows = TensorRows;
 
-    fn level(&self, codebook: Tensor<2>, rows: &mut TensorRows, work: Work) -> LevelPass {
+    fn level_priced(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        rows: &mut TensorRows,
+        work: Work,
+    ) -> LevelPass {
         let [k, _] = codebook.dims();
         let residual = rows.residual();
-        let indices = nearest(residual.clone(), codebook.clone());
+        let indices = nearest_priced(residual.clone(), codebook.clone(), penalty);
         let (counts, sums) = match work.counts || work.sums {
             true => {
                 let (counts, sums) = statistics(residual, indices.clone(), k);
@@ -61,6 +69,18 @@ impl LevelPath for KernelPath {
             false => (None, None),
         };
         rows.finish_level(codebook, indices, counts, sums, work)
+    }
+
+    /// Beam searches run as the tensor path's operations.
+    fn expand(
+        &self,
+        codebook: Tensor<2>,
+        penalty: Option<Tensor<1>>,
+        candidates: Tensor<2>,
+        base: &[f32],
+        beam: usize,
+    ) -> Expansion {
+        tensor::expand(&codebook, penalty, candidates, base, beam, BEAM_ELEMENTS)
     }
 
     fn decode(
@@ -93,9 +113,20 @@ impl LevelPath for KernelPath {
 }
 
 /// Nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]`, `[N]`.
+#[cfg(test)]
 pub(crate) fn nearest(rows: Tensor<2>, codebook: Tensor<2>) -> Tensor<1, Int> {
+    nearest_priced(rows, codebook, None)
+}
+
+/// [`nearest`] with `penalty` `[K]` added to the distance to each code (in the norms the
+/// search kernel adds).
+fn nearest_priced(
+    rows: Tensor<2>,
+    codebook: Tensor<2>,
+    penalty: Option<Tensor<1>>,
+) -> Tensor<1, Int> {
     let [k, _] = codebook.dims();
-    let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([k]); // [K]
+    let norms = tensor::code_norms(&codebook, penalty).reshape([k]); // [K]
     let int_dtype = rows.device().settings().int_dtype;
     let indices = <Dispatch as RvqKernels>::rvq_nearest(
         rows.into_dispatch(),
