@@ -229,6 +229,80 @@ fn compress_and_decompress(run: &Path, val_psnr_db: f64) {
     }
     let error = vqvae_demo::run(["decompress".to_string()]).unwrap_err();
     assert!(error.to_string().contains("needs --in"), "{error}");
+    rd_curve_of(run);
+}
+
+/// `rd-curve` on the trained run: a line of `rd_curve.jsonl` per point with the fields the
+/// README gives, the greedy prefixes' bytes those of `compress --levels m`, every rate-
+/// distortion stream decoded to its codes (checked inside), and the picture.
+fn rd_curve_of(run: &Path) {
+    let out = run.join("rd");
+    let args = [
+        "rd-curve",
+        "--run",
+        run.to_str().unwrap(),
+        "--images",
+        "64",
+        "--out",
+    ];
+    let args = args
+        .iter()
+        .map(|a| a.to_string())
+        .chain([out.display().to_string()]);
+    vqvae_demo::run(args).expect("rd-curve runs");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("rd_curve.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let levels = 2; // small_config
+    assert_eq!(
+        lines.len(),
+        levels + 2 * 14,
+        "prefixes, then 14 lambdas x beams 1 and 4"
+    );
+    for line in &lines {
+        let fields: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields = fields;
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "beam",
+                "bits_per_pixel",
+                "bytes",
+                "lambda",
+                "levels",
+                "method",
+                "psnr_db"
+            ]
+        );
+        let bytes = line["bytes"].as_f64().unwrap();
+        let bpp = line["bits_per_pixel"].as_f64().unwrap();
+        assert!((bpp - 8.0 * bytes / (64.0 * 784.0)).abs() < 1e-12, "{line}");
+        // The three-epoch model of small_config draws blurs: about 10 dB.
+        assert!(line["psnr_db"].as_f64().unwrap() > 5.0, "{line}");
+    }
+    for (m, line) in lines[..levels].iter().enumerate() {
+        assert_eq!(line["method"], "prefix");
+        let stream = std::fs::read(run.join(format!("digits-{}.rvqz", m + 1))).unwrap();
+        assert_eq!(
+            line["bytes"].as_u64().unwrap() as usize,
+            stream.len(),
+            "{line}"
+        );
+    }
+    assert!(lines[levels..].iter().all(|line| line["method"] == "rd"));
+    assert!(
+        std::fs::read(out.join("rd_curve.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
 }
 
 /// `--devices 2`: the same loop, records, checkpoints and pictures as one device; the

@@ -10,7 +10,12 @@
 //! cargo bench -p rvq-burn --features wgpu --bench throughput -- --backends wgpu,wgpu-dense
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex,flex-tensor --shapes small
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --parts
+//! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --rd
 //! ```
+//!
+//! `--rd`: `encode` against rate-distortion encoding (`EncodeOptions`) in the same run: the
+//! lambda term at beam 1, beams 2, 4 and 8, and a depth per vector, each with its ratio to
+//! greedy `encode`.
 //!
 //! A backend name may carry suffixes: `-dense` turns `dense_statistics` on, `-tensor` forces
 //! the generic tensor path (`Execution::TensorOps`) where the backend has a faster one.
@@ -20,7 +25,9 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 use rvq_burn::coding::indices_to_host;
-use rvq_burn::{EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, Execution};
+use rvq_burn::{
+    EmaResidualVectorQuantizer, EmaResidualVectorQuantizerConfig, EncodeOptions, Execution,
+};
 
 /// `(name, N, D, K, M)`.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -39,6 +46,8 @@ struct Args {
     max_distance_elements: usize,
     /// Time the training step only (for peak-memory measurements of it).
     train_only: bool,
+    /// Time greedy `encode` against rate-distortion encoding.
+    rd: bool,
 }
 
 fn parse_args() -> Args {
@@ -49,6 +58,7 @@ fn parse_args() -> Args {
         parts: false,
         max_distance_elements: 1 << 24,
         train_only: false,
+        rd: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -65,6 +75,7 @@ fn parse_args() -> Args {
             "--repeats" => args.repeats = iter.next().and_then(|v| v.parse().ok()).unwrap_or(5),
             "--parts" => args.parts = true,
             "--train-only" => args.train_only = true,
+            "--rd" => args.rd = true,
             "--max-distance-elements" => {
                 args.max_distance_elements = iter
                     .next()
@@ -73,7 +84,7 @@ fn parse_args() -> Args {
             }
             "--bench" => {}
             other => panic!(
-                "unknown flag {other:?}: use --backends, --shapes, --repeats, --parts, --max-distance-elements, --train-only"
+                "unknown flag {other:?}: use --backends, --shapes, --repeats, --parts, --rd, --max-distance-elements, --train-only"
             ),
         }
     }
@@ -351,6 +362,10 @@ fn main() {
                 args.repeats
             };
 
+            if args.rd {
+                rate_distortion(backend, shape, (n, d, k, m), repeats, &rvq.valid(), &x);
+                continue;
+            }
             let train = median_seconds(repeats, &plain, || {
                 let input = x.clone().autodiff().require_grad();
                 let out = rvq.forward(input.clone());
@@ -444,5 +459,51 @@ fn main() {
                 2.0 * (n * d * k * m) as f64 / searching / 1e9
             );
         }
+    }
+}
+
+/// `--rd`: greedy `encode` and rate-distortion encodings of the same rows, one after the
+/// other in this run, each with its ratio to greedy.
+fn rate_distortion(
+    backend: &str,
+    shape: &str,
+    (n, d, k, m): (usize, usize, usize, usize),
+    repeats: usize,
+    eval: &EmaResidualVectorQuantizer,
+    x: &Tensor<2>,
+) {
+    let device = x.device();
+    let time = |options: &EncodeOptions| {
+        median_seconds(repeats, &device, || {
+            let codes = eval
+                .try_encode_with(x.clone(), options)
+                .expect("valid options");
+            let _ = codes.last().map(|c| c.clone().into_data());
+        })
+    };
+    let greedy = time(&EncodeOptions::new());
+    report(backend, shape, n, d, k, m, "encode", greedy);
+    let lambda = 0.01;
+    let variants = [
+        EncodeOptions::new().with_lambda(lambda),
+        EncodeOptions::new().with_lambda(lambda).with_rd_depth(true),
+        EncodeOptions::new().with_lambda(lambda).with_beam(2),
+        EncodeOptions::new().with_lambda(lambda).with_beam(4),
+        EncodeOptions::new().with_lambda(lambda).with_beam(8),
+        EncodeOptions::new()
+            .with_lambda(lambda)
+            .with_beam(4)
+            .with_rd_depth(true),
+    ];
+    for options in variants {
+        let seconds = time(&options);
+        println!(
+            "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"n\":{n},\"d\":{d},\"k\":{k},\"m\":{m},\
+             \"operation\":\"encode_rd\",\"lambda\":{lambda},\"beam\":{},\"rd_depth\":{},\
+             \"median_seconds\":{seconds:.6},\"greedy_seconds\":{greedy:.6},\"ratio_to_greedy\":{:.3}}}",
+            options.beam,
+            options.rd_depth,
+            seconds / greedy
+        );
     }
 }

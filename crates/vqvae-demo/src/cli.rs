@@ -8,6 +8,7 @@ use rvq_burn::CodebookSizes;
 use crate::backend::Backend;
 use crate::codec::CompressOptions;
 use crate::error::DemoError;
+use crate::rd_curve::RdCurveOptions;
 use crate::training::TrainingConfig;
 
 /// Usage text.
@@ -15,7 +16,8 @@ pub const USAGE: &str = "\
 Train a VQ-VAE with rvq-burn's residual quantizer on MNIST.
 
 USAGE: cargo run --release --example train -- [FLAGS]
-       cargo run --release --example train -- compress|decompress [FLAGS]   (see compress --help)
+       cargo run --release --example train -- compress|decompress|rd-curve [FLAGS]
+                                                        (see compress --help)
 
   --config FILE        start from this TrainingConfig (e.g. an earlier OUT/config.json)
   --epochs N           passes over the training set            (default 20)
@@ -58,6 +60,7 @@ Use a trained run as an image codec: digits -> entropy-coded codes -> digits.
 
 USAGE: cargo run --release --example train -- compress [FLAGS]
        cargo run --release --example train -- decompress --in FILE [FLAGS]
+       cargo run --release --example train -- rd-curve [FLAGS]
 
   --run DIR            the training run to use (config.json, checkpoint/)  (default runs/vqvae)
 compress:
@@ -70,7 +73,11 @@ compress:
 decompress:
   --in FILE            the stream to decode                     (required)
   --png FILE           the decoded digits                       (default RUN/decompressed.png)
-both:
+rd-curve: the validation digits coded by greedy prefixes of 1..M levels and by
+rate-distortion encoding (a sweep of lambda, beams 1 and 4, a depth per latent)
+  --images N           only the first N validation digits
+  --out DIR            where rd_curve.jsonl and rd_curve.png go  (default RUN)
+all:
   --backend NAME       flex, ndarray (with --features ndarray), tch (with --features tch),
                        wgpu (with --features wgpu)
   --help               this text
@@ -81,6 +88,8 @@ both:
 pub enum CodecCommand {
     /// `compress`.
     Compress(CompressOptions),
+    /// `rd-curve`.
+    RdCurve(RdCurveOptions),
     /// `decompress`.
     Decompress {
         /// The training run.
@@ -113,18 +122,19 @@ pub fn parse_codec(
     let (mut out, mut input, mut png, mut backend, mut help) =
         (None, None, None, Backend::default(), false);
     let compress = command == "compress";
+    let rd = command == "rd-curve";
     let mut iter = args.into_iter();
     while let Some(flag) = iter.next() {
         let path = |raw: Option<String>| value::<String>(&flag, raw).map(PathBuf::from);
         match flag.as_str() {
             "--run" => run = path(iter.next())?,
-            "--png" => png = Some(path(iter.next())?),
+            "--png" if !rd => png = Some(path(iter.next())?),
             "--backend" => backend = value::<String>(&flag, iter.next())?.parse()?,
             "--help" | "-h" => help = true,
             "--idx" if compress => idx = Some(path(iter.next())?),
-            "--images" if compress => images = Some(value::<usize>(&flag, iter.next())?),
+            "--images" if compress || rd => images = Some(value::<usize>(&flag, iter.next())?),
             "--levels" if compress => levels = Some(value::<usize>(&flag, iter.next())?),
-            "--out" if compress => out = Some(path(iter.next())?),
+            "--out" if compress || rd => out = Some(path(iter.next())?),
             "--in" if !compress => input = Some(path(iter.next())?),
             other => {
                 return Err(DemoError::Config(format!(
@@ -133,7 +143,16 @@ pub fn parse_codec(
             }
         }
     }
-    let command = if compress {
+    let command = if rd {
+        if images == Some(0) {
+            return Err(DemoError::Config("rd-curve: --images must be >= 1".into()));
+        }
+        CodecCommand::RdCurve(RdCurveOptions {
+            out: out.unwrap_or_else(|| run.clone()),
+            run,
+            images,
+        })
+    } else if compress {
         if images == Some(0) || levels == Some(0) {
             return Err(DemoError::Config(
                 "compress: --images and --levels must be >= 1".into(),

@@ -14,7 +14,8 @@
 //! - [`profile`]: the parts of a training step, for the step profile.
 //! - [`report`]: the pictures (digits, codebook usage, training curves); [`progress`]: the
 //!   progress bar.
-//! - [`codec`]: the trained model as an image codec (`compress`, `decompress`).
+//! - [`codec`]: the trained model as an image codec (`compress`, `decompress`);
+//!   [`rd_curve`]: its rate-distortion curve (`rd-curve`).
 //! - [`cli`], [`backend`]: command line and device.
 #![warn(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod model;
 pub mod profile;
 pub mod progress;
+pub mod rd_curve;
 pub mod report;
 pub mod training;
 
@@ -38,10 +40,13 @@ use error::DemoError;
 use training::RunOptions;
 
 /// Runs the demo for the command-line `args` (without the program name): training (on one
-/// device, or on several with `--devices N`), or the `compress`/`decompress` commands.
+/// device, or on several with `--devices N`), or the `compress`/`decompress`/`rd-curve`
+/// commands.
 pub fn run(args: impl IntoIterator<Item = String>) -> Result<(), DemoError> {
     let mut args: Vec<String> = args.into_iter().collect();
-    if let Some(command @ ("compress" | "decompress")) = args.first().map(String::as_str) {
+    if let Some(command @ ("compress" | "decompress" | "rd-curve")) =
+        args.first().map(String::as_str)
+    {
         let command = command.to_string();
         args.remove(0);
         return run_codec(&command, args);
@@ -117,6 +122,15 @@ fn run_codec(command: &str, args: Vec<String>) -> Result<(), DemoError> {
                 "{images} digits from {} ({bits:.1} bits per digit); wrote {}",
                 input.display(),
                 picture.display()
+            );
+        }
+        cli::CodecCommand::RdCurve(options) => {
+            let curve = rd_curve::rd_curve(&options, &device)?;
+            println!("{}", curve.summary());
+            println!(
+                "wrote {} and {}",
+                options.out.join("rd_curve.jsonl").display(),
+                options.out.join("rd_curve.png").display()
             );
         }
     }

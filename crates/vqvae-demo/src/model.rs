@@ -205,9 +205,11 @@ impl VqVae {
     /// images `[batch, 1, 28, 28]`.
     pub fn decode_codes(&self, codes: &[Tensor<1, Int>], batch: usize) -> Tensor<4> {
         let latent = self.quantizer.embedding_dim();
+        // Codes past a latent's depth (a rate-distortion stream) are -1.
         let latents = self
             .quantizer
-            .decode(codes, [batch, LATENT_SIDE, LATENT_SIDE, latent]);
+            .try_decode_partial(codes, [batch, LATENT_SIDE, LATENT_SIDE, latent])
+            .unwrap_or_else(|error| panic!("{error}"));
         self.decode(latents)
     }
 }

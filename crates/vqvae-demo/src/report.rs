@@ -128,7 +128,7 @@ pub fn write_digit_rows(path: &Path, rows: &[&[u8]]) -> Result<(), DemoError> {
 }
 
 /// The font of every chart: DejaVu Sans, embedded (no system font needed).
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Registers the embedded font with plotters, once per process.
 fn register_font() -> Result<(), DemoError> {
@@ -145,10 +145,10 @@ fn register_font() -> Result<(), DemoError> {
 }
 
 /// What drawing a chart may fail with.
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draws a `width x height` chart with `draw` and writes it to `path` as an RGB PNG.
-fn write_chart(
+pub(crate) fn write_chart(
     path: &Path,
     (width, height): (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult,

@@ -147,8 +147,9 @@ pub fn indices_to_device(indices: &[Vec<u32>], device: &Device) -> Vec<Tensor<1,
 }
 
 /// Codes from [`EmaResidualVectorQuantizer::try_encode_with`] (in range, or `-1` past a
-/// vector's depth) to host lists, `-1` as [`ABSENT`].
-fn codes_to_host(codes: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
+/// vector's depth) to host lists for [`EntropyModels::compress`], `-1` as [`ABSENT`]. (For a
+/// masked forward's indices, whose `-1` is padding, use [`indices_to_host`].)
+pub fn codes_to_host(codes: Vec<Tensor<1, Int>>) -> Vec<Vec<u32>> {
     codes
         .into_iter()
         .map(|level| {
