@@ -1,6 +1,6 @@
 //! Writes seed inputs for the fuzz targets (`fuzz/run.sh`): a quantizer checkpoint of the
-//! configuration the `checkpoint` target loads into, and a compressed stream for the models
-//! the `stream` target decodes with.
+//! configuration the `checkpoint` target loads into, and compressed streams (format versions 1
+//! and 2) for the models the `stream` target decodes with.
 //!
 //! ```sh
 //! cargo run -p rvq-burn --example fuzz_seeds -- fuzz/corpus
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
+use rvq_burn::coding::ABSENT;
 use rvq_burn::{CodebookRule, EmaResidualVectorQuantizerConfig, EntropyModels};
 
 fn main() {
@@ -44,6 +45,16 @@ fn main() {
             vec![2, 2, 2],
         ),
         ("one-level", vec![vec![3, 0, 0]], vec![3, 2]),
+        // Format version 2: vectors that stop after 1, 2 and 3 levels.
+        (
+            "depths",
+            vec![
+                vec![0, 1, 0, 15],
+                vec![4, ABSENT, 2, 1],
+                vec![0, ABSENT, ABSENT, 0],
+            ],
+            vec![2, 2, 2],
+        ),
     ] {
         let bytes = models.compress(&indices, &shape).expect("valid codes");
         std::fs::write(dir.join(format!("stream/{name}.rvqz")), bytes).expect("stream written");

@@ -397,7 +397,7 @@ fn depth_model(counts: &[u32], num_vectors: usize) -> DefaultContiguousCategoric
         .map(|&count| f64::from(count) / num_vectors as f64)
         .collect();
     DefaultContiguousCategoricalEntropyModel::from_nonzero_fixed_point_probabilities(
-        &fixed_point_probabilities(&probabilities),
+        fixed_point_probabilities(&probabilities),
         false,
     )
     .expect("the table sums to 2^24 with every entry >= 1")

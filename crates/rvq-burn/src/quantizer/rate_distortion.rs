@@ -365,8 +365,8 @@ impl Search<'_> {
             });
             let first = if options.rd_depth { 0 } else { stop };
             let mut best: Option<(usize, usize, f64)> = None;
-            for level in first..=stop {
-                for j in 0..trellis[level].live {
+            for (level, at) in trellis.iter().enumerate().take(stop + 1).skip(first) {
+                for j in 0..at.live {
                     // A NaN cost (a NaN input) ranks last; strict: equal costs keep the
                     // shallower level and the lower candidate.
                     let c = match cost(level, j) {
