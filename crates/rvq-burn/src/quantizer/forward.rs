@@ -241,18 +241,7 @@ impl EmaResidualVectorQuantizer {
         indices: &[Tensor<1, Int>],
         shape: [usize; R],
     ) -> Result<Tensor<R>, RvqError> {
-        let num_vectors = self.check_input(&shape)?;
-        self.check_num_levels(Some(indices.len()))?;
-        for (level, level_indices) in indices.iter().enumerate() {
-            let [len] = level_indices.dims();
-            if len != num_vectors {
-                return Err(RvqError::IndicesLength {
-                    level,
-                    expected: num_vectors,
-                    got: len,
-                });
-            }
-        }
+        let num_vectors = self.check_codes(indices, &shape)?;
         let device = indices[0].device().without_autodiff();
         if num_vectors == 0 {
             return Ok(Tensor::zeros(shape, &device));

@@ -23,7 +23,7 @@ mod forward;
 mod rate_distortion;
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
@@ -242,6 +242,24 @@ impl EmaResidualVectorQuantizer {
                 shape: shape.to_vec(),
             }),
         }
+    }
+
+    /// Checks codes for a decode into `shape` (`[..., D]`): `1..=M` levels, each of `N`
+    /// indices; returns `N`.
+    fn check_codes(&self, indices: &[Tensor<1, Int>], shape: &[usize]) -> Result<usize, RvqError> {
+        let num_vectors = self.check_input(shape)?;
+        self.check_num_levels(Some(indices.len()))?;
+        for (level, level_indices) in indices.iter().enumerate() {
+            let [len] = level_indices.dims();
+            if len != num_vectors {
+                return Err(RvqError::IndicesLength {
+                    level,
+                    expected: num_vectors,
+                    got: len,
+                });
+            }
+        }
+        Ok(num_vectors)
     }
 
     /// `requested` levels if in `1..=M` (all of them for `None`).

@@ -134,18 +134,7 @@ impl EmaResidualVectorQuantizer {
         indices: &[Tensor<1, Int>],
         shape: [usize; R],
     ) -> Result<Tensor<R>, RvqError> {
-        let num_vectors = self.check_input(&shape)?;
-        self.check_num_levels(Some(indices.len()))?;
-        for (level, level_indices) in indices.iter().enumerate() {
-            let [len] = level_indices.dims();
-            if len != num_vectors {
-                return Err(RvqError::IndicesLength {
-                    level,
-                    expected: num_vectors,
-                    got: len,
-                });
-            }
-        }
+        let num_vectors = self.check_codes(indices, &shape)?;
         if num_vectors == 0 {
             return self.try_decode(indices, shape);
         }
