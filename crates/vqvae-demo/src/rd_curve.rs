@@ -149,15 +149,13 @@ impl RdCurve {
 /// The points no other point beats at a lower or equal rate: `(bits per pixel, PSNR)`, by
 /// rate, PSNR rising.
 fn frontier(line: &[&RdPoint]) -> Vec<(f64, f64)> {
-    let mut best = f64::NEG_INFINITY;
-    line.iter()
-        .filter_map(|p| {
-            (p.psnr_db > best).then(|| {
-                best = p.psnr_db;
-                (p.bits_per_pixel, p.psnr_db)
-            })
-        })
-        .collect()
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    for p in line {
+        if points.last().is_none_or(|&(_, best)| p.psnr_db > best) {
+            points.push((p.bits_per_pixel, p.psnr_db));
+        }
+    }
+    points
 }
 
 /// `y` at `x` on the polyline `points` (rising in `x` and in `y`), if within its range.
@@ -360,7 +358,7 @@ fn write_rd_chart(path: &Path, curve: &RdCurve) -> Result<(), DemoError> {
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
-            chart.draw_series(line.iter().map(|p| Circle::new(at(&p), 4, color.filled())))?;
+            chart.draw_series(line.iter().map(|p| Circle::new(at(p), 4, color.filled())))?;
         }
         chart
             .configure_series_labels()
