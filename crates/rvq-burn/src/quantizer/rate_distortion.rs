@@ -140,12 +140,12 @@ impl EmaResidualVectorQuantizer {
         }
         let device = indices[0].device().without_autodiff();
         let codes: Vec<Vec<i64>> = indices.iter().cloned().map(host_ints).collect();
-        check_depths(&codes, &self.sizes())?;
+        let sizes = self.sizes();
+        check_depths(&codes, &sizes)?;
         if codes.iter().all(|level| level.iter().all(|&c| c >= 0)) {
             return self.try_decode(indices, shape);
         }
         // An absent code is a row of zeros after the codebook: adding it changes no float.
-        let sizes = self.sizes();
         let padded: Vec<Tensor<1, Int>> = codes
             .into_iter()
             .zip(&sizes)

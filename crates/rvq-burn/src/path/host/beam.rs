@@ -1,17 +1,15 @@
 //! The host path's step of a beam search ([`LevelPath::expand`](crate::path::LevelPath)):
 //! per tile of whole vectors (one rayon task each), the `-2 e.r` products of every candidate
 //! and code in one `gemm` ([`product`]), then, vector by vector, the `B` least costs
-//! `(-2 r.e_c + (||e_c||^2 + penalty_c)) + (||r||^2 + base)` over its `B K` pairs, kept
+//! `(-2 r.e_c + (||e_c||^2 + penalty_c)) + (||r||^2 + base)` over its `B K` pairs (tiles of
+//! the search's size, so the products stay in the core's cache), kept
 //! sorted in a list of `B` (a strict `<`, so equal costs keep the lower `b K + c`, as the
 //! tensor path's repeated argmin does).
 
 use rayon::prelude::*;
 
-use super::search::{HostCodebook, product, squared_norm};
+use super::search::{HostCodebook, TILE_ELEMENTS, product, squared_norm};
 use crate::path::Expansion;
-
-/// Products per task (as the search's tiles: they stay in the core's cache).
-const TILE_ELEMENTS: usize = 1 << 16;
 
 /// The `beam` cheapest continuations of each vector's `beam` candidates in `candidates`
 /// `[N B, D]` (row-major) with costs so far `base` `[N B]`, by `codebook` (whose norms hold

@@ -85,10 +85,7 @@ impl LevelPath for HostPath {
         rows: &mut HostRows,
         work: Work,
     ) -> LevelPass {
-        let mut codebook = HostCodebook::new(&codebook);
-        if let Some(penalty) = penalty {
-            codebook.add_penalty(&host_floats(penalty));
-        }
+        let codebook = HostCodebook::priced(&codebook, penalty);
         let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
         // The per-code sums need the level's input after the search: the next residual
         // goes to the spare buffer then, else over the rows.
@@ -143,10 +140,7 @@ impl LevelPath for HostPath {
         base: &[f32],
         beam: usize,
     ) -> Expansion {
-        let mut codebook = HostCodebook::new(&codebook);
-        if let Some(penalty) = penalty {
-            codebook.add_penalty(&host_floats(penalty));
-        }
+        let codebook = HostCodebook::priced(&codebook, penalty);
         beam::expand(&codebook, &host_floats(candidates), base, beam)
     }
 

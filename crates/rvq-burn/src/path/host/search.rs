@@ -20,7 +20,7 @@ use crate::util::host_floats;
 /// Products per tile: 256 KiB of f32, half of a typical core's L2, so the product stays in
 /// cache between the product and the argmin (the tile size was chosen by the `encode`
 /// benchmark: README, Benchmarks).
-const TILE_ELEMENTS: usize = 1 << 16;
+pub(super) const TILE_ELEMENTS: usize = 1 << 16;
 
 /// Fewest rows per tile: below this the product's packing of the codebook dominates.
 const MIN_TILE_ROWS: usize = 16;
@@ -50,14 +50,20 @@ impl HostCodebook {
         }
     }
 
-    /// Adds `penalty` `[K]` to the norms: the search then minimizes
-    /// `||r - e_c||^2 + penalty_c`.
-    pub(crate) fn add_penalty(&mut self, penalty: &[f32]) {
-        assert_eq!(penalty.len(), self.num_embeddings, "one penalty per code");
-        self.norms
-            .iter_mut()
-            .zip(penalty)
-            .for_each(|(norm, p)| *norm += p);
+    /// [`HostCodebook::new`] with `penalty` `[K]` (if any) added to the norms: the search
+    /// then minimizes `||r - e_c||^2 + penalty_c`.
+    pub(crate) fn priced(codebook: &Tensor<2>, penalty: Option<Tensor<1>>) -> Self {
+        let mut priced = Self::new(codebook);
+        if let Some(penalty) = penalty {
+            let penalty = host_floats(penalty);
+            assert_eq!(penalty.len(), priced.num_embeddings, "one penalty per code");
+            priced
+                .norms
+                .iter_mut()
+                .zip(&penalty)
+                .for_each(|(norm, p)| *norm += p);
+        }
+        priced
     }
 
     /// The squared norms (with any penalty added), `[K]`.
