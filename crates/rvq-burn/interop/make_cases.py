@@ -53,6 +53,24 @@ CASES = [
     # `after` (EnCodec's next update starts from the inconsistent sums, and so differs).
     ("encodec_fresh_init_m3_k32_d8", "encodec", "original", "quantizer.vq.", 3, 32, 8, 0.99, 1e-5,
      {"fresh_init": True}),
+    # vector-quantize-pytorch's `codebook_dim` (learned projections in and out, the state in
+    # the codebooks' space) and `use_cosine_sim` (L2-normalized residuals and codes). The
+    # one-level cases also record the gradients of the `after` forward (one level: its
+    # per-level straight-through estimator is the layer's single one).
+    ("vqp_proj_m3_k64_d16_c4", "vqp", "original", "quantizer.", 3, 64, 16, 0.8, 1e-5,
+     {"codebook_dim": 4}),
+    ("vqp_cosine_m3_k64_d8", "vqp", "original", "", 3, 64, 8, 0.8, 1e-5, {"cosine": True}),
+    ("vqp_proj_cosine_m2_k32_d12_c6", "vqp", "original", "", 2, 32, 12, 0.9, 1e-5,
+     {"codebook_dim": 6, "cosine": True}),
+    ("vqp_proj_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
+     {"codebook_dim": 6, "gradients": True}),
+    ("vqp_proj_cosine_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
+     {"codebook_dim": 6, "cosine": True, "gradients": True}),
+    # The same without the rotation trick: the plain straight-through estimator.
+    ("vqp_proj_ste_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
+     {"codebook_dim": 6, "gradients": True, "rotation_trick": False}),
+    ("vqp_proj_cosine_ste_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
+     {"codebook_dim": 6, "cosine": True, "gradients": True, "rotation_trick": False}),
 ]
 
 
@@ -70,7 +88,14 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
     torch.manual_seed(zlib.crc32(name.encode()))
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
     centers = torch.randn(3 * k, d, generator=generator)
-    codec = Codec(layout, levels, k, d, decay, epsilon, extra.get("dead_code"))
+    codebook_dim, cosine = extra.get("codebook_dim"), extra.get("cosine", False)
+    codec = Codec(layout, levels, k, d, decay, epsilon, extra.get("dead_code"),
+                  codebook_dim=codebook_dim, cosine=cosine,
+                  rotation_trick=extra.get("rotation_trick"))
+    # Centres in the space the codebooks search: the model's, or through a projection that
+    # keeps their spread.
+    if codebook_dim is not None:
+        centers = centers * 2.0
     fresh = extra.get("fresh_init", False)
     if fresh:
         codec.eval_forward(clustered(generator, centers, 512))
@@ -84,6 +109,7 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
     codes = codec.encode(inputs)
     quantized = codec.decode(codes)
     expired = None
+    gradients = None
     after_steps = 1
     if not fresh:
         if layout == "mimi" and "dead_code" in extra:
@@ -94,6 +120,8 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
             for _ in range(after_steps - 1):
                 codec.train_step(inputs)
             expired = record_expired(codec, inputs)
+        elif extra.get("gradients"):
+            gradients = record_gradients(codec, inputs, generator)
         else:
             codec.train_step(inputs)
     after = codec.state()
@@ -133,6 +161,12 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
         "codes": codes.tolist(),
         "quantized": floats(quantized),
     }
+    if codebook_dim is not None:
+        case["codebook_dim"] = codebook_dim
+    if cosine:
+        case["cosine"] = True
+    if gradients is not None:
+        case["gradients"] = gradients
     if fresh:
         case["rebuilt_levels"] = list(range(levels))
     if expired is not None:
@@ -143,6 +177,27 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
         f.write("\n")
     summary = f"expired per level {[len(e) for e in expired]}" if expired else ""
     print(f"{name}: {layout} ({style}), {levels} levels, K={k}, D={d} {summary}")
+
+
+def record_gradients(codec, inputs, generator):
+    """Runs the training forward with gradients: `sum(output * output_grad) + sum(losses)`
+    (commitment weight 1) back-propagated to the input and the projections. The estimator is
+    vector-quantize-pytorch's default: the rotation trick when the codebooks' dim is > 1."""
+    module = codec.module
+    module.train()
+    module.zero_grad()
+    x = inputs[None].clone().requires_grad_(True)
+    quantized, _, losses = module(x)
+    output_grad = torch.randn(quantized.shape[1:], generator=generator)
+    ((quantized[0] * output_grad).sum() + losses.sum()).backward()
+    grads = {"output_grad": floats(output_grad), "output": floats(quantized[0].detach()),
+             "loss": float(losses.sum().detach()), "commitment_weight": 1.0,
+             "rotation_trick": bool(module.layers[0].rotation_trick), "input": floats(x.grad[0])}
+    for name in ("project_in", "project_out"):
+        layer = getattr(module, name)
+        grads[f"{name}.weight"] = floats(layer.weight.grad)
+        grads[f"{name}.bias"] = [float(v) for v in layer.bias.grad]
+    return grads
 
 
 def record_expired(codec, inputs):

@@ -70,7 +70,8 @@ def from_transformers(layout, state):
 class Codec:
     """One layout's residual quantizer, with `train_step`, `encode` and `decode` on rows `[N, D]`."""
 
-    def __init__(self, layout, num_levels, codebook_size, dim, decay, epsilon, dead_code=None):
+    def __init__(self, layout, num_levels, codebook_size, dim, decay, epsilon, dead_code=None,
+                 codebook_dim=None, cosine=False, rotation_trick=None):
         self.layout = layout
         self.dim = dim
         if layout == "encodec":
@@ -92,7 +93,8 @@ class Codec:
 
             self.module = ResidualVQ(
                 dim=dim, num_quantizers=num_levels, codebook_size=codebook_size, decay=decay,
-                eps=epsilon, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=0)
+                eps=epsilon, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=0,
+                codebook_dim=codebook_dim, use_cosine_sim=cosine, rotation_trick=rotation_trick)
         else:
             raise ValueError(f"unknown layout {layout!r}")
 

@@ -256,6 +256,23 @@ pub struct EmaResidualVectorQuantizerConfig {
     /// forward value is unchanged (bit for bit). Default: false (the reference's estimator).
     #[config(default = false)]
     pub rotation_trick: bool,
+    /// Dimension of the codebooks' space, when it differs from `embedding_dim`: a learned
+    /// projection (a linear layer with bias, trainable like any parameter) takes the input
+    /// into it before the first level and another takes the sum of the codes back out
+    /// (vector-quantize-pytorch's `codebook_dim`, ViT-VQGAN's factorized codes). The EMA
+    /// state, the commitment loss and the straight-through estimator live in the codebooks'
+    /// space; codes, `decode` and the output are in the model's. At least 1; equal to
+    /// `embedding_dim` means no projection, as in vector-quantize-pytorch. Default: none.
+    #[config(default = "None")]
+    pub codebook_dim: Option<usize>,
+    /// Cosine-similarity codebooks (vector-quantize-pytorch's `use_cosine_sim`): the residual
+    /// entering each level is L2-normalized and searched against L2-normalized codes by dot
+    /// product; the EMA runs on the normalized rows and the codebook is the normalized
+    /// smoothed mean; the level's code (of unit length) is subtracted from the
+    /// unnormalized residual; the commitment loss compares the normalized residual with its
+    /// code. k-means init and dead-code restarts use the normalized rows. Default: false.
+    #[config(default = false)]
+    pub cosine_similarity: bool,
     /// Which execution path the levels run on. Does not change any result beyond float
     /// rounding (see [`Execution`]). Default: [`Execution::Auto`].
     #[config(default = "Execution::Auto")]
@@ -266,6 +283,17 @@ impl EmaResidualVectorQuantizerConfig {
     /// The codebook size of every level.
     pub fn sizes(&self) -> Vec<usize> {
         self.num_embeddings.resolve(self.num_levels)
+    }
+
+    /// Dimension of the codebooks' space: `codebook_dim` if set, else `embedding_dim`.
+    pub fn codebook_space_dim(&self) -> usize {
+        self.codebook_dim.unwrap_or(self.embedding_dim)
+    }
+
+    /// Whether the input is projected into the codebooks' space and back
+    /// (`codebook_dim` set and not `embedding_dim`).
+    pub fn has_projection(&self) -> bool {
+        self.codebook_space_dim() != self.embedding_dim
     }
 
     /// Checks every rule; the error names the parameter, the value and the rule broken.
@@ -289,6 +317,13 @@ impl EmaResidualVectorQuantizerConfig {
                 "embedding_dim",
                 self.embedding_dim.to_string(),
                 "must be >= 1",
+            ));
+        }
+        if self.codebook_dim == Some(0) {
+            return Err(invalid(
+                "codebook_dim",
+                "0".to_string(),
+                "must be >= 1 (or absent: no projection)",
             ));
         }
         let sizes = self.sizes();
@@ -421,6 +456,8 @@ mod tests {
         assert_eq!(config.quantize_dropout, 0.0);
         assert_eq!(config.codebook_rule, CodebookRule::Laplace);
         assert_eq!(config.dead_code_rule, DeadCodeRule::AfterUpdate);
+        assert_eq!(config.codebook_dim, None);
+        assert!(!config.cosine_similarity && !config.has_projection());
         assert!(config.validate().is_ok());
     }
 
@@ -440,6 +477,7 @@ mod tests {
                 "num_embeddings",
                 "0 (in [8, 0])",
             ),
+            (config().with_codebook_dim(Some(0)), "codebook_dim", "0"),
             (config().with_beta(0.0), "beta", "0"),
             (config().with_beta(f64::NAN), "beta", "NaN"),
             (config().with_ema_decay(1.5), "ema_decay", "1.5"),

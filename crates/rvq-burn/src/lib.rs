@@ -102,7 +102,7 @@ pub use level::Statistics;
 pub use metrics::{CodebookHealth, LevelMetrics, RvqMetrics};
 pub use options::{EncodeOptions, ForwardOptions, Mask};
 pub use output::RvqOutput;
-pub use quantizer::EmaResidualVectorQuantizer;
+pub use quantizer::{EmaResidualVectorQuantizer, Projection};
 
 /// The crate README's example, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -72,3 +72,16 @@ pub(crate) fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
     Tensor::from_data(TensorData::new(values, [len]), device)
 }
+
+/// Each row of `rows` `[N, D]` over its L2 norm, norms below 1e-6 taken as 1e-6 (PyTorch's
+/// `F.normalize(eps=1e-6)`, vector-quantize-pytorch's `l2norm`): the cosine codebooks'
+/// normalization, of inputs and codes alike.
+pub(crate) fn unit_rows(rows: Tensor<2>) -> Tensor<2> {
+    let norms = rows
+        .clone()
+        .powi_scalar(2)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-6); // [N, 1]
+    rows.div(norms)
+}

@@ -41,6 +41,36 @@ struct Case {
     /// Training forwards on `input` from `before` to `after` (1 unless given).
     #[serde(default = "one")]
     after_steps: usize,
+    /// vector-quantize-pytorch's `codebook_dim` (its projections' size); absent: none.
+    #[serde(default)]
+    codebook_dim: Option<usize>,
+    /// vector-quantize-pytorch's `use_cosine_sim`.
+    #[serde(default)]
+    cosine: bool,
+    /// The `after` forward's output and gradients, as the codec computed them.
+    #[serde(default)]
+    gradients: Option<Gradients>,
+}
+
+/// The `after` training forward with gradients: `sum(output * output_grad) + loss`
+/// back-propagated (commitment weight `commitment_weight`). Weights in PyTorch's `[out, in]`.
+#[derive(Debug, Deserialize)]
+struct Gradients {
+    output_grad: Vec<Vec<f32>>,
+    output: Vec<Vec<f32>>,
+    loss: f32,
+    commitment_weight: f64,
+    /// The estimator: the rotation trick (vector-quantize-pytorch's default) or not.
+    rotation_trick: bool,
+    input: Vec<Vec<f32>>,
+    #[serde(rename = "project_in.weight")]
+    project_in_weight: Vec<Vec<f32>>,
+    #[serde(rename = "project_in.bias")]
+    project_in_bias: Vec<f32>,
+    #[serde(rename = "project_out.weight")]
+    project_out_weight: Vec<Vec<f32>>,
+    #[serde(rename = "project_out.bias")]
+    project_out_bias: Vec<f32>,
 }
 
 fn one() -> usize {
@@ -90,7 +120,14 @@ fn quantizer(
             .with_execution(execution)
             .with_ema_decay(case.decay)
             .with_epsilon(case.epsilon)
-            .with_codebook_rule(layout.codebook_rule());
+            .with_codebook_rule(layout.codebook_rule())
+            .with_codebook_dim(case.codebook_dim)
+            .with_cosine_similarity(case.cosine);
+    if let Some(gradients) = &case.gradients {
+        config = config
+            .with_beta(gradients.commitment_weight)
+            .with_rotation_trick(gradients.rotation_trick);
+    }
     if let Some(dead) = &case.dead_code {
         config = config
             .with_threshold_ema_dead_code(dead.threshold_usage_ratio)
@@ -99,7 +136,8 @@ fn quantizer(
                 replaced_usage_ratio: dead.replaced_usage_ratio,
             });
     }
-    config.init(device)
+    // On the autodiff device: the projections are parameters with gradients.
+    config.init(&device.clone().autodiff())
 }
 
 /// The tensors of a safetensors file: name -> (dtype, shape, values as f32).
@@ -184,7 +222,7 @@ fn replay_case(path: &Path, device: &Device, execution: Execution) -> Result<(),
     }
     let layout: Layout = case.layout.parse().map_err(|e: RvqError| e.to_string())?;
     let state = PytorchState::new(layout).with_prefix(case.prefix.clone());
-    let rvq = quantizer(&case, layout, device, execution);
+    let mut rvq = quantizer(&case, layout, device, execution);
     let before_path = dir.join(&case.before);
     let report = rvq
         .try_import_pytorch(&before_path, &state)
@@ -271,7 +309,10 @@ fn replay_case(path: &Path, device: &Device, execution: Execution) -> Result<(),
             ));
         }
     }
-    let out = rvq.forward(x);
+    let out = rvq.forward(x.clone());
+    if let Some(gradients) = &case.gradients {
+        check_gradients(&rvq, x, out.clone(), gradients)?;
+    }
     rvq.sync_state();
     if let Some(dead) = &case.dead_code {
         let want: Vec<usize> = dead.expired.iter().map(Vec::len).collect();
@@ -297,6 +338,65 @@ fn replay_case(path: &Path, device: &Device, execution: Execution) -> Result<(),
         },
     )
     .map_err(|e| format!("state after one training forward against {after_name}: {e}"))
+}
+
+/// The training forward's output, loss and gradients (to the input and the projections)
+/// against the codec's.
+fn check_gradients(
+    rvq: &EmaResidualVectorQuantizer,
+    x: Tensor<2>,
+    out: rvq_burn::RvqOutput<2>,
+    want: &Gradients,
+) -> Result<(), String> {
+    let device = x.device();
+    let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
+    compare(
+        "training output",
+        &floats(out.quantized.clone()),
+        &flat(&want.output),
+    )?;
+    compare("training loss", &floats(out.loss.clone()), &[want.loss])?;
+    let output_grad = rows(&want.output_grad, &device.clone().without_autodiff()).autodiff();
+    let total = out.quantized.mul(output_grad).sum().add(out.loss);
+    let grads = total.backward();
+    let got = x.grad(&grads).ok_or("no gradient for the input")?;
+    compare("input gradient", &floats(got), &flat(&want.input))?;
+    let projection = rvq
+        .projection()
+        .ok_or("a gradient case without projections")?;
+    for (name, layer, weight, bias) in [
+        (
+            "project_in",
+            &projection.project_in,
+            &want.project_in_weight,
+            &want.project_in_bias,
+        ),
+        (
+            "project_out",
+            &projection.project_out,
+            &want.project_out_weight,
+            &want.project_out_bias,
+        ),
+    ] {
+        let grad = layer
+            .weight
+            .val()
+            .grad(&grads)
+            .ok_or(format!("no gradient for {name}.weight"))?;
+        // Burn's [in, out] against PyTorch's [out, in].
+        compare(
+            &format!("{name}.weight gradient"),
+            &floats(grad.transpose()),
+            &flat(weight),
+        )?;
+        let bias_param = layer.bias.as_ref().ok_or(format!("{name} without bias"))?;
+        let grad = bias_param
+            .val()
+            .grad(&grads)
+            .ok_or(format!("no gradient for {name}.bias"))?;
+        compare(&format!("{name}.bias gradient"), &floats(grad), bias)?;
+    }
+    Ok(())
 }
 
 fn replay_all(backend: &str, device: &Device, execution: Execution) -> BTreeMap<String, usize> {
@@ -444,7 +544,7 @@ fn a_whole_model_pt_checkpoint_imports_through_the_pytorch_store() {
     )
     .unwrap();
     let device = Device::flex();
-    let rvq = quantizer(&case, Layout::Mimi, &device, Execution::Auto);
+    let mut rvq = quantizer(&case, Layout::Mimi, &device, Execution::Auto);
     let state = PytorchState::new(Layout::Mimi)
         .with_prefix(case.prefix.clone())
         .with_top_level_key("model");
@@ -459,7 +559,12 @@ fn a_whole_model_pt_checkpoint_imports_through_the_pytorch_store() {
 }
 
 /// The cases `bad_files` runs: a description, the file, the layout, the expected words.
-fn bad_file(rvq: &EmaResidualVectorQuantizer, path: &Path, state: &PytorchState, words: &[&str]) {
+fn bad_file(
+    rvq: &mut EmaResidualVectorQuantizer,
+    path: &Path,
+    state: &PytorchState,
+    words: &[&str],
+) {
     let before = (state_bits(rvq), rvq.steps_taken());
     let error = rvq
         .try_import_pytorch(path, state)
@@ -484,7 +589,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     let state = PytorchState::new(Layout::Encodec).with_prefix(prefix);
     let device = Device::flex();
     let config = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8);
-    let rvq = config.init(&device);
+    let mut rvq = config.init(&device);
     let key = |field: &str| format!("{prefix}layers.1._codebook.{field}");
     let edited = |name: &str, edit: &dyn Fn(&mut RawTensors)| {
         let path = dir.join(name);
@@ -497,7 +602,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         t.retain(|name, _| !name.contains("layers.3."))
     });
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &["layers.3._codebook.inited", "missing", "[0, 1, 2]"],
@@ -505,19 +610,19 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     let path = edited("no-key.safetensors", &|t| {
         t.remove(&format!("{prefix}layers.1._codebook.embed_avg"));
     });
-    bad_file(&rvq, &path, &state, &[&key("embed_avg"), "missing"]);
+    bad_file(&mut rvq, &path, &state, &[&key("embed_avg"), "missing"]);
 
     // Another K, another D: the shape in the file and the one expected.
-    let other_k = EmaResidualVectorQuantizerConfig::new(4, 32.into(), 8).init(&device);
+    let mut other_k = EmaResidualVectorQuantizerConfig::new(4, 32.into(), 8).init(&device);
     bad_file(
-        &other_k,
+        &mut other_k,
         &encodec,
         &state,
         &["layers.0._codebook.cluster_size", "[64]", "expected [32]"],
     );
-    let other_d = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 16).init(&device);
+    let mut other_d = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 16).init(&device);
     bad_file(
-        &other_d,
+        &mut other_d,
         &encodec,
         &state,
         &[
@@ -527,9 +632,9 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         ],
     );
     // More levels in the file than in the quantizer.
-    let fewer = EmaResidualVectorQuantizerConfig::new(2, 64.into(), 8).init(&device);
+    let mut fewer = EmaResidualVectorQuantizerConfig::new(2, 64.into(), 8).init(&device);
     bad_file(
-        &fewer,
+        &mut fewer,
         &encodec,
         &state,
         &["[0, 1, 2, 3]", "expected 2 levels"],
@@ -544,21 +649,21 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     };
     let path = set("nan-count.safetensors", "cluster_size", f32::NAN);
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &[&key("cluster_size"), "NaN", "code 3", ">= 0"],
     );
     let path = set("negative-count.safetensors", "cluster_size", -2.5);
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &[&key("cluster_size"), "-2.5", "code 3"],
     );
     let path = set("nan-sum.safetensors", "embed_avg", f32::NAN);
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &[&key("embed_avg"), "NaN", "code 0, dimension 3", "finite"],
@@ -567,14 +672,19 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         let key = format!("{prefix}layers.1._codebook.inited");
         t.get_mut(&key).unwrap().2 = 0f32.to_le_bytes().to_vec();
     });
-    bad_file(&rvq, &path, &state, &[&key("inited"), "is 0", "k-means"]);
+    bad_file(
+        &mut rvq,
+        &path,
+        &state,
+        &[&key("inited"), "is 0", "k-means"],
+    );
     // Integer counts: the dtype named.
     let path = edited("int-count.safetensors", &|t| {
         let entry = t.get_mut(&key("cluster_size")).unwrap();
         entry.0 = safetensors::Dtype::I32;
     });
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &[&key("cluster_size"), "I32", "floats"],
@@ -586,7 +696,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         t.insert(format!("{prefix}layers.1.codebook.cluster_size"), entry);
     });
     bad_file(
-        &rvq,
+        &mut rvq,
         &path,
         &state,
         &[
@@ -604,9 +714,9 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         let data = &mut t.get_mut(&key("embed")).unwrap().2;
         data[..4].copy_from_slice(&3e38f32.to_le_bytes());
     });
-    let small = EmaResidualVectorQuantizerConfig::new(3, 32.into(), 8).init(&device);
+    let mut small = EmaResidualVectorQuantizerConfig::new(3, 32.into(), 8).init(&device);
     bad_file(
-        &small,
+        &mut small,
         &path,
         &state,
         &["rebuilt from `embed`", "inf", "code 0"],
@@ -621,22 +731,22 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         t.get_mut(&mimi_key("embedding_sum")).unwrap().2[..4]
             .copy_from_slice(&3e38f32.to_le_bytes());
     });
-    let mimi_layer = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+    let mut mimi_layer = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
         .with_codebook_rule(CodebookRule::Clamp)
         .init(&device);
     bad_file(
-        &mimi_layer,
+        &mut mimi_layer,
         &path,
         &mimi_state,
         &[&mimi_key("embedding_sum"), "inf at code 0", "Clamp"],
     );
 
     // Another layout's file, a wrong prefix: no keys of the layout, and what was found.
-    let mimi = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+    let mut mimi = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
         .with_codebook_rule(CodebookRule::Clamp)
         .init(&device);
     bad_file(
-        &mimi,
+        &mut mimi,
         &encodec,
         &PytorchState::new(Layout::Mimi).with_prefix(prefix),
         &[
@@ -645,7 +755,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
         ],
     );
     bad_file(
-        &rvq,
+        &mut rvq,
         &encodec,
         &state.clone().with_prefix("model.quantizer."),
         &[
@@ -655,7 +765,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     );
     // A layer whose codebook rule is not the layout's.
     bad_file(
-        &mimi,
+        &mut mimi,
         &encodec,
         &state,
         &["CodebookRule::Laplace", "CodebookRule::Clamp"],
@@ -672,7 +782,7 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     let truncated = dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     bad_file(
-        &rvq,
+        &mut rvq,
         &truncated,
         &state,
         &["truncated.safetensors", "safetensors"],
@@ -680,24 +790,29 @@ fn bad_files_are_errors_that_name_the_key_and_leave_the_layer_unchanged() {
     let pt = std::fs::read(fixtures().join("mimi_m4_k64_d8.model.pt")).unwrap();
     let truncated_pt = dir.join("truncated.pt");
     std::fs::write(&truncated_pt, &pt[..pt.len() * 2 / 3]).unwrap();
-    bad_file(&rvq, &truncated_pt, &state, &["truncated.pt", "PyTorch"]);
+    bad_file(
+        &mut rvq,
+        &truncated_pt,
+        &state,
+        &["truncated.pt", "PyTorch"],
+    );
     let garbage = dir.join("garbage.pt");
     std::fs::write(&garbage, b"this is not a checkpoint at all, just some text").unwrap();
     bad_file(
-        &rvq,
+        &mut rvq,
         &garbage,
         &state,
         &["garbage.pt", "not a readable PyTorch file"],
     );
     bad_file(
-        &rvq,
+        &mut rvq,
         &dir.join("absent.pt"),
         &state,
         &["absent.pt", "cannot open"],
     );
     // A `.pt` file's missing top-level key.
     bad_file(
-        &mimi,
+        &mut mimi,
         &fixtures().join("mimi_m4_k64_d8.model.pt"),
         &PytorchState::new(Layout::Mimi).with_top_level_key("state_dict"),
         &["state_dict", "model"],
@@ -729,12 +844,12 @@ fn a_pickle_naming_a_callable_is_refused_and_never_run() {
     let marker = dir.join("pwned");
     let command = format!("echo pwned > {}", marker.display());
     let device = Device::flex();
-    let rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8).init(&device);
+    let mut rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8).init(&device);
     let state = PytorchState::new(Layout::Encodec);
-    let refused = |name: &str, bytes: Vec<u8>, global: &str| {
+    let mut refused = |name: &str, bytes: Vec<u8>, global: &str| {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
-        bad_file(&rvq, &path, &state, &[name, global, "refused"]);
+        bad_file(&mut rvq, &path, &state, &[name, global, "refused"]);
     };
     // `{"x": os.system(command)}`, a plain pickle.
     refused("malicious.pt", malicious_pickle(&command), "os.system");
@@ -767,7 +882,7 @@ fn a_pickle_naming_a_callable_is_refused_and_never_run() {
         .with_prefix("quantizer.vq.")
         .with_top_level_key("model");
     bad_file(
-        &rvq,
+        &mut rvq,
         &malicious,
         &state,
         &["malicious.pt", "posix.system", "refused"],
@@ -807,7 +922,7 @@ fn export_then_import_is_the_identity_in_every_layout_and_style() {
                     continue;
                 }
             };
-            let fresh = config.init(&device);
+            let mut fresh = config.init(&device);
             let report = fresh.try_import_safetensors_bytes(bytes, &state).unwrap();
             assert_eq!(report.key_style, style);
             assert!(report.rebuilt_levels.is_empty(), "{report}");
@@ -823,7 +938,7 @@ fn export_then_import_is_the_identity_in_every_layout_and_style() {
             }
             // The import ends any initialization: a training step of a layer configured
             // with k-means init is the EMA step of one without.
-            let plain = config.clone().with_kmeans_init(false).init(&device);
+            let mut plain = config.clone().with_kmeans_init(false).init(&device);
             plain
                 .try_import_safetensors_bytes(
                     trained.try_export_safetensors_bytes(&state).unwrap(),

@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 
 use super::layout::{Field, Layout};
-use super::{PytorchState, checkpoint_error};
+use super::{PytorchState, checkpoint_error, projection};
 use crate::error::RvqError;
 use crate::quantizer::EmaResidualVectorQuantizer;
 
@@ -48,7 +48,24 @@ impl EmaResidualVectorQuantizer {
         let key = |level: usize, field: Field| {
             layout.file_key(&state.prefix, state.key_style, level, field)
         };
-        let d = self.embedding_dim();
+        let d = self.codebook_dim();
+        if let Some(projection) = self.projection() {
+            projection::check_layout(layout)?;
+            let (inward, outward) = projection.values();
+            let (model, codebook) = (self.embedding_dim(), d);
+            let shapes = [
+                vec![codebook, model],
+                vec![codebook],
+                vec![model, codebook],
+                vec![model],
+            ];
+            let values = [inward.weight, inward.bias, outward.weight, outward.bias];
+            for ((name, shape), values) in projection::NAMES.iter().zip(shapes).zip(values) {
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let key = format!("{}{name}", state.prefix);
+                tensors.push((key, safetensors::Dtype::F32, shape, bytes));
+            }
+        }
         for (index, level) in self.levels().iter().enumerate() {
             let statistics = level.statistics(&device);
             let k = level.num_embeddings();

@@ -9,6 +9,7 @@ use burn::store::{KeyRemapper, ModuleStore, PytorchStore, SafetensorsStore, brid
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::layout::{CANONICAL, Field, KeyStyle, Layout};
+use super::projection::is_projection_key;
 use super::{EMBED_TOLERANCE, ImportReport, PytorchState, checkpoint_error, pickle};
 use crate::config::CodebookRule;
 use crate::error::RvqError;
@@ -35,7 +36,7 @@ impl EmaResidualVectorQuantizer {
     /// training forward in flight on other threads: their pending updates would be averaged
     /// into the imported state (Burn's `RunningState`).
     pub fn try_import_pytorch(
-        &self,
+        &mut self,
         path: impl AsRef<Path>,
         state: &PytorchState,
     ) -> Result<ImportReport, RvqError> {
@@ -71,7 +72,7 @@ impl EmaResidualVectorQuantizer {
     /// [`EmaResidualVectorQuantizer::try_import_pytorch`] from the bytes of a safetensors
     /// file.
     pub fn try_import_safetensors_bytes(
-        &self,
+        &mut self,
         bytes: Vec<u8>,
         state: &PytorchState,
     ) -> Result<ImportReport, RvqError> {
@@ -81,7 +82,7 @@ impl EmaResidualVectorQuantizer {
     }
 
     fn import_tensors(
-        &self,
+        &mut self,
         tensors: BTreeMap<String, burn_pack::Tensor>,
         state: &PytorchState,
         file: &str,
@@ -90,8 +91,12 @@ impl EmaResidualVectorQuantizer {
         self.check_layout(layout, file)?;
         // The remapper filed the layer's tensors as `rvq-import.{l}.{module}.{field}`.
         let mut found: BTreeMap<(usize, Field), (KeyStyle, &burn_pack::Tensor)> = BTreeMap::new();
+        let projection = self.read_projection(&tensors, state, file)?;
         let mut other_keys = 0;
         for (name, tensor) in &tensors {
+            if projection.is_some() && is_projection_key(&state.prefix, name) {
+                continue;
+            }
             match parse_canonical(name) {
                 Some((level, style, field)) => {
                     if let Some((other, _)) = found.insert((level, field), (style, tensor)) {
@@ -139,7 +144,8 @@ impl EmaResidualVectorQuantizer {
         let mut keys = Vec::new();
         let mut levels = Vec::with_capacity(num_levels);
         let (rule, epsilon) = (self.config().codebook_rule, self.config().epsilon);
-        let d = self.embedding_dim();
+        let cosine = self.config().cosine_similarity;
+        let d = self.codebook_dim();
         for (index, k) in self.sizes().into_iter().enumerate() {
             let mut read = |field: Field, shape: &[usize]| -> Result<Option<Vec<f32>>, RvqError> {
                 let key = layout.file_key(&state.prefix, key_style, index, field);
@@ -197,7 +203,9 @@ impl EmaResidualVectorQuantizer {
                         ),
                     ));
                 }
-                compare_embed(&mut level_state, &embed, d, epsilon);
+                check_geometry(&level_state, &embed, d, epsilon, cosine)
+                    .map_err(|problem| checkpoint_error(file, Some(&key(Field::Embed)), problem))?;
+                compare_embed(&mut level_state, &embed, d, epsilon, cosine);
                 if level_state.rebuilt {
                     let sum_key = format!("{} (rebuilt from `embed`)", key(Field::Sum));
                     let keys = (key(Field::Count), sum_key);
@@ -214,6 +222,13 @@ impl EmaResidualVectorQuantizer {
             levels.push(level_state);
         }
         // Everything is checked: replace the state.
+        if let Some(values) = &projection {
+            let current = self
+                .projection()
+                .expect("read only for a layer with projections");
+            let replaced = current.with_values((&values.0, &values.1));
+            self.set_projection(replaced);
+        }
         let device = self.state_device();
         for (index, (k, read)) in self.sizes().into_iter().zip(&levels).enumerate() {
             let count = Tensor::<1>::from_data(TensorData::new(read.count.clone(), [k]), &device);
@@ -483,17 +498,31 @@ fn check_codebook(
     Ok(())
 }
 
-/// Compares the stored `embed` with the codebook the Laplace rule derives from the
-/// statistics (the layouts that store `embed` use it), and rebuilds the sums from `embed`
-/// when they differ by more than [`EMBED_TOLERANCE`].
-fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64) {
+/// The codebook the Laplace rule derives from a level's statistics (the layouts that store
+/// `embed` use it), in f64 from the f32 divisions, each row L2-normalized with `cosine`.
+fn derived_codebook(level: &LevelState, d: usize, epsilon: f64, cosine: bool) -> Vec<f64> {
     let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
-    let mut worst = 0.0f64;
+    let mut derived: Vec<f64> = Vec::with_capacity(level.sum.len());
     for (code, &c) in smoothed.iter().enumerate() {
-        let row = code * d..(code + 1) * d;
+        let row: Vec<f64> = level.sum[code * d..(code + 1) * d]
+            .iter()
+            .map(|&m| f64::from(m / c))
+            .collect();
+        let scale = match cosine {
+            true => 1.0 / row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-6),
+            false => 1.0,
+        };
+        derived.extend(row.iter().map(|v| v * scale));
+    }
+    derived
+}
+
+/// The largest per-code relative difference between `embed` and `derived`.
+fn largest_difference(embed: &[f32], derived: &[f64], d: usize) -> f64 {
+    let mut worst = 0.0f64;
+    for (stored, derived) in embed.chunks_exact(d).zip(derived.chunks_exact(d)) {
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for (&m, &e) in level.sum[row.clone()].iter().zip(&embed[row]) {
-            let derived = f64::from(m / c);
+        for (&e, &derived) in stored.iter().zip(derived) {
             diff += (derived - f64::from(e)).powi(2);
             norm += f64::from(e).powi(2);
         }
@@ -504,6 +533,62 @@ fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64) 
             f64::INFINITY
         });
     }
+    worst
+}
+
+/// A stored `embed` of the other geometry than the layer's: unit rows that are the
+/// normalized smoothed means (a cosine codebook, vector-quantize-pytorch's
+/// `use_cosine_sim`) into a Euclidean layer, or rows not of unit length into a cosine one.
+fn check_geometry(
+    level: &LevelState,
+    embed: &[f32],
+    d: usize,
+    epsilon: f64,
+    cosine: bool,
+) -> Result<(), String> {
+    let norm = |row: &[f32]| {
+        row.iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    if cosine {
+        if let Some((code, row)) = embed
+            .chunks_exact(d)
+            .enumerate()
+            .find(|(_, row)| (norm(row) - 1.0).abs() > 1e-4)
+        {
+            return Err(format!(
+                "holds a code of length {} (code {code}): a Euclidean codebook, expected codes of \
+                 unit length for this layer with cosine_similarity = true (configure it as the \
+                 codec was: vector-quantize-pytorch's use_cosine_sim)",
+                norm(row)
+            ));
+        }
+        return Ok(());
+    }
+    let unit = embed
+        .chunks_exact(d)
+        .all(|row| (norm(row) - 1.0).abs() <= 1e-4);
+    let euclidean = largest_difference(embed, &derived_codebook(level, d, epsilon, false), d);
+    let normalized = largest_difference(embed, &derived_codebook(level, d, epsilon, true), d);
+    if unit && euclidean > EMBED_TOLERANCE && normalized <= EMBED_TOLERANCE {
+        return Err(format!(
+            "holds a cosine codebook (codes of unit length, the normalized smoothed means of the \
+             stored sums, {euclidean:.2e} from the means themselves), expected a Euclidean one \
+             for this layer: configure it with `.with_cosine_similarity(true)` (the codec's \
+             use_cosine_sim)"
+        ));
+    }
+    Ok(())
+}
+
+/// Compares the stored `embed` with the codebook the Laplace rule derives from the
+/// statistics (normalized for cosine codebooks), and rebuilds the sums from `embed` when they
+/// differ by more than [`EMBED_TOLERANCE`].
+fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64, cosine: bool) {
+    let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
+    let worst = largest_difference(embed, &derived_codebook(level, d, epsilon, cosine), d);
     level.embed_difference = Some(worst);
     if worst > EMBED_TOLERANCE {
         for (code, &c) in smoothed.iter().enumerate() {

@@ -48,6 +48,7 @@ mod export;
 mod import;
 mod layout;
 mod pickle;
+mod projection;
 
 use std::fmt;
 

@@ -4,11 +4,13 @@
 use burn::tensor::Tensor;
 
 use super::Statistics;
-use crate::path::{LevelPath, Rows, Work};
-use crate::util::{SplitMix64, int_tensor};
+use crate::path::{LevelPath, Pricing, Rows, Work};
+use crate::util::{SplitMix64, int_tensor, unit_rows};
 
 /// k-means (Lloyd, `iterations` steps) of the rows of `data` `[N, D]` into `K` clusters,
 /// returned as a consistent EMA state (counts = cluster sizes, sums = centroid x size).
+/// With `cosine` (rows of unit length), spherical k-means: rows assigned by dot product and
+/// centroids L2-normalized, as vector-quantize-pytorch's `kmeans(use_cosine_sim=True)`.
 ///
 /// Centroids start on distinct rows chosen by a fixed hash (deterministic); a cluster
 /// that empties is re-seeded on another row. A cluster still empty at the end (possible
@@ -18,6 +20,7 @@ pub(crate) fn kmeans<P: LevelPath>(
     data: Tensor<2>,
     num_embeddings: usize,
     iterations: usize,
+    cosine: bool,
 ) -> Statistics {
     let [n, d] = data.dims();
     let k = num_embeddings;
@@ -27,7 +30,11 @@ pub(crate) fn kmeans<P: LevelPath>(
     // One assignment of the data to `centroids`: the counts and sums per centroid.
     let statistics = |centroids: &Tensor<2>| {
         let mut rows = P::Rows::start(data.clone(), Work::STATISTICS);
-        let pass = path.level(centroids.clone(), &mut rows, Work::STATISTICS);
+        let pricing = match cosine {
+            true => Pricing::DOT_PRODUCT,
+            false => Pricing::default(),
+        };
+        let pass = path.level_priced(centroids.clone(), pricing, &mut rows, Work::STATISTICS);
         (
             pass.counts.expect("counts asked for"),
             pass.sums.expect("sums asked for"),
@@ -41,6 +48,10 @@ pub(crate) fn kmeans<P: LevelPath>(
             .reshape([k, 1])
             .expand([k, d]);
         let means = sums.div(counts.clamp_min(1.0).reshape([k, 1]));
+        let means = match cosine {
+            true => unit_rows(means),
+            false => means,
+        };
         let reseeded = data.clone().select(0, seed_rows(round));
         centroids = means.mask_where(empty, reseeded);
     }

@@ -35,7 +35,8 @@ use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 pub(crate) use self::schedule::{Schedule, StepPlan};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
-use crate::path::{LevelPass, LevelPath, Rows, Work};
+use crate::path::{LevelPass, LevelPath, Pricing, Rows, Work};
+use crate::util::unit_rows;
 
 /// A level's EMA statistics: per-code counts `[K]` (reference: `ema_count_l{l}`) and sums of
 /// the assigned vectors `[K, D]` (reference: `ema_weight_l{l}`), in f32, without autodiff.
@@ -48,11 +49,17 @@ pub struct Statistics {
 }
 
 impl Statistics {
-    /// The codebook `[K, D]` these statistics derive by `config`'s rule.
+    /// The codebook `[K, D]` these statistics derive by `config`'s rule, its rows
+    /// L2-normalized for cosine codebooks (vector-quantize-pytorch's `update_ema`).
     pub(crate) fn codebook(&self, config: &EmaResidualVectorQuantizerConfig) -> Tensor<2> {
-        config
-            .codebook_rule
-            .codebook(self.counts.clone(), self.sums.clone(), config.epsilon)
+        let codebook =
+            config
+                .codebook_rule
+                .codebook(self.counts.clone(), self.sums.clone(), config.epsilon);
+        match config.cosine_similarity {
+            true => unit_rows(codebook),
+            false => codebook,
+        }
     }
 }
 
@@ -100,6 +107,61 @@ pub(crate) struct LevelStep {
     pub pass: LevelPass,
     /// Codes restarted (or split off busy codes) by this step.
     pub restarted: usize,
+    /// A cosine level's chosen codes, `[N, D]`: what the commitment loss of a forward needs
+    /// (`None` for Euclidean levels).
+    pub unit_codes: Option<Tensor<2>>,
+}
+
+/// A level's assignment of the rows: its pass, and what restarts and cosine outputs need.
+struct Assigned {
+    pass: LevelPass,
+    residuals: Option<restart::Residuals>,
+    unit_codes: Option<Tensor<2>>,
+}
+
+/// Assigns `rows` to `codebook` on `path` and turns them into the next residual. Euclidean:
+/// the path's level. Cosine: the path's level on the L2-normalized residual, searched by dot
+/// product (its counts, sums and squared error are the normalized rows'), then its codes
+/// subtracted from the residual itself, as vector-quantize-pytorch's `ResidualVQ` does.
+/// With `keep`, the rows searched and the residual their codes left (restarts).
+fn assign<P: LevelPath>(
+    path: &P,
+    codebook: Tensor<2>,
+    rows: &mut P::Rows,
+    work: Work,
+    (cosine, keep): (bool, bool),
+) -> Assigned {
+    if !cosine {
+        let input = keep.then(|| rows.residual());
+        let pass = path.level(codebook, rows, work);
+        let residuals = input.map(|input| restart::Residuals {
+            input,
+            next: rows.residual(),
+        });
+        return Assigned {
+            pass,
+            residuals,
+            unit_codes: None,
+        };
+    }
+    let unit = unit_rows(rows.residual());
+    let work = Work {
+        output: true,
+        ..work
+    };
+    let mut unit_rows = P::Rows::start(unit.clone(), work);
+    let pass = path.level_priced(codebook, Pricing::DOT_PRODUCT, &mut unit_rows, work);
+    let next = unit_rows.residual();
+    let codes = unit_rows
+        .finish()
+        .expect("started with the running sums")
+        .quantized;
+    rows.subtract(codes.clone());
+    Assigned {
+        pass,
+        residuals: keep.then(|| restart::Residuals { input: unit, next }),
+        unit_codes: Some(codes),
+    }
 }
 
 impl EmaCodebook {
@@ -213,11 +275,15 @@ impl EmaCodebook {
         task: &Task<'_>,
     ) -> LevelStep {
         let state = self.statistics(&task.device);
+        let cosine = task.config.cosine_similarity;
         let plan = match &task.mode {
             Mode::Pass(work) => {
+                let codebook = state.codebook(task.config);
+                let assigned = assign(path, codebook, rows, *work, (cosine, false));
                 return LevelStep {
-                    pass: path.level(state.codebook(task.config), rows, *work),
+                    pass: assigned.pass,
                     restarted: 0,
+                    unit_codes: assigned.unit_codes,
                 };
             }
             Mode::Train(plan) => plan,
@@ -225,17 +291,14 @@ impl EmaCodebook {
         let prepared = plan.prepare(path, rows, index, state.clone(), task.config);
         let codebook = prepared.statistics.codebook(task.config);
         // Restarts from batch vectors need the level's input and the residual it leaves.
-        let input = plan.restarts_from_batch().then(|| rows.residual());
-        let pass = path.level(codebook, rows, Work::TRAINING);
-        let residuals = input.map(|input| restart::Residuals {
-            input,
-            next: rows.residual(),
-        });
-        let updated = plan.update(prepared.statistics, &pass, residuals);
+        let keep = plan.restarts_from_batch();
+        let assigned = assign(path, codebook, rows, Work::TRAINING, (cosine, keep));
+        let updated = plan.update(prepared.statistics, &assigned.pass, assigned.residuals);
         self.store_if_finite(updated.statistics, state, &plan.non_finite);
         LevelStep {
-            pass,
+            pass: assigned.pass,
             restarted: prepared.restarted + updated.restarted,
+            unit_codes: assigned.unit_codes,
         }
     }
 

@@ -13,7 +13,7 @@ use super::kmeans::kmeans;
 use super::restart::{Residuals, Restarted, restart_dead_codes, split_codes};
 use crate::config::{DeadCodeRule, EmaResidualVectorQuantizerConfig};
 use crate::path::{LevelPass, LevelPath, Rows};
-use crate::util::SplitMix64;
+use crate::util::{SplitMix64, unit_rows};
 
 /// Below this count a code counts as empty during the data-parallel init (counts there are
 /// numbers of vectors, averaged over devices: 0, or at least 1 / devices).
@@ -195,8 +195,13 @@ impl StepPlan {
         let [k, _] = state.sums.dims();
         if let Some(iterations) = self.kmeans_iterations {
             // Level by level: this level's input comes from the initialized levels before it.
+            let cosine = config.cosine_similarity;
+            let data = match cosine {
+                true => unit_rows(rows.residual()),
+                false => rows.residual(),
+            };
             return Restarted {
-                statistics: kmeans(path, rows.residual(), k, iterations),
+                statistics: kmeans(path, data, k, iterations, cosine),
                 restarted: 0,
             };
         }

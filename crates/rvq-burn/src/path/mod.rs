@@ -91,6 +91,32 @@ pub(crate) struct Expansion {
     pub codes: Vec<u32>,
 }
 
+/// What a search adds to `-2 r.e_c` for each code `c`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pricing {
+    /// Leave out `||e_c||^2`: the search maximizes the dot product (cosine codebooks, whose
+    /// codes have unit length; vector-quantize-pytorch's `einsum` then `argmax`).
+    pub dot_product: bool,
+    /// `[K]`, added to each code's cost (the rate term of an entropy-constrained search).
+    pub penalty: Option<Tensor<1>>,
+}
+
+impl Pricing {
+    /// Squared distances plus `penalty`.
+    pub(crate) fn penalized(penalty: Option<Tensor<1>>) -> Self {
+        Self {
+            dot_product: false,
+            penalty,
+        }
+    }
+
+    /// The dot product alone.
+    pub(crate) const DOT_PRODUCT: Self = Self {
+        dot_product: true,
+        penalty: None,
+    };
+}
+
 /// The sums a forward's levels leave behind.
 #[derive(Debug, Clone)]
 pub(crate) struct RunningSums {
@@ -128,6 +154,11 @@ pub(crate) trait Rows: Sized {
 
     /// The running sums, if the rows were started with `work.output`.
     fn finish(self) -> Option<RunningSums>;
+
+    /// Subtracts a level's codes `quantized` `[N, D]`, chosen by a search on other rows
+    /// (a cosine level searches the normalized residual), from the residual, and adds them
+    /// and the new residual to the running sums.
+    fn subtract(&mut self, quantized: Tensor<2>);
 }
 
 /// One way to run a level's pass. The residual stack is generic over it, and the path is
@@ -139,16 +170,16 @@ pub(crate) trait LevelPath {
     /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal
     /// distances), what `work` asks for, and the rows replaced by their residuals.
     fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelPass {
-        self.level_priced(codebook, None, rows, work)
+        self.level_priced(codebook, Pricing::default(), rows, work)
     }
 
-    /// [`LevelPath::level`] with `penalty` `[K]` added to every distance to its code: the code
-    /// minimizing `||r - e_c||^2 + penalty_c` (the rate term of an entropy-constrained
-    /// search), in the same fused search.
+    /// [`LevelPath::level`] with the costs `pricing` gives: the code minimizing
+    /// `||r - e_c||^2 + penalty_c` (the rate term of an entropy-constrained search), or
+    /// `-2 r.e_c` (cosine codebooks), in the same fused search.
     fn level_priced(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         rows: &mut Self::Rows,
         work: Work,
     ) -> LevelPass;
@@ -161,7 +192,7 @@ pub(crate) trait LevelPath {
     fn expand(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         candidates: Tensor<2>,
         base: &[f32],
         beam: usize,

@@ -6,7 +6,7 @@
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::{Expansion, LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
+use super::{Expansion, LevelPass, LevelPath, Pricing, Rows, RunningSums, Work, check_index_range};
 use crate::error::RvqError;
 use crate::util::host_ints;
 
@@ -52,6 +52,18 @@ impl Rows for TensorRows {
 
     fn finish(self) -> Option<RunningSums> {
         self.running
+    }
+
+    fn subtract(&mut self, quantized: Tensor<2>) {
+        let next = self.residual.clone().sub(quantized.clone());
+        if self.output {
+            self.running = Some(RunningSums::add(
+                self.running.take(),
+                quantized,
+                next.clone(),
+            ));
+        }
+        self.residual = next;
     }
 }
 
@@ -111,7 +123,7 @@ impl LevelPath for TensorPath {
     fn level_priced(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         rows: &mut TensorRows,
         work: Work,
     ) -> LevelPass {
@@ -119,7 +131,7 @@ impl LevelPath for TensorPath {
         let search = self.0;
         let residual = rows.residual();
         let indices =
-            nearest_indices_priced(&codebook, penalty, residual.clone(), search.max_elements);
+            nearest_indices_priced(&codebook, pricing, residual.clone(), search.max_elements);
         let counts = work.counts.then(|| per_code_counts(&indices, k, search));
         let sums = work
             .sums
@@ -130,14 +142,14 @@ impl LevelPath for TensorPath {
     fn expand(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         candidates: Tensor<2>,
         base: &[f32],
         beam: usize,
     ) -> Expansion {
         expand(
             &codebook,
-            penalty,
+            pricing,
             candidates,
             base,
             beam,
@@ -270,23 +282,27 @@ pub(crate) fn nearest_indices(
     residual: Tensor<2>,
     max_elements: usize,
 ) -> Tensor<1, Int> {
-    nearest_indices_priced(codebook, None, residual, max_elements)
+    nearest_indices_priced(codebook, Pricing::default(), residual, max_elements)
 }
 
-/// `||e_c||^2 (+ penalty_c)`, `[1, K]`: what every path adds to `-2 r.e_c` for a distance.
-pub(crate) fn code_norms(codebook: &Tensor<2>, penalty: Option<Tensor<1>>) -> Tensor<2> {
+/// `||e_c||^2 (+ penalty_c)`, or `penalty_c` alone (zeros without one) for a dot-product
+/// search, `[1, K]`: what every path adds to `-2 r.e_c` for a cost.
+pub(crate) fn code_norms(codebook: &Tensor<2>, pricing: Pricing) -> Tensor<2> {
     let [k, _] = codebook.dims();
-    let norms = codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]);
-    match penalty {
+    let norms = match pricing.dot_product {
+        false => codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]),
+        true => Tensor::zeros([1, k], &codebook.device()),
+    };
+    match pricing.penalty {
         Some(penalty) => norms.add(penalty.reshape([1, k])),
         None => norms,
     }
 }
 
-/// [`nearest_indices`] with `penalty` `[K]` added to the distance to each code.
+/// [`nearest_indices`] with the costs `pricing` gives.
 pub(crate) fn nearest_indices_priced(
     codebook: &Tensor<2>,
-    penalty: Option<Tensor<1>>,
+    pricing: Pricing,
     residual: Tensor<2>,
     max_elements: usize,
 ) -> Tensor<1, Int> {
@@ -295,7 +311,7 @@ pub(crate) fn nearest_indices_priced(
     // -2 e^T, [D, K]: scaling by a power of two is exact, so folding it into the (small)
     // codebook gives the same distances as scaling the [N, K] product, one pass cheaper.
     let codebook_t = codebook.clone().transpose().mul_scalar(-2.0);
-    let norms = code_norms(codebook, penalty); // [1, K]
+    let norms = code_norms(codebook, pricing); // [1, K]
     let search = |rows: Tensor<2>| -> Tensor<1, Int> {
         let [m, _] = rows.dims();
         // ||e||^2 - 2 r.e : [m, D] x [D, K] -> [m, K]
@@ -323,7 +339,7 @@ pub(crate) fn nearest_indices_priced(
 /// `B` argmins, each pick set to infinity before the next (ties to the lower `b K + c`).
 pub(crate) fn expand(
     codebook: &Tensor<2>,
-    penalty: Option<Tensor<1>>,
+    pricing: Pricing,
     candidates: Tensor<2>,
     base: &[f32],
     beam: usize,
@@ -334,7 +350,7 @@ pub(crate) fn expand(
     let n = rows / beam;
     let device = candidates.device();
     let codebook_t = codebook.clone().transpose().mul_scalar(-2.0); // [D, K]
-    let norms = code_norms(codebook, penalty); // [1, K]
+    let norms = code_norms(codebook, pricing); // [1, K]
     let base = Tensor::<1>::from_data(TensorData::new(base.to_vec(), [rows]), &device);
     let start = candidates
         .clone()

@@ -5,6 +5,12 @@
 //! and the residuals carry no second path to the input; applying it per level multiplies the
 //! decoder's gradient by the number of levels or cuts levels > 1 off (encodec issue 25,
 //! vector-quantize-pytorch issue 33).
+//!
+//! Cosine codebooks (vector-quantize-pytorch's `use_cosine_sim`) pass the gradient through
+//! the first level's normalization: `y = n(x) + sg(sum_l q_l - n(x))`, `n` the L2
+//! normalization, which is vector-quantize-pytorch's estimator for one level (it adds every
+//! level's, `sum_l dn(r_l)/dx`, for several); the commitment loss of level `l` is
+//! `beta * mean((n(r_l) - q_l)^2)`, its gradient through `n(r_l)`.
 
 use burn::tensor::{Bool, Tensor};
 
@@ -12,6 +18,7 @@ use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::level::LevelStep;
 use crate::output::RvqOutput;
 use crate::path::RunningSums;
+use crate::util::unit_rows;
 
 /// The forward's output for rows `flat` `[N, D]` (f32, the input's autodiff) from what the
 /// levels gave: the per-level and total commitment losses, the output through the
@@ -45,19 +52,33 @@ pub(super) fn output(
         .cloned()
         .reduce(|a, b| a.add(b))
         .expect("at least one level");
-    let loss = match autodiff {
-        true => commitment_loss_autodiff(flat.clone(), &sums, num_levels, total_loss, config.beta),
-        false => total_loss,
+    let units: Option<Vec<&Tensor<2>>> = config.cosine_similarity.then(|| {
+        steps
+            .iter()
+            .map(|step| step.unit_codes.as_ref().expect("a cosine level"))
+            .collect()
+    });
+    let loss = match (autodiff, &units) {
+        (true, None) => {
+            commitment_loss_autodiff(flat.clone(), &sums, num_levels, total_loss, config.beta)
+        }
+        (true, Some(units)) => cosine_commitment_loss(flat.clone(), units, total_loss, config.beta),
+        (false, _) => total_loss,
+    };
+    // What the estimator passes the gradient through: the input, or its normalization.
+    let (source, source_plain) = match units {
+        None => (flat.clone(), flat_plain),
+        Some(_) => (unit_rows(flat.clone()), unit_rows(flat_plain)),
     };
     // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
-    let straight_through = sums.quantized.clone().sub(flat_plain);
+    let straight_through = sums.quantized.clone().sub(source_plain);
     let straight_through = match autodiff {
         true => straight_through.autodiff(),
         false => straight_through,
     };
-    let mut quantized = flat.clone().add(straight_through);
+    let mut quantized = source.clone().add(straight_through);
     if autodiff && config.rotation_trick {
-        quantized = quantized.add(rotation_gradient(flat, sums.quantized));
+        quantized = quantized.add(rotation_gradient(source, sums.quantized));
     }
     let restarted_codes = steps.iter().map(|step| step.restarted).collect();
     let (indices, code_counts) = steps
@@ -100,6 +121,46 @@ fn commitment_loss_autodiff(
         .powi_scalar(2)
         .mean()
         .mul_scalar(beta * num_levels as f64);
+    let correction = total_loss
+        .sub(surrogate.clone().without_autodiff())
+        .autodiff();
+    surrogate.add(correction)
+}
+
+/// The total commitment loss of cosine levels on the autodiff device: `sum_l beta *
+/// mean((n(x - c_{l-1}) - q_l)^2)`, `c_{l-1} = q_1 + ... + q_{l-1}` (constants), each term's
+/// gradient through its normalization; the value then corrected to the exact sum of the level
+/// losses with a constant, as [`commitment_loss_autodiff`] does.
+fn cosine_commitment_loss(
+    flat: Tensor<2>,
+    units: &[&Tensor<2>],
+    total_loss: Tensor<1>,
+    beta: f64,
+) -> Tensor<1> {
+    let device = flat.device();
+    let mut before: Option<Tensor<2>> = None; // c_{l-1}
+    let mut surrogate: Option<Tensor<1>> = None;
+    for &codes in units {
+        let residual = match &before {
+            None => flat.clone(),
+            Some(sum) => flat.clone().sub(sum.clone().autodiff()),
+        };
+        let codes = codes.clone();
+        let term = unit_rows(residual)
+            .sub(codes.clone().autodiff())
+            .powi_scalar(2)
+            .mean()
+            .mul_scalar(beta);
+        surrogate = Some(match surrogate {
+            None => term,
+            Some(total) => total.add(term),
+        });
+        before = Some(match before {
+            None => codes,
+            Some(sum) => sum.add(codes),
+        });
+    }
+    let surrogate = surrogate.unwrap_or_else(|| Tensor::zeros([1], &device));
     let correction = total_loss
         .sub(surrogate.clone().without_autodiff())
         .autodiff();

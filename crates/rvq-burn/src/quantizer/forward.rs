@@ -95,6 +95,20 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return self.empty_output(flat, num_levels);
         }
+        let out = self.forward_codebook_rows(self.into_codebooks(flat), num_levels, options);
+        RvqOutput {
+            quantized: self.out_of_codebooks(out.quantized),
+            ..out
+        }
+    }
+
+    /// [`Self::forward_rows`] in the codebooks' space: rows `flat` `[N, codebook_dim]`.
+    fn forward_codebook_rows(
+        &self,
+        flat: Tensor<2>,
+        num_levels: usize,
+        options: &ForwardOptions,
+    ) -> RvqOutput<2> {
         let training = flat.is_autodiff() && self.training.is_enabled();
         let schedule = Schedule::of(&self.config);
         // The step counter is read back only when the schedule is keyed to it.
@@ -193,11 +207,14 @@ impl EmaResidualVectorQuantizer {
         Ok(self.encode_rows(flat.select(0, real), num_levels))
     }
 
-    /// `x` `[..., D]` as `N` rows `[N, D]` in f32, without autodiff (`N > 0`).
+    /// `x` `[..., D]` as `N` rows in the codebooks' space, `[N, codebook_dim]`, in f32,
+    /// without autodiff (`N > 0`).
     pub(super) fn plain_rows<const R: usize>(&self, x: Tensor<R>, num_vectors: usize) -> Tensor<2> {
-        x.without_autodiff()
+        let rows = x
+            .without_autodiff()
             .reshape([num_vectors, self.embedding_dim()])
-            .cast(FloatDType::F32)
+            .cast(FloatDType::F32);
+        self.into_codebooks(rows)
     }
 
     /// The codes of rows `[N, D]` (f32, no autodiff) with the first `num_levels` levels.
@@ -252,7 +269,7 @@ impl EmaResidualVectorQuantizer {
         let sum = with_path!(Path::choose(&device, &self.config), path => {
             path.decode(codebooks, indices)
         })?;
-        Ok(sum.reshape(shape))
+        Ok(self.out_of_codebooks(sum).reshape(shape))
     }
 
     /// Runs the first `num_levels` levels on `x` `[N, D]` (`N > 0`, no autodiff) on the path

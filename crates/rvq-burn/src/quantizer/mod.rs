@@ -20,11 +20,15 @@
 mod bitrate;
 mod estimator;
 mod forward;
+mod projection;
 mod rate_distortion;
 
 use burn::module::{Content, DisplaySettings, Flag, Module, ModuleDisplay, Param, RunningState};
 use burn::tensor::{Device, Int, Tensor};
 
+#[cfg(feature = "pytorch")]
+pub(crate) use self::projection::LinearValues;
+pub use self::projection::Projection;
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
 use crate::level::{EmaCodebook, Statistics};
@@ -57,6 +61,8 @@ use crate::metrics::CodebookHealth;
 pub struct EmaResidualVectorQuantizer {
     /// The codebooks, one per level.
     levels: Vec<EmaCodebook>,
+    /// The projections into the codebooks' space and back, with `codebook_dim`.
+    projection: Option<Projection>,
     /// Whether training forwards update the EMA statistics (cleared by `freeze()` and in
     /// `valid()` copies).
     training: Param<Flag>,
@@ -87,10 +93,14 @@ impl EmaResidualVectorQuantizerConfig {
         let levels = self
             .sizes()
             .into_iter()
-            .map(|size| EmaCodebook::init(size, self.embedding_dim, device))
+            .map(|size| EmaCodebook::init(size, self.codebook_space_dim(), device))
             .collect();
+        let projection = self
+            .has_projection()
+            .then(|| Projection::init(self.embedding_dim, self.codebook_space_dim(), device));
         Ok(EmaResidualVectorQuantizer {
             levels,
+            projection,
             training: Param::from_bool(true),
             steps: RunningState::new(Tensor::zeros([1], &device.clone().without_autodiff())),
             config: self.clone(),
@@ -112,6 +122,39 @@ impl EmaResidualVectorQuantizer {
     /// Dimension `D` of the vectors it quantizes.
     pub fn embedding_dim(&self) -> usize {
         self.config.embedding_dim
+    }
+
+    /// Dimension of the codebooks' space (`codebook_dim`, or `D` without projections): the
+    /// codebooks and the EMA sums are `[K, codebook_dim]`.
+    pub fn codebook_dim(&self) -> usize {
+        self.config.codebook_space_dim()
+    }
+
+    /// The learned projections into the codebooks' space and back, with `codebook_dim`.
+    pub fn projection(&self) -> Option<&Projection> {
+        self.projection.as_ref()
+    }
+
+    /// Rows `[N, D]` in the codebooks' space (`project_in`), `[N, codebook_dim]`.
+    pub(crate) fn into_codebooks(&self, rows: Tensor<2>) -> Tensor<2> {
+        match &self.projection {
+            Some(projection) => projection.into_codebooks(rows),
+            None => rows,
+        }
+    }
+
+    /// Rows `[N, codebook_dim]` back in the model's space (`project_out`), `[N, D]`.
+    pub(crate) fn out_of_codebooks(&self, rows: Tensor<2>) -> Tensor<2> {
+        match &self.projection {
+            Some(projection) => projection.out_of_codebooks(rows),
+            None => rows,
+        }
+    }
+
+    /// Replaces the projections (an import; the caller checked the shapes and values).
+    #[cfg(feature = "pytorch")]
+    pub(crate) fn set_projection(&mut self, projection: Projection) {
+        self.projection = Some(projection);
     }
 
     /// Codebook size of every level.
@@ -288,6 +331,8 @@ impl ModuleDisplay for EmaResidualVectorQuantizer {
             .add("num_levels", &self.num_levels())
             .add("num_embeddings", &format!("{:?}", self.sizes()))
             .add("embedding_dim", &self.config.embedding_dim)
+            .add("codebook_dim", &self.codebook_dim())
+            .add("cosine_similarity", &self.config.cosine_similarity)
             .add("beta", &self.config.beta)
             .add("ema_decay", &self.config.ema_decay)
             .optional()

@@ -23,7 +23,7 @@ use super::EmaResidualVectorQuantizer;
 use crate::coding::EntropyModels;
 use crate::error::RvqError;
 use crate::options::EncodeOptions;
-use crate::path::{Expansion, LevelPath, Path, Rows, Work, with_path};
+use crate::path::{Expansion, LevelPath, Path, Pricing, Rows, Work, with_path};
 use crate::util::{host_floats, host_ints, int_tensor};
 
 /// What one level of a rate-distortion search reached, for every vector `i` and candidate
@@ -83,6 +83,14 @@ impl EmaResidualVectorQuantizer {
         let num_levels = self.check_num_levels(options.max_levels)?;
         if options.is_greedy() || num_vectors == 0 {
             return self.try_encode(x, num_levels);
+        }
+        if self.config.cosine_similarity {
+            return Err(RvqError::InvalidArgument {
+                argument: "options",
+                value: format!("{options:?}"),
+                rule: "must be greedy (lambda 0, beam 1, no depth rule) with cosine codebooks: \
+                       the rate-distortion search prices squared distances",
+            });
         }
         let flat = self.plain_rows(x, num_vectors);
         let device = flat.device();
@@ -157,7 +165,7 @@ impl EmaResidualVectorQuantizer {
                 int_tensor(level, &device)
             })
             .collect();
-        let d = self.embedding_dim();
+        let d = self.codebook_dim();
         let codebooks: Vec<Tensor<2>> = (0..indices.len())
             .map(|level| {
                 let codebook = self.codebook(level, &device);
@@ -167,7 +175,7 @@ impl EmaResidualVectorQuantizer {
         let sum = with_path!(Path::choose(&device, &self.config), path => {
             path.decode(codebooks, &padded)
         })?;
-        Ok(sum.reshape(shape))
+        Ok(self.out_of_codebooks(sum).reshape(shape))
     }
 }
 
@@ -246,7 +254,12 @@ impl Search<'_> {
         let mut codes = Vec::with_capacity(self.codebooks.len());
         let mut trellis: Vec<Trellis> = Vec::new();
         for (level, (codebook, penalty)) in self.codebooks.iter().zip(&self.penalties).enumerate() {
-            let pass = path.level_priced(codebook.clone(), penalty.clone(), &mut rows, Work::CODES);
+            let pass = path.level_priced(
+                codebook.clone(),
+                Pricing::penalized(penalty.clone()),
+                &mut rows,
+                Work::CODES,
+            );
             if depth {
                 let chosen: Vec<u32> = host_ints(pass.indices.clone())
                     .into_iter()
@@ -296,7 +309,7 @@ impl Search<'_> {
                 .collect();
             let Expansion { parents, codes } = path.expand(
                 codebook.clone(),
-                penalty.clone(),
+                Pricing::penalized(penalty.clone()),
                 candidates.clone(),
                 &base,
                 beam,

@@ -18,7 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use self::search::{HostCodebook, Outputs, Running, search};
-use super::{Expansion, LevelPass, LevelPath, Rows, RunningSums, Work, check_index_range};
+use super::{Expansion, LevelPass, LevelPath, Pricing, Rows, RunningSums, Work, check_index_range};
 use crate::error::RvqError;
 use crate::util::{float_tensor, host_floats, host_ints, int_tensor};
 
@@ -73,6 +73,22 @@ impl Rows for HostRows {
             residuals: float_tensor(residuals, d, device),
         })
     }
+
+    fn subtract(&mut self, quantized: Tensor<2>) {
+        let quantized = host_floats(quantized);
+        for (r, q) in self.residual.iter_mut().zip(&quantized) {
+            *r -= q;
+        }
+        if let Some((sum_quantized, sum_residuals, levels)) = &mut self.running {
+            *levels += 1;
+            for (sum, q) in sum_quantized.iter_mut().zip(&quantized) {
+                *sum += q;
+            }
+            for (sum, r) in sum_residuals.iter_mut().zip(&self.residual) {
+                *sum += r;
+            }
+        }
+    }
 }
 
 impl LevelPath for HostPath {
@@ -81,11 +97,11 @@ impl LevelPath for HostPath {
     fn level_priced(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         rows: &mut HostRows,
         work: Work,
     ) -> LevelPass {
-        let codebook = HostCodebook::priced(&codebook, penalty);
+        let codebook = HostCodebook::priced(&codebook, pricing);
         let (k, d) = (codebook.num_embeddings, codebook.embedding_dim);
         // The per-code sums need the level's input after the search: the next residual
         // goes to the spare buffer then, else over the rows.
@@ -135,12 +151,12 @@ impl LevelPath for HostPath {
     fn expand(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         candidates: Tensor<2>,
         base: &[f32],
         beam: usize,
     ) -> Expansion {
-        let codebook = HostCodebook::priced(&codebook, penalty);
+        let codebook = HostCodebook::priced(&codebook, pricing);
         beam::expand(&codebook, &host_floats(candidates), base, beam)
     }
 

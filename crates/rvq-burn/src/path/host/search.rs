@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use crate::path::Pricing;
 use crate::util::host_floats;
 
 /// Products per tile: 256 KiB of f32, half of a typical core's L2, so the product stays in
@@ -50,11 +51,15 @@ impl HostCodebook {
         }
     }
 
-    /// [`HostCodebook::new`] with `penalty` `[K]` (if any) added to the norms: the search
-    /// then minimizes `||r - e_c||^2 + penalty_c`.
-    pub(crate) fn priced(codebook: &Tensor<2>, penalty: Option<Tensor<1>>) -> Self {
+    /// [`HostCodebook::new`] with the costs `pricing` gives in place of the norms: the
+    /// search then minimizes `||r - e_c||^2 + penalty_c`, or `-2 r.e_c + penalty_c` for a
+    /// dot-product search.
+    pub(crate) fn priced(codebook: &Tensor<2>, pricing: Pricing) -> Self {
         let mut priced = Self::new(codebook);
-        if let Some(penalty) = penalty {
+        if pricing.dot_product {
+            priced.norms.fill(0.0);
+        }
+        if let Some(penalty) = pricing.penalty {
             let penalty = host_floats(penalty);
             assert_eq!(penalty.len(), priced.num_embeddings, "one penalty per code");
             priced

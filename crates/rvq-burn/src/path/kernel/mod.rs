@@ -29,7 +29,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use super::tensor::{self, TensorRows, check_indices};
-use super::{Expansion, LevelPass, LevelPath, Rows, Work};
+use super::{Expansion, LevelPass, LevelPath, Pricing, Rows, Work};
 use crate::error::RvqError;
 use crate::util::int_tensor;
 
@@ -54,13 +54,13 @@ impl LevelPath for KernelPath {
     fn level_priced(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         rows: &mut TensorRows,
         work: Work,
     ) -> LevelPass {
         let [k, _] = codebook.dims();
         let residual = rows.residual();
-        let indices = nearest_priced(residual.clone(), codebook.clone(), penalty);
+        let indices = nearest_priced(residual.clone(), codebook.clone(), pricing);
         let (counts, sums) = match work.counts || work.sums {
             true => {
                 let (counts, sums) = statistics(residual, indices.clone(), k);
@@ -75,12 +75,12 @@ impl LevelPath for KernelPath {
     fn expand(
         &self,
         codebook: Tensor<2>,
-        penalty: Option<Tensor<1>>,
+        pricing: Pricing,
         candidates: Tensor<2>,
         base: &[f32],
         beam: usize,
     ) -> Expansion {
-        tensor::expand(&codebook, penalty, candidates, base, beam, BEAM_ELEMENTS)
+        tensor::expand(&codebook, pricing, candidates, base, beam, BEAM_ELEMENTS)
     }
 
     fn decode(
@@ -115,18 +115,13 @@ impl LevelPath for KernelPath {
 /// Nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]`, `[N]`.
 #[cfg(test)]
 pub(crate) fn nearest(rows: Tensor<2>, codebook: Tensor<2>) -> Tensor<1, Int> {
-    nearest_priced(rows, codebook, None)
+    nearest_priced(rows, codebook, Pricing::default())
 }
 
-/// [`nearest`] with `penalty` `[K]` added to the distance to each code (in the norms the
-/// search kernel adds).
-fn nearest_priced(
-    rows: Tensor<2>,
-    codebook: Tensor<2>,
-    penalty: Option<Tensor<1>>,
-) -> Tensor<1, Int> {
+/// [`nearest`] with the costs `pricing` gives (in the norms the search kernel adds).
+fn nearest_priced(rows: Tensor<2>, codebook: Tensor<2>, pricing: Pricing) -> Tensor<1, Int> {
     let [k, _] = codebook.dims();
-    let norms = tensor::code_norms(&codebook, penalty).reshape([k]); // [K]
+    let norms = tensor::code_norms(&codebook, pricing).reshape([k]); // [K]
     let int_dtype = rows.device().settings().int_dtype;
     let indices = <Dispatch as RvqKernels>::rvq_nearest(
         rows.into_dispatch(),
