@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let device = Device::flex();
     device.seed(17);
-    let rvq =
+    let mut rvq =
         EmaResidualVectorQuantizerConfig::new(case.num_levels, case.codebook_size.into(), case.dim)
             .with_ema_decay(case.decay)
             .with_epsilon(case.epsilon)

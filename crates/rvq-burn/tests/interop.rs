@@ -953,3 +953,200 @@ fn export_then_import_is_the_identity_in_every_layout_and_style() {
         }
     }
 }
+
+/// A copy of a projection or cosine case with one changed value fails and names the case and
+/// what differs: a sum of a cosine level, a projection's bias, a gradient of the codec's.
+#[test]
+fn a_changed_value_in_a_projection_or_cosine_case_fails_and_names_it() {
+    let dir = scratch("changed-vqp");
+    let copy = |name: &str, suffixes: &[&str]| {
+        for suffix in suffixes {
+            std::fs::copy(
+                fixtures().join(format!("{name}{suffix}")),
+                dir.join(format!("{name}{suffix}")),
+            )
+            .unwrap();
+        }
+    };
+    for (name, key) in [
+        ("vqp_cosine_m3_k64_d8", "layers.1._codebook.embed_avg"),
+        ("vqp_proj_m3_k64_d16_c4", "quantizer.project_out.bias"),
+    ] {
+        copy(name, &[".json", ".before.safetensors"]);
+        rewrite(
+            &fixtures().join(format!("{name}.after.safetensors")),
+            &dir.join(format!("{name}.after.safetensors")),
+            |tensors| {
+                let data = &mut tensors.get_mut(key).expect("the key is in the case").2;
+                let value = f32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+                data[4..8].copy_from_slice(&(value * 1.001 + 0.01).to_le_bytes());
+            },
+        );
+        let error = replay_case(
+            &dir.join(format!("{name}.json")),
+            &Device::flex(),
+            Execution::Auto,
+        )
+        .expect_err("the changed value must fail");
+        assert!(
+            error.contains(key) && error.contains("[1]") && error.contains(name),
+            "the error names the case, the key and the index: {error}"
+        );
+    }
+    // A gradient of the codec's, changed in the case's json.
+    let name = "vqp_proj_cosine_grad_m1_k32_d12_c6";
+    copy(name, &[".before.safetensors", ".after.safetensors"]);
+    let mut case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let value = &mut case["gradients"]["project_in.bias"][2];
+    *value = serde_json::json!(value.as_f64().unwrap() * 1.01 + 1e-3);
+    std::fs::write(dir.join(format!("{name}.json")), case.to_string()).unwrap();
+    let error = replay_case(
+        &dir.join(format!("{name}.json")),
+        &Device::flex(),
+        Execution::Auto,
+    )
+    .expect_err("the changed gradient must fail");
+    assert!(error.contains("project_in.bias gradient[2]"), "{error}");
+}
+
+/// The projections' values (PyTorch's layout) and every EMA statistic, bit for bit.
+fn layer_bits(rvq: &EmaResidualVectorQuantizer) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let projection = rvq.projection().map_or_else(Vec::new, |projection| {
+        [&projection.project_in, &projection.project_out]
+            .into_iter()
+            .flat_map(|layer| {
+                let bias = layer.bias.as_ref().unwrap().val();
+                [floats(layer.weight.val()), floats(bias)]
+            })
+            .map(|values| values.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    });
+    (projection, state_bits(rvq))
+}
+
+/// Bad projection and cosine state: NaN in a projection's weight, projections in a file for a
+/// layer without them (and missing for one with them), a cosine codebook into a Euclidean
+/// layer and the reverse, a projection layer exported in a layout without projections. Each
+/// a clear error naming the key; the layer unchanged.
+#[test]
+fn bad_projection_and_geometry_are_refused_and_leave_the_layer_unchanged() {
+    let dir = scratch("bad-vqp");
+    let device = Device::flex();
+    let load = |name: &str| -> Case {
+        serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let refuse =
+        |rvq: &mut EmaResidualVectorQuantizer, path: &Path, prefix: &str, words: &[&str]| {
+            let state = PytorchState::new(Layout::VectorQuantizePytorch).with_prefix(prefix);
+            let before = layer_bits(rvq);
+            let error = rvq
+                .try_import_pytorch(path, &state)
+                .expect_err("a bad file must be refused")
+                .to_string();
+            eprintln!("{error}");
+            for word in words {
+                assert!(error.contains(word), "`{word}` not in: {error}");
+            }
+            assert_eq!(layer_bits(rvq), before, "a failed import changed the layer");
+        };
+
+    // NaN in project_in.weight at [1, 2] (row-major [C = 4, D = 16]: index 18).
+    let name = "vqp_proj_m3_k64_d16_c4";
+    let case = load(name);
+    let nan_file = dir.join("nan.safetensors");
+    rewrite(
+        &fixtures().join(format!("{name}.before.safetensors")),
+        &nan_file,
+        |tensors| {
+            let data = &mut tensors.get_mut("quantizer.project_in.weight").unwrap().2;
+            data[18 * 4..19 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        },
+    );
+    let mut projected = quantizer(
+        &case,
+        Layout::VectorQuantizePytorch,
+        &device,
+        Execution::Auto,
+    );
+    refuse(
+        &mut projected,
+        &nan_file,
+        "quantizer.",
+        &["quantizer.project_in.weight", "NaN", "[1, 2]"],
+    );
+    // The projections of a file into a layer without them, and a layer with them from a
+    // file without.
+    let before = fixtures().join(format!("{name}.before.safetensors"));
+    let mut plain = EmaResidualVectorQuantizerConfig::new(3, 64.into(), 4).init(&device);
+    refuse(
+        &mut plain,
+        &before,
+        "quantizer.",
+        &["quantizer.project_in.weight", "with_codebook_dim(Some(4))"],
+    );
+    let euclidean = load("vqp_m4_k64_d8");
+    let mut wants_projection = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 16)
+        .with_codebook_dim(Some(8))
+        .with_ema_decay(euclidean.decay)
+        .init(&device);
+    refuse(
+        &mut wants_projection,
+        &fixtures().join("vqp_m4_k64_d8.before.safetensors"),
+        &euclidean.prefix,
+        &["quantizer.project_in.weight", "missing", "codebook_dim = 8"],
+    );
+
+    // A cosine codebook into a Euclidean layer, and a Euclidean one into a cosine layer.
+    let cosine = load("vqp_cosine_m3_k64_d8");
+    let mut not_cosine = EmaResidualVectorQuantizerConfig::new(3, 64.into(), 8).init(&device);
+    refuse(
+        &mut not_cosine,
+        &fixtures().join("vqp_cosine_m3_k64_d8.before.safetensors"),
+        &cosine.prefix,
+        &[
+            "layers.0._codebook.embed",
+            "cosine codebook",
+            "with_cosine_similarity(true)",
+        ],
+    );
+    let mut wants_cosine = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+        .with_cosine_similarity(true)
+        .init(&device);
+    refuse(
+        &mut wants_cosine,
+        &fixtures().join("vqp_m4_k64_d8.before.safetensors"),
+        &euclidean.prefix,
+        &[
+            "layers.0._codebook.embed",
+            "Euclidean codebook",
+            "cosine_similarity = true",
+        ],
+    );
+
+    // Projections have no place in EnCodec's or Mimi's layout.
+    for layout in [Layout::Encodec, Layout::Mimi] {
+        let rvq = EmaResidualVectorQuantizerConfig::new(2, 16.into(), 8)
+            .with_codebook_dim(Some(4))
+            .with_codebook_rule(layout.codebook_rule())
+            .init(&device);
+        let error = rvq
+            .try_export_safetensors_bytes(&PytorchState::new(layout))
+            .expect_err("no projections in this layout");
+        assert!(
+            matches!(
+                error,
+                RvqError::InvalidArgument {
+                    argument: "layout",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+}

@@ -32,6 +32,10 @@ USAGE: cargo run --release --example train -- [FLAGS]
   --quantize-dropout P train each batch at a random depth with probability P (default 0)
   --rotation-trick     the input's gradient through the rotation trick (Fifty et al. 2024)
                        instead of the straight-through estimator
+  --codebook-dim N     search codes in an N-dimensional space: learned projections of the
+                       latent in and out (vector-quantize-pytorch's codebook_dim)
+  --cosine             cosine-similarity codebooks: normalized residuals and codes
+                       (vector-quantize-pytorch's use_cosine_sim)
   --mask-random-tail P pad the last 1-3 rows of latent positions of each training digit
                        with probability P (the digit's rows there set to white) and mask
                        them: they enter no codebook statistic and no loss (default 0)
@@ -256,6 +260,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, DemoError> {
                 config.model.quantizer.quantize_dropout = value(&flag, iter.next())?
             }
             "--rotation-trick" => config.model.quantizer.rotation_trick = true,
+            "--codebook-dim" => {
+                config.model.quantizer.codebook_dim = Some(value(&flag, iter.next())?)
+            }
+            "--cosine" => config.model.quantizer.cosine_similarity = true,
             "--mask-random-tail" => config.mask_random_tail = value(&flag, iter.next())?,
             "--train-limit" => config.train_limit = Some(value(&flag, iter.next())?),
             "--valid-limit" => config.valid_limit = Some(value(&flag, iter.next())?),
@@ -403,8 +411,12 @@ mod tests {
         assert!(q.kmeans_init);
         assert_eq!((q.threshold_ema_dead_code, q.quantize_dropout), (0.1, 0.5));
         assert!(!q.rotation_trick && cli.config.mask_random_tail == 0.0);
+        assert_eq!((q.codebook_dim, q.cosine_similarity), (None, false));
         let cli = parse(args(&["--rotation-trick", "--mask-random-tail", "0.3"])).unwrap();
         assert!(cli.config.model.quantizer.rotation_trick);
+        let cli = parse(args(&["--codebook-dim", "8", "--cosine"])).unwrap();
+        let q = &cli.config.model.quantizer;
+        assert_eq!((q.codebook_dim, q.cosine_similarity), (Some(8), true));
         assert_eq!(cli.config.mask_random_tail, 0.3);
         assert_eq!(cli.devices, 1);
         assert_eq!(parse(args(&["--devices", "3"])).unwrap().devices, 3);

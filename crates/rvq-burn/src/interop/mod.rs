@@ -21,7 +21,7 @@
 //!
 //! let device = Device::flex();
 //! // Mimi's acoustic quantizer: its levels, sizes and dimension, and its codebook rule.
-//! let rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
+//! let mut rvq = EmaResidualVectorQuantizerConfig::new(4, 64.into(), 8)
 //!     .with_codebook_rule(Layout::Mimi.codebook_rule())
 //!     .init(&device);
 //! // A whole moshi checkpoint: only the keys under the prefix are read.

@@ -60,7 +60,7 @@ impl EmaResidualVectorQuantizer {
                         "is in the file, shape {:?}: the codec projects into a codebook space of \
                          its own, this quantizer has no projection (configure it with \
                          `.with_codebook_dim(Some({}))`)",
-                        tensor.shape,
+                        tensor.shape.to_vec(),
                         tensor.shape.first().copied().unwrap_or(0)
                     ),
                 )),

@@ -83,7 +83,7 @@ pub fn seeded_quantizer(
     let mut rng = Rng::new(seed);
     for (level, k) in config.sizes().into_iter().enumerate() {
         let limit = 1.0 / k as f64;
-        let codebook = rng.uniform_tensor([k, config.embedding_dim], -limit, limit, &plain);
+        let codebook = rng.uniform_tensor([k, config.codebook_space_dim()], -limit, limit, &plain);
         rvq.try_set_statistics(level, Tensor::ones([k], &plain), codebook)
             .expect("the reference's initial state is valid");
     }
