@@ -10,6 +10,7 @@ replacement off unless the case is about it), its `state_dict()` under a key pre
 (`NAME.json`). Deterministic for a given torch build (seeded).
 """
 
+import copy
 import json
 import zlib
 import os
@@ -55,13 +56,16 @@ CASES = [
      {"fresh_init": True}),
     # vector-quantize-pytorch's `codebook_dim` (learned projections in and out, the state in
     # the codebooks' space) and `use_cosine_sim` (L2-normalized residuals and codes). The
-    # one-level cases also record the gradients of the `after` forward (one level: its
-    # per-level straight-through estimator is the layer's single one).
+    # `gradients` cases also record the gradients of the `after` forward: one Euclidean level
+    # (where vector-quantize-pytorch's per-level straight-through estimator is the layer's
+    # single one), cosine levels at any depth.
     ("vqp_proj_m3_k64_d16_c4", "vqp", "original", "quantizer.", 3, 64, 16, 0.8, 1e-5,
      {"codebook_dim": 4}),
     ("vqp_cosine_m3_k64_d8", "vqp", "original", "", 3, 64, 8, 0.8, 1e-5, {"cosine": True}),
+    # Cosine levels pass the gradient level by level, as vector-quantize-pytorch does: its
+    # gradients are the layer's at two levels too.
     ("vqp_proj_cosine_m2_k32_d12_c6", "vqp", "original", "", 2, 32, 12, 0.9, 1e-5,
-     {"codebook_dim": 6, "cosine": True}),
+     {"codebook_dim": 6, "cosine": True, "gradients": True}),
     ("vqp_proj_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
      {"codebook_dim": 6, "gradients": True}),
     ("vqp_proj_cosine_grad_m1_k32_d12_c6", "vqp", "original", "", 1, 32, 12, 0.9, 1e-5,
@@ -120,9 +124,9 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
             for _ in range(after_steps - 1):
                 codec.train_step(inputs)
             expired = record_expired(codec, inputs)
-        elif extra.get("gradients"):
-            gradients = record_gradients(codec, inputs, generator)
         else:
+            if extra.get("gradients"):
+                gradients = record_gradients(copy.deepcopy(codec.module), inputs, generator)
             codec.train_step(inputs)
     after = codec.state()
 
@@ -179,16 +183,19 @@ def make(out_dir, name, layout, style, prefix, levels, k, d, decay, epsilon, ext
     print(f"{name}: {layout} ({style}), {levels} levels, K={k}, D={d} {summary}")
 
 
-def record_gradients(codec, inputs, generator):
-    """Runs the training forward with gradients: `sum(output * output_grad) + sum(losses)`
-    (commitment weight 1) back-propagated to the input and the projections. The estimator is
-    vector-quantize-pytorch's default: the rotation trick when the codebooks' dim is > 1."""
-    module = codec.module
+def record_gradients(module, inputs, generator):
+    """Runs the training forward of a copy of `module` with gradients: `sum(output *
+    output_grad) + sum(losses)` (commitment weight 1) back-propagated to the input and the
+    projections. The estimator is vector-quantize-pytorch's default: the rotation trick when
+    the codebooks' dim is > 1. In float64 (vector-quantize-pytorch still searches and updates
+    its codebooks in float32), so the values compared are the exact ones rather than one f32
+    summation order's."""
+    module = module.double()
     module.train()
     module.zero_grad()
-    x = inputs[None].clone().requires_grad_(True)
+    x = inputs[None].clone().double().requires_grad_(True)
     quantized, _, losses = module(x)
-    output_grad = torch.randn(quantized.shape[1:], generator=generator)
+    output_grad = torch.randn(quantized.shape[1:], generator=generator).double()
     ((quantized[0] * output_grad).sum() + losses.sum()).backward()
     grads = {"output_grad": floats(output_grad), "output": floats(quantized[0].detach()),
              "loss": float(losses.sum().detach()), "commitment_weight": 1.0,

@@ -45,7 +45,8 @@
 //! [`EmaResidualVectorQuantizer`] (`quantizer/`), which keeps that configuration as its one
 //! copy: the entry points (`forward.rs`: forward, encode, decode) check their input and run
 //! the levels in a short loop; `estimator.rs` turns what the levels gave into the output (the
-//! commitment loss, the straight-through estimator, the rotation trick); `bitrate.rs` prices
+//! commitment loss, the straight-through estimator, the rotation trick); `projection.rs` holds
+//! the `codebook_dim` projections in and out of the codebooks' space; `bitrate.rs` prices
 //! the codes. A level (`level/`) is an EMA codebook with its own state ([`Statistics`]) and
 //! step: read the state, assign, update, store; what a training step does to it (EMA, k-means
 //! init, dead-code restarts, data-parallel replacement) is the schedule (`schedule.rs`) the

@@ -6,11 +6,14 @@
 //! decoder's gradient by the number of levels or cuts levels > 1 off (encodec issue 25,
 //! vector-quantize-pytorch issue 33).
 //!
-//! Cosine codebooks (vector-quantize-pytorch's `use_cosine_sim`) pass the gradient through
-//! the first level's normalization: `y = n(x) + sg(sum_l q_l - n(x))`, `n` the L2
-//! normalization, which is vector-quantize-pytorch's estimator for one level (it adds every
-//! level's, `sum_l dn(r_l)/dx`, for several); the commitment loss of level `l` is
-//! `beta * mean((n(r_l) - q_l)^2)`, its gradient through `n(r_l)`.
+//! Cosine codebooks (vector-quantize-pytorch's `use_cosine_sim`) follow vector-quantize-pytorch's
+//! `ResidualVQ` instead: each level's code passes the gradient through the normalization of
+//! that level's input, `y = sum_l (n(r_l) + sg(q_l - n(r_l)))` with `r_l = x - sg(q_1 + ... +
+//! q_{l-1})` and `n` the L2 normalization (or each level's rotation trick). One estimator on
+//! `n(x)` would pass no gradient along `x` itself (`dn(x)/dx` removes that direction), so the
+//! encoder could never learn the latents' scale, which the later levels' residuals depend
+//! on. The commitment loss of level `l` is `beta * mean((n(r_l) - q_l)^2)`, its gradient
+//! through `n(r_l)`.
 
 use burn::tensor::{Bool, Tensor};
 
@@ -52,34 +55,40 @@ pub(super) fn output(
         .cloned()
         .reduce(|a, b| a.add(b))
         .expect("at least one level");
-    let units: Option<Vec<&Tensor<2>>> = config.cosine_similarity.then(|| {
-        steps
-            .iter()
-            .map(|step| step.unit_codes.as_ref().expect("a cosine level"))
-            .collect()
-    });
-    let loss = match (autodiff, &units) {
-        (true, None) => {
-            commitment_loss_autodiff(flat.clone(), &sums, num_levels, total_loss, config.beta)
+    let (quantized, loss) = match (config.cosine_similarity, autodiff) {
+        (true, true) => {
+            let codes: Vec<&Tensor<2>> = steps
+                .iter()
+                .map(|step| step.unit_codes.as_ref().expect("a cosine level"))
+                .collect();
+            cosine_autodiff(flat, &codes, total_loss, config)
         }
-        (true, Some(units)) => cosine_commitment_loss(flat.clone(), units, total_loss, config.beta),
-        (false, _) => total_loss,
+        // No gradient: the sum of the codes, as vector-quantize-pytorch's evaluation gives.
+        (true, false) => (sums.quantized, total_loss),
+        (false, _) => {
+            let loss = match autodiff {
+                true => commitment_loss_autodiff(
+                    flat.clone(),
+                    &sums,
+                    num_levels,
+                    total_loss,
+                    config.beta,
+                ),
+                false => total_loss,
+            };
+            // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
+            let straight_through = sums.quantized.clone().sub(flat_plain);
+            let straight_through = match autodiff {
+                true => straight_through.autodiff(),
+                false => straight_through,
+            };
+            let mut quantized = flat.clone().add(straight_through);
+            if autodiff && config.rotation_trick {
+                quantized = quantized.add(rotation_gradient(flat, sums.quantized));
+            }
+            (quantized, loss)
+        }
     };
-    // What the estimator passes the gradient through: the input, or its normalization.
-    let (source, source_plain) = match units {
-        None => (flat.clone(), flat_plain),
-        Some(_) => (unit_rows(flat.clone()), unit_rows(flat_plain)),
-    };
-    // y = x + sg(q_sum - x): one straight-through estimator, on the sum.
-    let straight_through = sums.quantized.clone().sub(source_plain);
-    let straight_through = match autodiff {
-        true => straight_through.autodiff(),
-        false => straight_through,
-    };
-    let mut quantized = source.clone().add(straight_through);
-    if autodiff && config.rotation_trick {
-        quantized = quantized.add(rotation_gradient(source, sums.quantized));
-    }
     let restarted_codes = steps.iter().map(|step| step.restarted).collect();
     let (indices, code_counts) = steps
         .into_iter()
@@ -127,44 +136,60 @@ fn commitment_loss_autodiff(
     surrogate.add(correction)
 }
 
-/// The total commitment loss of cosine levels on the autodiff device: `sum_l beta *
-/// mean((n(x - c_{l-1}) - q_l)^2)`, `c_{l-1} = q_1 + ... + q_{l-1}` (constants), each term's
-/// gradient through its normalization; the value then corrected to the exact sum of the level
-/// losses with a constant, as [`commitment_loss_autodiff`] does.
-fn cosine_commitment_loss(
+/// The output and total commitment loss of cosine levels on the autodiff device, level by
+/// level as vector-quantize-pytorch's `ResidualVQ` computes them: with `r_l = x - c_{l-1}`,
+/// `c_{l-1} = q_1 + ... + q_{l-1}` (constants) and `s_l = n(r_l)`, the output `sum_l (s_l +
+/// sg(q_l - s_l))` (plus each level's rotation-trick term, if configured) and the loss `sum_l
+/// beta * mean((s_l - q_l)^2)`, its value then corrected to the exact sum of the level losses
+/// with a constant, as [`commitment_loss_autodiff`] does.
+fn cosine_autodiff(
     flat: Tensor<2>,
-    units: &[&Tensor<2>],
+    codes: &[&Tensor<2>],
     total_loss: Tensor<1>,
-    beta: f64,
-) -> Tensor<1> {
-    let device = flat.device();
+    config: &EmaResidualVectorQuantizerConfig,
+) -> (Tensor<2>, Tensor<1>) {
     let mut before: Option<Tensor<2>> = None; // c_{l-1}
+    let mut output: Option<Tensor<2>> = None;
     let mut surrogate: Option<Tensor<1>> = None;
-    for &codes in units {
+    for &code in codes {
         let residual = match &before {
             None => flat.clone(),
             Some(sum) => flat.clone().sub(sum.clone().autodiff()),
         };
-        let codes = codes.clone();
-        let term = unit_rows(residual)
-            .sub(codes.clone().autodiff())
+        let source = unit_rows(residual); // s_l
+        let source_plain = source.clone().without_autodiff();
+        let mut level = source
+            .clone()
+            .add(code.clone().sub(source_plain).autodiff());
+        if config.rotation_trick {
+            level = level.add(rotation_gradient(source.clone(), code.clone()));
+        }
+        let term = source
+            .sub(code.clone().autodiff())
             .powi_scalar(2)
             .mean()
-            .mul_scalar(beta);
+            .mul_scalar(config.beta);
+        output = Some(match output {
+            None => level,
+            Some(sum) => sum.add(level),
+        });
         surrogate = Some(match surrogate {
             None => term,
             Some(total) => total.add(term),
         });
         before = Some(match before {
-            None => codes,
-            Some(sum) => sum.add(codes),
+            None => code.clone(),
+            Some(sum) => sum.add(code.clone()),
         });
     }
-    let surrogate = surrogate.unwrap_or_else(|| Tensor::zeros([1], &device));
+    let (output, surrogate) = (
+        output.expect("at least one level"),
+        surrogate.expect("at least one level"),
+    );
     let correction = total_loss
         .sub(surrogate.clone().without_autodiff())
         .autodiff();
-    surrogate.add(correction)
+    (output, surrogate.add(correction))
 }
 
 /// The rotation trick's correction to the straight-through output `y = x + sg(q - x)`: a
