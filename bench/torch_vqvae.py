@@ -10,6 +10,13 @@ epoch with the fields the demo writes to metrics.jsonl.
 
     python3 -m venv .venv && .venv/bin/pip install -r bench/requirements.txt
     .venv/bin/python bench/torch_vqvae.py --threads 2
+
+With `--vqp`, the quantizer is vector-quantize-pytorch's `ResidualVQ` instead, configured as the
+demo's (decay 0.99, eps 1e-5, commitment weight 0.25, the straight-through estimator rather
+than its default rotation trick), with the demo's `--codebook-dim N`, `--cosine` and
+`--kmeans-init`: the yardstick for those settings. `--reference-init` starts its codebooks at the
+reference's `U(-1/K, 1/K)` (counts one, sums equal to the codebooks), as the demo's do, instead
+of vector-quantize-pytorch's Kaiming-uniform init.
 """
 
 import argparse
@@ -80,13 +87,45 @@ class EmaRvq(nn.Module):
         return y.reshape(x.shape), loss, all_idx
 
 
+class Vqp(nn.Module):
+    """vector-quantize-pytorch's ResidualVQ with EmaRvq's interface (`levels` at evaluation
+    takes the first levels' codes of a full-depth forward)."""
+
+    def __init__(self, levels, codes, dim, codebook_dim=None, cosine=False, kmeans_init=False,
+                 reference_init=False):
+        super().__init__()
+        from vector_quantize_pytorch import ResidualVQ
+
+        self.levels, self.codes = levels, codes
+        self.rvq = ResidualVQ(dim=dim, num_quantizers=levels, codebook_size=codes, decay=0.99,
+                              eps=1e-5, commitment_weight=0.25, rotation_trick=False,
+                              codebook_dim=codebook_dim, use_cosine_sim=cosine,
+                              kmeans_init=kmeans_init, threshold_ema_dead_code=0)
+        if reference_init:
+            for layer in self.rvq.layers:
+                book = layer._codebook
+                start = torch.empty_like(book.embed).uniform_(-1.0 / codes, 1.0 / codes)
+                book.embed.copy_(start)
+                book.embed_avg.copy_(start)
+                book.cluster_size.fill_(1.0)
+
+    def forward(self, x, levels=None):
+        shape = x.shape
+        flat = x.reshape(1, -1, shape[-1])
+        y, idx, losses = self.rvq(flat)
+        if levels is not None and levels < self.levels:
+            codes = self.rvq.get_codes_from_indices(idx)[:levels].sum(0)  # [1, N, C]
+            y = self.rvq.project_out(codes)
+        return y.reshape(shape), losses.sum(), list(idx[0].T)
+
+
 class VqVae(nn.Module):
-    def __init__(self, levels, codes, dim=16):
+    def __init__(self, levels, codes, dim=16, quantizer=None):
         super().__init__()
         self.enc = nn.Sequential(
             nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
             nn.Conv2d(64, dim, 3, 1, 1))
-        self.rvq = EmaRvq(levels, codes, dim)
+        self.rvq = quantizer or EmaRvq(levels, codes, dim)
         self.dec = nn.Sequential(
             nn.Conv2d(dim, 64, 3, 1, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
             nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Sigmoid())
@@ -137,13 +176,22 @@ def main():
     parser.add_argument("--codebook-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vqp", action="store_true")
+    parser.add_argument("--codebook-dim", type=int, default=None)
+    parser.add_argument("--cosine", action="store_true")
+    parser.add_argument("--kmeans-init", action="store_true")
+    parser.add_argument("--reference-init", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     pixels = torch.from_numpy(read_idx(DATA / "images-idx3-ubyte.gz").copy()).float() / 255.0
     pixels = pixels[:, None]
     train, valid = pixels[:9000], pixels[9000:]
-    model = VqVae(args.levels, args.codebook_size)
+    quantizer = None
+    if args.vqp:
+        quantizer = Vqp(args.levels, args.codebook_size, 16, args.codebook_dim, args.cosine,
+                        args.kmeans_init, args.reference_init)
+    model = VqVae(args.levels, args.codebook_size, quantizer=quantizer)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(1, args.epochs + 1):

@@ -95,9 +95,9 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return self.empty_output(flat, num_levels);
         }
-        let out = self.forward_codebook_rows(self.into_codebooks(flat), num_levels, options);
+        let out = self.forward_codebook_rows(self.project_in(flat), num_levels, options);
         RvqOutput {
-            quantized: self.out_of_codebooks(out.quantized),
+            quantized: self.project_out(out.quantized),
             ..out
         }
     }
@@ -214,7 +214,7 @@ impl EmaResidualVectorQuantizer {
             .without_autodiff()
             .reshape([num_vectors, self.embedding_dim()])
             .cast(FloatDType::F32);
-        self.into_codebooks(rows)
+        self.project_in(rows)
     }
 
     /// The codes of rows `[N, D]` (f32, no autodiff) with the first `num_levels` levels.
@@ -269,7 +269,7 @@ impl EmaResidualVectorQuantizer {
         let sum = with_path!(Path::choose(&device, &self.config), path => {
             path.decode(codebooks, indices)
         })?;
-        Ok(self.out_of_codebooks(sum).reshape(shape))
+        Ok(self.project_out(sum).reshape(shape))
     }
 
     /// Runs the first `num_levels` levels on `x` `[N, D]` (`N > 0`, no autodiff) on the path

@@ -136,17 +136,17 @@ impl EmaResidualVectorQuantizer {
     }
 
     /// Rows `[N, D]` in the codebooks' space (`project_in`), `[N, codebook_dim]`.
-    pub(crate) fn into_codebooks(&self, rows: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn project_in(&self, rows: Tensor<2>) -> Tensor<2> {
         match &self.projection {
-            Some(projection) => projection.into_codebooks(rows),
+            Some(projection) => projection.project_in(rows),
             None => rows,
         }
     }
 
     /// Rows `[N, codebook_dim]` back in the model's space (`project_out`), `[N, D]`.
-    pub(crate) fn out_of_codebooks(&self, rows: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn project_out(&self, rows: Tensor<2>) -> Tensor<2> {
         match &self.projection {
-            Some(projection) => projection.out_of_codebooks(rows),
+            Some(projection) => projection.project_out(rows),
             None => rows,
         }
     }

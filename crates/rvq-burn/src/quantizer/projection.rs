@@ -36,12 +36,12 @@ impl Projection {
     }
 
     /// `x` `[N, D]` in the codebooks' space, `[N, C]`.
-    pub(crate) fn into_codebooks(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn project_in(&self, x: Tensor<2>) -> Tensor<2> {
         apply(&self.project_in, x)
     }
 
     /// `x` `[N, C]` back in the model's space, `[N, D]`.
-    pub(crate) fn out_of_codebooks(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn project_out(&self, x: Tensor<2>) -> Tensor<2> {
         apply(&self.project_out, x)
     }
 
@@ -149,7 +149,7 @@ mod tests {
         };
         let device = layer.weight.val().device();
         let mut new = layer.clone();
-        if which % 2 == 0 {
+        if which.is_multiple_of(2) {
             let shape = layer.weight.val().dims();
             let data = TensorData::new(values.to_vec(), shape);
             new.weight = Param::from_tensor(Tensor::<2>::from_data(data, &device));

@@ -175,7 +175,7 @@ impl EmaResidualVectorQuantizer {
         let sum = with_path!(Path::choose(&device, &self.config), path => {
             path.decode(codebooks, &padded)
         })?;
-        Ok(self.out_of_codebooks(sum).reshape(shape))
+        Ok(self.project_out(sum).reshape(shape))
     }
 }
 
