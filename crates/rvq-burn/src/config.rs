@@ -518,18 +518,6 @@ mod tests {
         }
     }
 
-    /// A configuration saved before `codebook_dim` and `cosine_similarity` existed (a run's
-    /// `config.json`) reads back with both off.
-    #[test]
-    fn configurations_without_the_codebook_options_read_back_with_them_off() {
-        let mut json: serde_json::Value = serde_json::to_value(config()).unwrap();
-        let fields = json.as_object_mut().unwrap();
-        assert!(fields.remove("codebook_dim").is_some());
-        assert!(fields.remove("cosine_similarity").is_some());
-        let back: EmaResidualVectorQuantizerConfig = serde_json::from_value(json).unwrap();
-        assert_eq!((back.codebook_dim, back.cosine_similarity), (None, false));
-    }
-
     #[test]
     fn sizes_serialize_as_number_or_list() {
         let json = serde_json::to_string(&config()).unwrap();
