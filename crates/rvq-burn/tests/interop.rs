@@ -493,10 +493,9 @@ fn rewrite(from: &Path, to: &Path, edit: impl FnOnce(&mut RawTensors)) {
     std::fs::write(to, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
-#[test]
-fn a_changed_value_in_after_fails_and_names_it() {
-    let dir = scratch("changed");
-    let name = "mimi_m4_k64_d8";
+/// Copies case `name` into `dir` with value `index` of `key` in its `after` file changed, and
+/// replays the copy on flex: the error it must fail with.
+fn replay_with_changed_after(dir: &Path, name: &str, key: &str, index: usize) -> String {
     for suffix in [".json", ".before.safetensors"] {
         std::fs::copy(
             fixtures().join(format!("{name}{suffix}")),
@@ -504,19 +503,30 @@ fn a_changed_value_in_after_fails_and_names_it() {
         )
         .unwrap();
     }
-    let key = "quantizer.rvq_rest.vq.layers.2._codebook.cluster_usage";
     rewrite(
         &fixtures().join(format!("{name}.after.safetensors")),
         &dir.join(format!("{name}.after.safetensors")),
         |tensors| {
             let data = &mut tensors.get_mut(key).expect("the key is in the case").2;
-            let value = f32::from_le_bytes([data[20], data[21], data[22], data[23]]);
-            data[20..24].copy_from_slice(&(value * 1.001 + 0.01).to_le_bytes());
+            let bytes = &mut data[4 * index..4 * index + 4];
+            let value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            bytes.copy_from_slice(&(value * 1.001 + 0.01).to_le_bytes());
         },
     );
-    let case = dir.join(format!("{name}.json"));
-    let error = replay_case(&case, &Device::flex(), Execution::Auto)
-        .expect_err("the changed value must fail");
+    replay_case(
+        &dir.join(format!("{name}.json")),
+        &Device::flex(),
+        Execution::Auto,
+    )
+    .expect_err("the changed value must fail")
+}
+
+#[test]
+fn a_changed_value_in_after_fails_and_names_it() {
+    let dir = scratch("changed");
+    let name = "mimi_m4_k64_d8";
+    let key = "quantizer.rvq_rest.vq.layers.2._codebook.cluster_usage";
+    let error = replay_with_changed_after(&dir, name, key, 5);
     assert!(
         error.contains(key) && error.contains("[5]"),
         "the error names the key and index: {error}"
@@ -565,7 +575,7 @@ fn bad_file(
     state: &PytorchState,
     words: &[&str],
 ) {
-    let before = (state_bits(rvq), rvq.steps_taken());
+    let before = (layer_bits(rvq), rvq.steps_taken());
     let error = rvq
         .try_import_pytorch(path, state)
         .expect_err("a bad file must be refused")
@@ -575,9 +585,9 @@ fn bad_file(
         assert!(error.contains(word), "`{word}` not in: {error}");
     }
     assert_eq!(
-        (state_bits(rvq), rvq.steps_taken()),
+        (layer_bits(rvq), rvq.steps_taken()),
         before,
-        "a failed import changed the state or the step counter"
+        "a failed import changed the state, the projections or the step counter"
     );
 }
 
@@ -959,35 +969,11 @@ fn export_then_import_is_the_identity_in_every_layout_and_style() {
 #[test]
 fn a_changed_value_in_a_projection_or_cosine_case_fails_and_names_it() {
     let dir = scratch("changed-vqp");
-    let copy = |name: &str, suffixes: &[&str]| {
-        for suffix in suffixes {
-            std::fs::copy(
-                fixtures().join(format!("{name}{suffix}")),
-                dir.join(format!("{name}{suffix}")),
-            )
-            .unwrap();
-        }
-    };
     for (name, key) in [
         ("vqp_cosine_m3_k64_d8", "layers.1._codebook.embed_avg"),
         ("vqp_proj_m3_k64_d16_c4", "quantizer.project_out.bias"),
     ] {
-        copy(name, &[".json", ".before.safetensors"]);
-        rewrite(
-            &fixtures().join(format!("{name}.after.safetensors")),
-            &dir.join(format!("{name}.after.safetensors")),
-            |tensors| {
-                let data = &mut tensors.get_mut(key).expect("the key is in the case").2;
-                let value = f32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-                data[4..8].copy_from_slice(&(value * 1.001 + 0.01).to_le_bytes());
-            },
-        );
-        let error = replay_case(
-            &dir.join(format!("{name}.json")),
-            &Device::flex(),
-            Execution::Auto,
-        )
-        .expect_err("the changed value must fail");
+        let error = replay_with_changed_after(&dir, name, key, 1);
         assert!(
             error.contains(key) && error.contains("[1]") && error.contains(name),
             "the error names the case, the key and the index: {error}"
@@ -995,7 +981,13 @@ fn a_changed_value_in_a_projection_or_cosine_case_fails_and_names_it() {
     }
     // A gradient of the codec's, changed in the case's json.
     let name = "vqp_proj_cosine_grad_m1_k32_d12_c6";
-    copy(name, &[".before.safetensors", ".after.safetensors"]);
+    for suffix in [".before.safetensors", ".after.safetensors"] {
+        std::fs::copy(
+            fixtures().join(format!("{name}{suffix}")),
+            dir.join(format!("{name}{suffix}")),
+        )
+        .unwrap();
+    }
     let mut case: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
     )
@@ -1044,16 +1036,7 @@ fn bad_projection_and_geometry_are_refused_and_leave_the_layer_unchanged() {
     let refuse =
         |rvq: &mut EmaResidualVectorQuantizer, path: &Path, prefix: &str, words: &[&str]| {
             let state = PytorchState::new(Layout::VectorQuantizePytorch).with_prefix(prefix);
-            let before = layer_bits(rvq);
-            let error = rvq
-                .try_import_pytorch(path, &state)
-                .expect_err("a bad file must be refused")
-                .to_string();
-            eprintln!("{error}");
-            for word in words {
-                assert!(error.contains(word), "`{word}` not in: {error}");
-            }
-            assert_eq!(layer_bits(rvq), before, "a failed import changed the layer");
+            bad_file(rvq, path, &state, words);
         };
 
     // NaN in project_in.weight at [1, 2] (row-major [C = 4, D = 16]: index 18).

@@ -203,9 +203,14 @@ impl EmaResidualVectorQuantizer {
                         ),
                     ));
                 }
-                check_geometry(&level_state, &embed, d, epsilon, cosine)
+                let derived = DerivedCodebooks::of(&level_state, d, epsilon);
+                check_geometry(&embed, &derived, d, cosine)
                     .map_err(|problem| checkpoint_error(file, Some(&key(Field::Embed)), problem))?;
-                compare_embed(&mut level_state, &embed, d, epsilon, cosine);
+                let matching = match cosine {
+                    true => &derived.normalized,
+                    false => &derived.means,
+                };
+                compare_embed(&mut level_state, &embed, matching, d, epsilon);
                 if level_state.rebuilt {
                     let sum_key = format!("{} (rebuilt from `embed`)", key(Field::Sum));
                     let keys = (key(Field::Count), sum_key);
@@ -499,22 +504,31 @@ fn check_codebook(
 }
 
 /// The codebook the Laplace rule derives from a level's statistics (the layouts that store
-/// `embed` use it), in f64 from the f32 divisions, each row L2-normalized with `cosine`.
-fn derived_codebook(level: &LevelState, d: usize, epsilon: f64, cosine: bool) -> Vec<f64> {
-    let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
-    let mut derived: Vec<f64> = Vec::with_capacity(level.sum.len());
-    for (code, &c) in smoothed.iter().enumerate() {
-        let row: Vec<f64> = level.sum[code * d..(code + 1) * d]
-            .iter()
-            .map(|&m| f64::from(m / c))
+/// `embed` use it), in f64 from the f32 divisions, as smoothed means and with each row
+/// L2-normalized (a cosine codebook), `[K, D]` row-major each.
+struct DerivedCodebooks {
+    means: Vec<f64>,
+    normalized: Vec<f64>,
+}
+
+impl DerivedCodebooks {
+    fn of(level: &LevelState, d: usize, epsilon: f64) -> Self {
+        let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
+        let means: Vec<f64> = level
+            .sum
+            .chunks_exact(d)
+            .zip(&smoothed)
+            .flat_map(|(row, &c)| row.iter().map(move |&m| f64::from(m / c)))
             .collect();
-        let scale = match cosine {
-            true => 1.0 / row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-6),
-            false => 1.0,
-        };
-        derived.extend(row.iter().map(|v| v * scale));
+        let normalized = means
+            .chunks_exact(d)
+            .flat_map(|row| {
+                let scale = 1.0 / row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-6);
+                row.iter().map(move |v| v * scale)
+            })
+            .collect();
+        Self { means, normalized }
     }
-    derived
 }
 
 /// The largest per-code relative difference between `embed` and `derived`.
@@ -540,10 +554,9 @@ fn largest_difference(embed: &[f32], derived: &[f64], d: usize) -> f64 {
 /// normalized smoothed means (a cosine codebook, vector-quantize-pytorch's
 /// `use_cosine_sim`) into a Euclidean layer, or rows not of unit length into a cosine one.
 fn check_geometry(
-    level: &LevelState,
     embed: &[f32],
+    derived: &DerivedCodebooks,
     d: usize,
-    epsilon: f64,
     cosine: bool,
 ) -> Result<(), String> {
     let norm = |row: &[f32]| {
@@ -570,8 +583,8 @@ fn check_geometry(
     let unit = embed
         .chunks_exact(d)
         .all(|row| (norm(row) - 1.0).abs() <= 1e-4);
-    let euclidean = largest_difference(embed, &derived_codebook(level, d, epsilon, false), d);
-    let normalized = largest_difference(embed, &derived_codebook(level, d, epsilon, true), d);
+    let euclidean = largest_difference(embed, &derived.means, d);
+    let normalized = largest_difference(embed, &derived.normalized, d);
     if unit && euclidean > EMBED_TOLERANCE && normalized <= EMBED_TOLERANCE {
         return Err(format!(
             "holds a cosine codebook (codes of unit length, the normalized smoothed means of the \
@@ -583,14 +596,14 @@ fn check_geometry(
     Ok(())
 }
 
-/// Compares the stored `embed` with the codebook the Laplace rule derives from the
-/// statistics (normalized for cosine codebooks), and rebuilds the sums from `embed` when they
-/// differ by more than [`EMBED_TOLERANCE`].
-fn compare_embed(level: &mut LevelState, embed: &[f32], d: usize, epsilon: f64, cosine: bool) {
-    let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
-    let worst = largest_difference(embed, &derived_codebook(level, d, epsilon, cosine), d);
+/// Compares the stored `embed` with `derived`, the codebook the statistics give the layer
+/// (see [`DerivedCodebooks`]), and rebuilds the sums from `embed` when they differ by more
+/// than [`EMBED_TOLERANCE`].
+fn compare_embed(level: &mut LevelState, embed: &[f32], derived: &[f64], d: usize, epsilon: f64) {
+    let worst = largest_difference(embed, derived, d);
     level.embed_difference = Some(worst);
     if worst > EMBED_TOLERANCE {
+        let smoothed = CodebookRule::Laplace.divisors(&level.count, epsilon);
         for (code, &c) in smoothed.iter().enumerate() {
             for j in 0..d {
                 level.sum[code * d + j] = embed[code * d + j] * c;
