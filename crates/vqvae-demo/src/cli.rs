@@ -414,10 +414,10 @@ mod tests {
         assert_eq!((q.codebook_dim, q.cosine_similarity), (None, false));
         let cli = parse(args(&["--rotation-trick", "--mask-random-tail", "0.3"])).unwrap();
         assert!(cli.config.model.quantizer.rotation_trick);
+        assert_eq!(cli.config.mask_random_tail, 0.3);
         let cli = parse(args(&["--codebook-dim", "8", "--cosine"])).unwrap();
         let q = &cli.config.model.quantizer;
         assert_eq!((q.codebook_dim, q.cosine_similarity), (Some(8), true));
-        assert_eq!(cli.config.mask_random_tail, 0.3);
         assert_eq!(cli.devices, 1);
         assert_eq!(parse(args(&["--devices", "3"])).unwrap().devices, 3);
         let error = parse(args(&["--devices", "0"])).unwrap_err().to_string();
