@@ -11,11 +11,20 @@
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex,flex-tensor --shapes small
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --parts
 //! cargo bench -p rvq-burn --bench throughput -- --backends flex --shapes medium --rd
+//! cargo bench -p rvq-burn --features wgpu --bench throughput -- --backends wgpu --kernels
 //! ```
 //!
 //! `--rd`: `encode` against rate-distortion encoding (`EncodeOptions`) in the same run: the
 //! lambda term at beam 1, beams 2, 4 and 8, and a depth per vector, each with its ratio to
 //! greedy `encode`.
+//!
+//! `--kernels` (CubeCL backends): the kernels one training step, one evaluation forward, one
+//! `encode` and one `decode` launch, counted by CubeCL's launch observer (every launch the
+//! process issues, Burn's own and fused ones included), per kernel and per level; then each
+//! kernel's time over `--repeats` training steps, each launch timed alone (CubeCL's resolved
+//! timing: it waits for every kernel, so the sum is not the step's time). On a software
+//! Vulkan (lavapipe) these times count work done, not a GPU's speed. With `--train-only`, the
+//! training step alone; `--levels M` gives every shape M levels instead of its own.
 //!
 //! A backend name may carry suffixes: `-dense` turns `dense_statistics` on, `-tensor` forces
 //! the generic tensor path (`Execution::TensorOps`) where the backend has a faster one.
@@ -48,6 +57,10 @@ struct Args {
     train_only: bool,
     /// Time greedy `encode` against rate-distortion encoding.
     rd: bool,
+    /// Count and time the kernels each operation launches (CubeCL backends).
+    kernels: bool,
+    /// Levels of every shape instead of its own (`--levels M`).
+    levels: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -59,6 +72,8 @@ fn parse_args() -> Args {
         max_distance_elements: 1 << 24,
         train_only: false,
         rd: false,
+        kernels: false,
+        levels: None,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -76,6 +91,14 @@ fn parse_args() -> Args {
             "--parts" => args.parts = true,
             "--train-only" => args.train_only = true,
             "--rd" => args.rd = true,
+            "--kernels" => args.kernels = true,
+            "--levels" => {
+                args.levels = Some(
+                    iter.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--levels needs a number"),
+                )
+            }
             "--max-distance-elements" => {
                 args.max_distance_elements = iter
                     .next()
@@ -84,7 +107,7 @@ fn parse_args() -> Args {
             }
             "--bench" => {}
             other => panic!(
-                "unknown flag {other:?}: use --backends, --shapes, --repeats, --parts, --rd, --max-distance-elements, --train-only"
+                "unknown flag {other:?}: use --backends, --shapes, --repeats, --parts, --rd, --kernels, --levels, --max-distance-elements, --train-only"
             ),
         }
     }
@@ -309,6 +332,7 @@ fn main() {
             .iter()
             .filter(|s| args.shapes.iter().any(|a| a == s.0))
         {
+            let m = args.levels.unwrap_or(m);
             plain.seed(0);
             if args.parts {
                 parts(backend, shape, n, d, k, args.repeats, &plain);
@@ -362,6 +386,18 @@ fn main() {
                 args.repeats
             };
 
+            if args.kernels {
+                kernels(
+                    backend,
+                    shape,
+                    (n, d, k, m),
+                    repeats,
+                    args.train_only,
+                    &rvq,
+                    &x,
+                );
+                continue;
+            }
             if args.rd {
                 rate_distortion(backend, shape, (n, d, k, m), repeats, &rvq.valid(), &x);
                 continue;
@@ -505,5 +541,169 @@ fn rate_distortion(
             options.rd_depth,
             seconds / greedy
         );
+    }
+}
+
+/// `--kernels`: the launches of a training step, an evaluation forward, `encode` and
+/// `decode`, by kernel, then each kernel's time in a training step.
+#[cfg(feature = "wgpu")]
+fn kernels(
+    backend: &str,
+    shape: &str,
+    (n, d, k, m): (usize, usize, usize, usize),
+    repeats: usize,
+    train_only: bool,
+    rvq: &EmaResidualVectorQuantizer,
+    x: &Tensor<2>,
+) {
+    use launches::Counter;
+
+    let device = x.device();
+    let train_step = || {
+        let input = x.clone().autodiff().require_grad();
+        let out = rvq.forward(input.clone());
+        let grads = out.loss.backward();
+        let _ = input.grad(&grads).expect("gradient");
+        rvq.sync_state();
+    };
+    let eval = rvq.valid();
+    let codes = eval.encode(x.clone());
+    let operations: [(&str, &dyn Fn()); 4] = [
+        ("train_step", &train_step),
+        ("eval_forward", &|| {
+            let _ = eval.forward(x.clone()).loss.into_data();
+        }),
+        ("encode", &|| {
+            let codes = eval.encode(x.clone());
+            let _ = codes.last().map(|c| c.clone().into_data());
+        }),
+        ("decode", &|| {
+            let _ = eval.decode(&codes, [n, d]).into_data();
+        }),
+    ];
+    let operations = match train_only {
+        true => &operations[..1],
+        false => &operations[..],
+    };
+    for &(operation, run) in operations {
+        // Once unobserved: kernels compile and Burn's autotuning settles first.
+        run();
+        device.sync().expect("device sync");
+        let counted = Counter::observe(false, || {
+            run();
+            device.sync().expect("device sync");
+        });
+        let total: usize = counted.values().map(|k| k.launches).sum();
+        println!(
+            "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"n\":{n},\"d\":{d},\"k\":{k},\"m\":{m},\
+             \"operation\":\"{operation}\",\"launches\":{total},\"launches_per_level\":{:.2}}}",
+            total as f64 / m as f64
+        );
+        for (kernel, counted) in &counted {
+            println!(
+                "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"{operation}\",\
+                 \"kernel\":{kernel:?},\"launches\":{}}}",
+                counted.launches
+            );
+        }
+    }
+    let timed = Counter::observe(true, || {
+        for _ in 0..repeats {
+            train_step();
+        }
+        device.sync().expect("device sync");
+    });
+    for (kernel, counted) in &timed {
+        println!(
+            "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"operation\":\"train_step_kernel_time\",\
+             \"kernel\":{kernel:?},\"launches_per_step\":{:.2},\"seconds_per_step\":{:.6},\
+             \"timing\":{:?}}}",
+            counted.launches as f64 / repeats as f64,
+            counted.seconds / repeats as f64,
+            counted.methods.join(","),
+        );
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn kernels(
+    backend: &str,
+    _shape: &str,
+    _dims: (usize, usize, usize, usize),
+    _repeats: usize,
+    _train_only: bool,
+    _rvq: &EmaResidualVectorQuantizer,
+    _x: &Tensor<2>,
+) {
+    panic!("--kernels counts CubeCL launches: build with --features wgpu (backend {backend:?})");
+}
+
+/// Counting (and timing) kernel launches with CubeCL's launch observer.
+#[cfg(feature = "wgpu")]
+mod launches {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use cubecl::config::type_name_format;
+    use cubecl::logging::{
+        Duration, LaunchObservation, LaunchObserver, TimingMethod, TimingRequest,
+    };
+
+    /// What one kernel (by its shortened name) did under observation.
+    #[derive(Debug, Default, Clone)]
+    pub struct Kernel {
+        pub launches: usize,
+        pub seconds: f64,
+        /// How its launches were timed (`Device`, or `System`: host wall time around a
+        /// blocking submit).
+        pub methods: Vec<String>,
+    }
+
+    #[derive(Default)]
+    pub struct Counter {
+        timed: bool,
+        kernels: Mutex<BTreeMap<String, Kernel>>,
+    }
+
+    impl Counter {
+        /// The launches `run` issues, by kernel; timed one by one when `timed`.
+        pub fn observe(timed: bool, run: impl FnOnce()) -> BTreeMap<String, Kernel> {
+            let counter = Arc::new(Counter {
+                timed,
+                ..Counter::default()
+            });
+            let observation = LaunchObservation::new(counter.clone());
+            run();
+            drop(observation);
+            counter.kernels.lock().expect("not poisoned").clone()
+        }
+
+        fn name(kernel: &str) -> String {
+            type_name_format(kernel, cubecl::config::TypeNameFormatLevel::Short)
+        }
+    }
+
+    impl LaunchObserver for Counter {
+        fn launched(&self, kernel: &'static str) {
+            let mut kernels = self.kernels.lock().expect("not poisoned");
+            kernels.entry(Self::name(kernel)).or_default().launches += 1;
+        }
+
+        fn timing(&self) -> TimingRequest {
+            match self.timed {
+                true => TimingRequest::Resolved,
+                false => TimingRequest::None,
+            }
+        }
+
+        fn timed(&self, kernel: &'static str, duration: Duration, method: TimingMethod) {
+            let mut kernels = self.kernels.lock().expect("not poisoned");
+            let entry = kernels.entry(Self::name(kernel)).or_default();
+            entry.seconds += duration.as_secs_f64();
+            let method = format!("{method:?}");
+            if !entry.methods.contains(&method) {
+                entry.methods.push(method);
+            }
+        }
     }
 }
