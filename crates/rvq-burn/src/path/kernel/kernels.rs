@@ -123,68 +123,191 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
     }
 }
 
-/// See the module docs of `path/kernel`. `rows` `[N, D]`, `indices` `[N]`, `counts` `[K]`, `sums` `[K, D]`;
-/// one cube per code, 64 units, each summing `dims_per_unit` dimensions.
+/// See the module docs of `path/kernel`. `indices` `[N]`, `ranks` `[N]`, `block_counts`
+/// `[B, K]` with `B = ceil(N / 256)`; one cube of 256 units per block of 256 rows.
+///
+/// Each row's rank among the rows of its block that took the same code, and the block's count
+/// of every code (zero for the codes it does not hold).
 #[cube(launch)]
-pub(crate) fn statistics_kernel<F: Float, I: Int>(
-    rows: &Tensor<F>,
+pub(crate) fn block_counts_kernel<I: Int>(
     indices: &Tensor<I>,
+    ranks: &mut Tensor<I>,
+    block_counts: &mut Tensor<I>,
+    #[define(I)] _dtype: ElemType,
+) {
+    let n = indices.shape(0);
+    let blocks = block_counts.shape(0);
+    let k = block_counts.shape(1);
+    let block = CUBE_POS;
+    let unit = UNIT_POS as usize;
+    let row = block * 256 + unit;
+    // Code K (none) pads the last block (and the grid's spare cubes).
+    let mut code = k;
+    if row < n {
+        code = usize::cast_from(indices[row]);
+    }
+    let mut codes = Shared::<[u32]>::new_slice(256usize);
+    let mine = u32::cast_from(code);
+    codes[unit] = mine;
+    if block < blocks {
+        let mut zeroed = unit;
+        while zeroed < k {
+            block_counts[block * k + zeroed] = I::cast_from(0u32);
+            zeroed += 256;
+        }
+    }
+    // The zeros above land before any unit writes a count below.
+    sync_storage();
+    let mut rank = 0u32;
+    let mut count = 0u32;
+    for other in 0..256usize {
+        if codes[other] == mine {
+            count += 1u32;
+            if other < unit {
+                rank += 1u32;
+            }
+        }
+    }
+    if row < n {
+        ranks[row] = I::cast_from(rank);
+        // The code's last row in the block writes the block's count.
+        if rank + 1u32 == count {
+            block_counts[block * k + code] = I::cast_from(count);
+        }
+    }
+}
+
+/// See the module docs of `path/kernel`. `block_counts` `[B, K]` (turned into each block's
+/// first place among its code's rows), `starts` `[K + 1]` (each code's first place in the
+/// sorted order, then `N`), `counts` `[K]`; one cube of 256 units.
+#[cube(launch)]
+pub(crate) fn offsets_kernel<F: Float, I: Int>(
+    block_counts: &mut Tensor<I>,
+    starts: &mut Tensor<I>,
     counts: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let blocks = block_counts.shape(0);
+    let k = block_counts.shape(1);
+    let unit = UNIT_POS as usize;
+    // Per code: an exclusive prefix sum over the blocks, and the total (kept in `starts`).
+    let mut code = unit;
+    while code < k {
+        let mut running = 0u32;
+        for block in 0..blocks {
+            let count = u32::cast_from(block_counts[block * k + code]);
+            block_counts[block * k + code] = I::cast_from(running);
+            running += count;
+        }
+        starts[code] = I::cast_from(running);
+        counts[code] = F::cast_from(running);
+        code += 256;
+    }
+    sync_storage();
+    // An exclusive prefix sum over the codes: each unit sums a run of codes, one unit scans
+    // the 256 runs' sums, then each unit writes its run's places.
+    let run = k.div_ceil(256usize);
+    let first = unit * run;
+    let mut end = first + run;
+    if end > k {
+        end = k;
+    }
+    let mut sum = 0u32;
+    let mut code = first;
+    while code < end {
+        sum += u32::cast_from(starts[code]);
+        code += 1;
+    }
+    let mut run_starts = Shared::<[u32]>::new_slice(256usize);
+    run_starts[unit] = sum;
+    sync_cube();
+    if unit == 0 {
+        let mut running = 0u32;
+        for other in 0..256usize {
+            let sum = run_starts[other];
+            run_starts[other] = running;
+            running += sum;
+        }
+        starts[k] = I::cast_from(running);
+    }
+    sync_cube();
+    let mut running = run_starts[unit];
+    let mut code = first;
+    while code < end {
+        let total = u32::cast_from(starts[code]);
+        starts[code] = I::cast_from(running);
+        running += total;
+        code += 1;
+    }
+}
+
+/// See the module docs of `path/kernel`. `indices`, `ranks` `[N]`, `block_counts` `[B, K]` and
+/// `starts` `[K + 1]` as [`offsets_kernel`] left them, `order` `[N]`; one unit per row.
+///
+/// Every row's index at its place in the rows sorted by code, stably (row order within a
+/// code).
+#[cube(launch)]
+pub(crate) fn scatter_kernel<I: Int>(
+    indices: &Tensor<I>,
+    ranks: &Tensor<I>,
+    block_counts: &Tensor<I>,
+    starts: &Tensor<I>,
+    order: &mut Tensor<I>,
+    #[define(I)] _dtype: ElemType,
+) {
+    let n = indices.shape(0);
+    let k = block_counts.shape(1);
+    let row = ABSOLUTE_POS;
+    if row < n {
+        let code = usize::cast_from(indices[row]);
+        let place = usize::cast_from(starts[code])
+            + usize::cast_from(block_counts[(row / 256) * k + code])
+            + usize::cast_from(ranks[row]);
+        order[place] = I::cast_from(row);
+    }
+}
+
+/// See the module docs of `path/kernel`. `rows` `[N, D]`, `order` `[N]` and `starts`
+/// `[K + 1]` from [`scatter_kernel`], `sums` `[K, D]`; one cube per code, 64 units, each
+/// summing `dims_per_unit` dimensions of the code's rows, in row order.
+#[cube(launch)]
+pub(crate) fn code_sums_kernel<F: Float, I: Int>(
+    rows: &Tensor<F>,
+    order: &Tensor<I>,
+    starts: &Tensor<I>,
     sums: &mut Tensor<F>,
     #[comptime] dims_per_unit: usize,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
-    let n = rows.shape(0);
     let d = rows.shape(1);
-    let k = counts.shape(0);
+    let k = sums.shape(0);
     let code = CUBE_POS;
     let unit = UNIT_POS as usize;
-    let mut chunk = Shared::<[I]>::new_slice(64usize);
-    let mut acc = Array::<F>::new(dims_per_unit);
-    #[unroll]
-    for t in 0..dims_per_unit {
-        acc[t] = F::new(0.0);
-    }
-    let mut count = 0u32;
-    let target = I::cast_from(code);
-    let mut start = 0usize;
-    while start < n {
-        // Index K (no code) pads the last chunk.
-        let mut index = I::cast_from(k);
-        if start + unit < n {
-            index = indices[start + unit];
+    if code < k {
+        let mut acc = Array::<F>::new(dims_per_unit);
+        #[unroll]
+        for t in 0..dims_per_unit {
+            acc[t] = F::new(0.0);
         }
-        chunk[unit] = index;
-        sync_cube();
-        let mut len = n - start;
-        if len > 64 {
-            len = 64usize;
-        }
-        for e in 0..len {
-            if chunk[e] == target {
-                count += 1u32;
-                #[unroll]
-                for t in 0..dims_per_unit {
-                    let dim = unit + t * 64;
-                    if dim < d {
-                        acc[t] += rows[(start + e) * d + dim];
-                    }
+        let end = usize::cast_from(starts[code + 1]);
+        let mut place = usize::cast_from(starts[code]);
+        while place < end {
+            let row = usize::cast_from(order[place]);
+            #[unroll]
+            for t in 0..dims_per_unit {
+                let dim = unit + t * 64;
+                if dim < d {
+                    acc[t] += rows[row * d + dim];
                 }
             }
+            place += 1;
         }
-        sync_cube();
-        start += 64;
-    }
-    if code < k {
         #[unroll]
         for t in 0..dims_per_unit {
             let dim = unit + t * 64;
             if dim < d {
                 sums[code * d + dim] = acc[t];
             }
-        }
-        if unit == 0 {
-            counts[code] = F::cast_from(count);
         }
     }
 }

@@ -7,10 +7,20 @@
 //!   products in registers and, per row, its least `||e||^2 - 2 r.e` and code; the 16 units of
 //!   a row then agree on the least distance, the lowest code among equals (the first minimum,
 //!   as on every path).
-//! - **Per-code counts and sums** (`statistics_kernel`): one cube per code, its units over
-//!   the dimensions, reading the codes of the batch in chunks through shared memory and adding
-//!   the rows that took it in row order: no atomics, deterministic, and the same floats as a
-//!   sequential scatter-add (the host path's and Burn's CPU backends').
+//! - **Per-code counts and sums**: a stable counting sort of the rows by code, then each code's
+//!   rows summed in row order, in `O(N D + K D + N K / 256)` work: no atomics, deterministic,
+//!   and the same floats as a sequential scatter-add (the host path's and Burn's CPU
+//!   backends'). Four launches:
+//!   1. `block_counts_kernel`: per block of 256 rows, each row's rank among the block's rows
+//!      of its code (256 shared-memory compares per row), and the block's count of each code
+//!      `[N / 256, K]`;
+//!   2. `offsets_kernel` (one cube): each code's count, its first place in the sorted order,
+//!      and each block's first place among the code's rows (prefix sums);
+//!   3. `scatter_kernel`: every row's index at its place;
+//!   4. `code_sums_kernel`: one cube per code, its units over the dimensions, adding the
+//!      code's rows in that order.
+//!
+//!   A pass that wants the counts alone (an evaluation forward) stops after the second.
 //! - **Decode** (`decode_kernel`): every level's code gathered and summed per element, in
 //!   level order, in one launch.
 //!
@@ -37,8 +47,11 @@ use crate::util::int_tensor;
 const SEARCH_ROWS: usize = 64;
 /// Units per cube of the search (16 x 16, each 4 rows x 4 codes).
 const SEARCH_UNITS: u32 = 256;
-/// Units per cube of the statistics: each takes every 64th dimension.
-const STATISTICS_UNITS: usize = 64;
+/// Rows per block of the statistics' counting sort, and units per cube of its kernels but the
+/// sums'.
+const SORT_BLOCK: usize = 256;
+/// Units per cube of the per-code sums: each takes every 64th dimension.
+const SUMS_UNITS: usize = 64;
 /// Largest `[vectors, B K]` cost block of a beam search level.
 const BEAM_ELEMENTS: usize = 1 << 24;
 /// Units per cube of the decode.
@@ -61,12 +74,13 @@ impl LevelPath for KernelPath {
         let [k, _] = codebook.dims();
         let residual = rows.residual();
         let indices = nearest_priced(residual.clone(), codebook.clone(), pricing);
-        let (counts, sums) = match work.counts || work.sums {
-            true => {
-                let (counts, sums) = statistics(residual, indices.clone(), k);
-                (work.counts.then_some(counts), work.sums.then_some(sums))
+        let (counts, sums) = match (work.counts, work.sums) {
+            (counts, true) => {
+                let (c, sums) = statistics(residual, indices.clone(), k);
+                (counts.then_some(c), Some(sums))
             }
-            false => (None, None),
+            (true, false) => (Some(code_counts(residual, indices.clone(), k)), None),
+            (false, false) => (None, None),
         };
         rows.finish_level(codebook, indices, counts, sums, work)
     }
@@ -146,6 +160,21 @@ pub(crate) fn statistics(
     (Tensor::from_dispatch(counts), Tensor::from_dispatch(sums))
 }
 
+/// How many of the rows `rows` `[N, D]` took each of the `num_embeddings` codes by `indices`
+/// `[N]`, `[K]`.
+pub(crate) fn code_counts(
+    rows: Tensor<2>,
+    indices: Tensor<1, Int>,
+    num_embeddings: usize,
+) -> Tensor<1> {
+    let counts = <Dispatch as RvqKernels>::rvq_code_counts(
+        rows.into_dispatch(),
+        indices.into_dispatch(),
+        num_embeddings,
+    );
+    Tensor::from_dispatch(counts)
+}
+
 /// The quantizer's kernels as a Burn backend extension, for the CubeCL backend with and
 /// without fusion.
 #[backend_extension(Cube, Fusion)]
@@ -175,6 +204,17 @@ pub(crate) trait RvqKernels: Backend {
         indices: IntTensor<Self>,
         num_embeddings: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// How many rows of `rows` `[N, D]` took each of the `num_embeddings` codes by `indices`
+    /// `[N]`, `[K]` (the rows give the float type; their values are not read).
+    #[fusion(meta = |rows, _indices, num_embeddings| {
+        TensorSpec::new(Shape::new([*num_embeddings]), rows.dtype)
+    })]
+    fn rvq_code_counts(
+        rows: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        num_embeddings: usize,
+    ) -> FloatTensor<Self>;
 
     /// `sum_l codebooks[offsets[l] + indices[l, i]]` for every `i`: `codebooks` `[sum K, D]`
     /// (every level's codebook, stacked), `offsets` `[M]`, `indices` `[M, N]`; `[N, D]`.
@@ -242,36 +282,49 @@ impl RvqKernels for CubeBackend {
         num_embeddings: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (rows, indices) = (into_contiguous(rows), into_contiguous(indices));
-        let d = rows.shape()[1];
-        let (client, device, float_dtype) = (rows.client.clone(), rows.device.clone(), rows.dtype);
-        let int_dtype = indices.dtype;
-        let counts = empty_device_dtype(
-            client.clone(),
-            device.clone(),
-            Shape::new([num_embeddings]),
-            float_dtype,
+        let [n, d] = [rows.shape()[0], rows.shape()[1]];
+        let float_dtype = rows.dtype;
+        let sort = CountingSort::count(indices, num_embeddings, float_dtype);
+        let (client, int_dtype) = (sort.indices.client.clone(), sort.indices.dtype);
+        let empty = |shape: Shape, dtype: DType| {
+            empty_device_dtype(client.clone(), rows.device.clone(), shape, dtype)
+        };
+        let order = empty(Shape::new([n]), int_dtype);
+        let sums = empty(Shape::new([num_embeddings, d]), float_dtype);
+        kernels::scatter_kernel::launch(
+            &client,
+            cube_count(n.div_ceil(SORT_BLOCK)),
+            CubeDim::new_1d(SORT_BLOCK as u32),
+            sort.indices.into_tensor_arg(),
+            sort.ranks.into_tensor_arg(),
+            sort.block_starts.into_tensor_arg(),
+            sort.starts.clone().into_tensor_arg(),
+            order.clone().into_tensor_arg(),
+            dtype_to_storage_type(int_dtype),
         );
-        let sums = empty_device_dtype(
-            client.clone(),
-            device,
-            Shape::new([num_embeddings, d]),
-            float_dtype,
-        );
-        kernels::statistics_kernel::launch(
+        kernels::code_sums_kernel::launch(
             &client,
             cube_count(num_embeddings),
-            CubeDim::new_1d(STATISTICS_UNITS as u32),
+            CubeDim::new_1d(SUMS_UNITS as u32),
             rows.into_tensor_arg(),
-            indices.into_tensor_arg(),
-            counts.clone().into_tensor_arg(),
+            order.into_tensor_arg(),
+            sort.starts.into_tensor_arg(),
             sums.clone().into_tensor_arg(),
-            d.div_ceil(STATISTICS_UNITS).max(1),
+            d.div_ceil(SUMS_UNITS).max(1),
             [
                 dtype_to_storage_type(float_dtype),
                 dtype_to_storage_type(int_dtype),
             ],
         );
-        (counts, sums)
+        (sort.counts, sums)
+    }
+
+    fn rvq_code_counts(
+        rows: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        num_embeddings: usize,
+    ) -> FloatTensor<Self> {
+        CountingSort::count(into_contiguous(indices), num_embeddings, rows.dtype).counts
     }
 
     fn rvq_decode(
@@ -310,6 +363,64 @@ impl RvqKernels for CubeBackend {
     }
 }
 
+/// The first two steps of the statistics' counting sort (`block_counts_kernel`,
+/// `offsets_kernel`): the counts, and where each row goes in the rows sorted by code.
+struct CountingSort {
+    /// The codes, `[N]`.
+    indices: IntTensor<CubeBackend>,
+    /// Each row's rank among its block's rows of the same code, `[N]`.
+    ranks: IntTensor<CubeBackend>,
+    /// Each block's first place among its code's rows, `[N / 256, K]`.
+    block_starts: IntTensor<CubeBackend>,
+    /// Each code's first place in the sorted order, then `N`, `[K + 1]`.
+    starts: IntTensor<CubeBackend>,
+    /// Rows per code, `[K]`.
+    counts: FloatTensor<CubeBackend>,
+}
+
+impl CountingSort {
+    fn count(indices: IntTensor<CubeBackend>, num_embeddings: usize, float_dtype: DType) -> Self {
+        let n = indices.shape()[0];
+        let blocks = n.div_ceil(SORT_BLOCK);
+        let (client, int_dtype) = (indices.client.clone(), indices.dtype);
+        let empty = |shape: Shape, dtype: DType| {
+            empty_device_dtype(client.clone(), indices.device.clone(), shape, dtype)
+        };
+        let ranks = empty(Shape::new([n]), int_dtype);
+        let block_starts = empty(Shape::new([blocks, num_embeddings]), int_dtype);
+        let starts = empty(Shape::new([num_embeddings + 1]), int_dtype);
+        let counts = empty(Shape::new([num_embeddings]), float_dtype);
+        kernels::block_counts_kernel::launch(
+            &client,
+            cube_count(blocks),
+            CubeDim::new_1d(SORT_BLOCK as u32),
+            indices.clone().into_tensor_arg(),
+            ranks.clone().into_tensor_arg(),
+            block_starts.clone().into_tensor_arg(),
+            dtype_to_storage_type(int_dtype),
+        );
+        kernels::offsets_kernel::launch(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(SORT_BLOCK as u32),
+            block_starts.clone().into_tensor_arg(),
+            starts.clone().into_tensor_arg(),
+            counts.clone().into_tensor_arg(),
+            [
+                dtype_to_storage_type(float_dtype),
+                dtype_to_storage_type(int_dtype),
+            ],
+        );
+        Self {
+            indices,
+            ranks,
+            block_starts,
+            starts,
+            counts,
+        }
+    }
+}
+
 /// The kernels, in CubeCL (whose `Tensor` and `Int` are not Burn's).
 mod kernels;
 
@@ -321,12 +432,18 @@ mod tests {
     use crate::path::tensor::{Search, TensorPath, nearest_indices, per_code_sums};
     use crate::util::{SplitMix64, host_floats, host_ints};
 
-    fn device() -> Option<Device> {
-        if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
-            eprintln!("RVQ_SKIP_WGPU set: kernel path test SKIPPED");
-            return None;
+    /// WGPU, unless `RVQ_SKIP_WGPU` is set (then said out loud).
+    fn devices() -> Vec<(&'static str, Device)> {
+        match std::env::var_os("RVQ_SKIP_WGPU") {
+            Some(_) => {
+                eprintln!("RVQ_SKIP_WGPU set: kernel path test SKIPPED");
+                Vec::new()
+            }
+            None => vec![(
+                "wgpu",
+                Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            )],
         }
-        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
     }
 
     fn tensor(values: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -337,11 +454,21 @@ mod tests {
     /// but where two codes lie at distances float rounding orders differently, the same
     /// counts, sums within 1e-5; over shapes with K below, at and past the 64-code tile, D
     /// below, at and past the 16-wide depth tile and the 64 dimensions a statistics unit
-    /// covers, N = 1 and N past one cube's 64 rows; and a decode of three levels equal to the
-    /// tensor path's; exact ties resolved to the first code.
+    /// covers, N = 1, N past one cube's 64 rows and past several 256-row blocks of the
+    /// counting sort (with one code taking every row, and K past N); the statistics bit for
+    /// bit the same on a second run, and the counts alone equal to the counts with the sums;
+    /// and a decode of three levels equal to the tensor path's; exact ties resolved to the
+    /// first code.
     #[test]
     fn kernel_path_equals_tensor_path() {
-        let Some(device) = device() else { return };
+        for (name, device) in devices() {
+            eprintln!("kernel path against the tensor path on {name}");
+            kernel_path_equals_tensor_path_on(&device);
+        }
+    }
+
+    fn kernel_path_equals_tensor_path_on(device: &Device) {
+        let device = device.clone();
         let mut hash = SplitMix64::new(17);
         let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         let tensor_path = TensorPath(Search {
@@ -356,6 +483,9 @@ mod tests {
             (300, 70, 130),
             (129, 1, 5),
             (200, 64, 300),
+            (1000, 9, 3),
+            (777, 4, 1),
+            (513, 130, 600),
         ] {
             let what = format!("N = {n}, D = {d}, K = {k}");
             let x: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
@@ -395,6 +525,16 @@ mod tests {
                     "{what}: sums[{i}] {a} vs {b}"
                 );
             }
+            // Deterministic: the same floats again; and the counts alone.
+            let (again_counts, again_sums) = statistics(rows.clone(), got.indices.clone(), k);
+            assert_eq!(
+                host_floats(again_counts),
+                counts,
+                "{what}: counts, second run"
+            );
+            assert_eq!(host_floats(again_sums), sums, "{what}: sums, second run");
+            let alone = code_counts(rows.clone(), got.indices.clone(), k);
+            assert_eq!(host_floats(alone), counts, "{what}: counts alone");
             // The rest of the level is tensor operations on both paths.
             let want = tensor_path.level(codebook.clone(), &mut want_rows, Work::TRAINING);
             if got_codes == want_codes {
