@@ -142,6 +142,26 @@ fn median_seconds(repeats: usize, device: &Device, mut run: impl FnMut()) -> f64
     times[times.len() / 2]
 }
 
+/// One training step: forward, EMA update, backward of the loss to the input.
+fn train_step(rvq: &EmaResidualVectorQuantizer, x: &Tensor<2>) {
+    let input = x.clone().autodiff().require_grad();
+    let out = rvq.forward(input.clone());
+    let grads = out.loss.backward();
+    let _ = input.grad(&grads).expect("gradient");
+    rvq.sync_state();
+}
+
+/// `encode`, read back to the host.
+fn encode(rvq: &EmaResidualVectorQuantizer, x: &Tensor<2>) {
+    let codes = rvq.encode(x.clone());
+    let _ = codes.last().map(|c| c.clone().into_data());
+}
+
+/// `decode`, read back to the host.
+fn decode(rvq: &EmaResidualVectorQuantizer, codes: &[Tensor<1, Int>], shape: [usize; 2]) {
+    let _ = rvq.decode(codes, shape).into_data();
+}
+
 #[allow(clippy::too_many_arguments)]
 fn report(
     backend: &str,
@@ -402,13 +422,7 @@ fn main() {
                 rate_distortion(backend, shape, (n, d, k, m), repeats, &rvq.valid(), &x);
                 continue;
             }
-            let train = median_seconds(repeats, &plain, || {
-                let input = x.clone().autodiff().require_grad();
-                let out = rvq.forward(input.clone());
-                let grads = out.loss.backward();
-                let _ = input.grad(&grads).expect("gradient");
-                rvq.sync_state();
-            });
+            let train = median_seconds(repeats, &plain, || train_step(&rvq, &x));
             report(backend, shape, n, d, k, m, "train_step", train);
             if args.train_only {
                 continue;
@@ -416,16 +430,11 @@ fn main() {
             let _ = &autodiff;
 
             let eval = rvq.clone();
-            let encode = median_seconds(repeats, &plain, || {
-                let codes = eval.encode(x.clone());
-                let _ = codes.last().map(|c| c.clone().into_data());
-            });
+            let encode = median_seconds(repeats, &plain, || encode(&eval, &x));
             report(backend, shape, n, d, k, m, "encode", encode);
 
             let codes: Vec<Tensor<1, Int>> = eval.encode(x.clone());
-            let decode = median_seconds(repeats, &plain, || {
-                let _ = eval.decode(&codes, [n, d]).into_data();
-            });
+            let decode = median_seconds(repeats, &plain, || decode(&eval, &codes, [n, d]));
             report(backend, shape, n, d, k, m, "decode", decode);
 
             // Entropy coding of the codes on the host, with the EMA counts as the prior.
@@ -559,33 +568,23 @@ fn kernels(
     use launches::Counter;
 
     let device = x.device();
-    let train_step = || {
-        let input = x.clone().autodiff().require_grad();
-        let out = rvq.forward(input.clone());
-        let grads = out.loss.backward();
-        let _ = input.grad(&grads).expect("gradient");
-        rvq.sync_state();
-    };
     let eval = rvq.valid();
-    let codes = eval.encode(x.clone());
-    let operations: [(&str, &dyn Fn()); 4] = [
-        ("train_step", &train_step),
-        ("eval_forward", &|| {
-            let _ = eval.forward(x.clone()).loss.into_data();
-        }),
-        ("encode", &|| {
-            let codes = eval.encode(x.clone());
-            let _ = codes.last().map(|c| c.clone().into_data());
-        }),
-        ("decode", &|| {
-            let _ = eval.decode(&codes, [n, d]).into_data();
-        }),
-    ];
-    let operations = match train_only {
-        true => &operations[..1],
-        false => &operations[..],
-    };
-    for &(operation, run) in operations {
+    /// An operation's name and one run of it.
+    type Operation<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let mut operations: Vec<Operation> = vec![("train_step", Box::new(|| train_step(rvq, x)))];
+    if !train_only {
+        let codes = eval.encode(x.clone());
+        let eval = &eval;
+        operations.push((
+            "eval_forward",
+            Box::new(move || {
+                let _ = eval.forward(x.clone()).loss.into_data();
+            }),
+        ));
+        operations.push(("encode", Box::new(move || encode(eval, x))));
+        operations.push(("decode", Box::new(move || decode(eval, &codes, [n, d]))));
+    }
+    for (operation, run) in &operations {
         // Once unobserved: kernels compile and Burn's autotuning settles first.
         run();
         device.sync().expect("device sync");
@@ -609,7 +608,7 @@ fn kernels(
     }
     let timed = Counter::observe(true, || {
         for _ in 0..repeats {
-            train_step();
+            train_step(rvq, x);
         }
         device.sync().expect("device sync");
     });
