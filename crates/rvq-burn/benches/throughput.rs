@@ -24,7 +24,8 @@
 //! kernel's time over `--repeats` training steps, each launch timed alone (CubeCL's resolved
 //! timing: it waits for every kernel, so the sum is not the step's time). On a software
 //! Vulkan (lavapipe) these times count work done, not a GPU's speed. With `--train-only`, the
-//! training step alone; `--levels M` gives every shape M levels instead of its own.
+//! training step alone; `--levels M` gives every shape M levels instead of its own. With
+//! `RVQ_LAUNCH_SEQUENCE=1` set, every counted launch's kernel, in order, on standard error.
 //!
 //! A backend name may carry suffixes: `-dense` turns `dense_statistics` on, `-tensor` forces
 //! the generic tensor path (`Execution::TensorOps`) where the backend has a faster one.
@@ -661,6 +662,8 @@ mod launches {
     #[derive(Default)]
     pub struct Counter {
         timed: bool,
+        /// Print every launch's name, in order, to standard error (`RVQ_LAUNCH_SEQUENCE`).
+        sequence: bool,
         kernels: Mutex<BTreeMap<String, Kernel>>,
     }
 
@@ -669,6 +672,7 @@ mod launches {
         pub fn observe(timed: bool, run: impl FnOnce()) -> BTreeMap<String, Kernel> {
             let counter = Arc::new(Counter {
                 timed,
+                sequence: std::env::var_os("RVQ_LAUNCH_SEQUENCE").is_some(),
                 ..Counter::default()
             });
             let observation = LaunchObservation::new(counter.clone());
@@ -685,6 +689,9 @@ mod launches {
     impl LaunchObserver for Counter {
         fn launched(&self, kernel: &'static str) {
             let mut kernels = self.kernels.lock().expect("not poisoned");
+            if self.sequence {
+                eprintln!("launch {}", Self::name(kernel));
+            }
             kernels.entry(Self::name(kernel)).or_default().launches += 1;
         }
 

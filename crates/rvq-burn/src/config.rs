@@ -5,6 +5,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RvqError;
+use crate::util::unit_rows;
 
 /// Codebook size: one for every level, or one per level.
 ///
@@ -280,6 +281,16 @@ pub struct EmaResidualVectorQuantizerConfig {
 }
 
 impl EmaResidualVectorQuantizerConfig {
+    /// The codebook `[K, D]` that EMA counts `[K]` and sums `[K, D]` give under this
+    /// configuration: its codebook rule, then each code over its length for cosine codebooks.
+    pub(crate) fn codebook(&self, counts: Tensor<1>, sums: Tensor<2>) -> Tensor<2> {
+        let codebook = self.codebook_rule.codebook(counts, sums, self.epsilon);
+        match self.cosine_similarity {
+            true => unit_rows(codebook),
+            false => codebook,
+        }
+    }
+
     /// The codebook size of every level.
     pub fn sizes(&self) -> Vec<usize> {
         self.num_embeddings.resolve(self.num_levels)

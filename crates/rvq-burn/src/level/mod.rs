@@ -35,7 +35,7 @@ use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 pub(crate) use self::schedule::{Schedule, StepPlan};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
-use crate::path::{LevelPass, LevelPath, Pricing, Rows, Work};
+use crate::path::{Codebook, LevelPass, LevelPath, Pricing, Rows, Work};
 use crate::util::unit_rows;
 
 /// A level's EMA statistics: per-code counts `[K]` (reference: `ema_count_l{l}`) and sums of
@@ -52,14 +52,17 @@ impl Statistics {
     /// The codebook `[K, D]` these statistics derive by `config`'s rule, its rows
     /// L2-normalized for cosine codebooks (vector-quantize-pytorch's `update_ema`).
     pub(crate) fn codebook(&self, config: &EmaResidualVectorQuantizerConfig) -> Tensor<2> {
-        let codebook =
-            config
-                .codebook_rule
-                .codebook(self.counts.clone(), self.sums.clone(), config.epsilon);
-        match config.cosine_similarity {
-            true => unit_rows(codebook),
-            false => codebook,
-        }
+        config.codebook(self.counts.clone(), self.sums.clone())
+    }
+
+    /// [`Statistics::codebook`] as `path` derives it (with the codes' squared norms, on the
+    /// kernel path).
+    pub(crate) fn codebook_on<P: LevelPath>(
+        &self,
+        path: &P,
+        config: &EmaResidualVectorQuantizerConfig,
+    ) -> Codebook {
+        path.codebook(self.counts.clone(), self.sums.clone(), config)
     }
 }
 
@@ -126,14 +129,15 @@ struct Assigned {
 /// With `keep`, the rows searched and the residual their codes left (restarts).
 fn assign<P: LevelPath>(
     path: &P,
-    codebook: Tensor<2>,
+    codebook: Codebook,
     rows: &mut P::Rows,
     work: Work,
     (cosine, keep): (bool, bool),
 ) -> Assigned {
     if !cosine {
         let input = keep.then(|| rows.residual());
-        let pass = path.level(codebook, rows, work);
+        let pricing = Pricing::with_norms(codebook.norms);
+        let pass = path.level_priced(codebook.vectors, pricing, rows, work);
         let residuals = input.map(|input| restart::Residuals {
             input,
             next: rows.residual(),
@@ -150,7 +154,7 @@ fn assign<P: LevelPath>(
         ..work
     };
     let mut unit_rows = P::Rows::start(unit.clone(), work);
-    let pass = path.level_priced(codebook, Pricing::DOT_PRODUCT, &mut unit_rows, work);
+    let pass = path.level_priced(codebook.vectors, Pricing::DOT_PRODUCT, &mut unit_rows, work);
     let next = unit_rows.residual();
     let codes = unit_rows
         .finish()
@@ -278,7 +282,7 @@ impl EmaCodebook {
         let cosine = task.config.cosine_similarity;
         let plan = match &task.mode {
             Mode::Pass(work) => {
-                let codebook = state.codebook(task.config);
+                let codebook = state.codebook_on(path, task.config);
                 let assigned = assign(path, codebook, rows, *work, (cosine, false));
                 return LevelStep {
                     pass: assigned.pass,
@@ -289,7 +293,7 @@ impl EmaCodebook {
             Mode::Train(plan) => plan,
         };
         let prepared = plan.prepare(path, rows, index, state.clone(), task.config);
-        let codebook = prepared.statistics.codebook(task.config);
+        let codebook = prepared.statistics.codebook_on(path, task.config);
         // Restarts from batch vectors need the level's input and the residual it leaves.
         let keep = plan.restarts_from_batch();
         let assigned = assign(path, codebook, rows, Work::TRAINING, (cosine, keep));

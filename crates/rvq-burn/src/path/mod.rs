@@ -24,7 +24,7 @@ pub(crate) mod host;
 pub(crate) mod kernel;
 pub(crate) mod tensor;
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::config::{EmaResidualVectorQuantizerConfig, Execution};
 use crate::error::RvqError;
@@ -99,6 +99,9 @@ pub(crate) struct Pricing {
     pub dot_product: bool,
     /// `[K]`, added to each code's cost (the rate term of an entropy-constrained search).
     pub penalty: Option<Tensor<1>>,
+    /// `||e_c||^2` `[K]` where the path derived them with the codebook
+    /// ([`LevelPath::codebook`]), else computed for the search.
+    pub norms: Option<Tensor<1>>,
 }
 
 impl Pricing {
@@ -107,6 +110,16 @@ impl Pricing {
         Self {
             dot_product: false,
             penalty,
+            norms: None,
+        }
+    }
+
+    /// Squared distances, with the codes' squared norms `norms` `[K]` where they are known.
+    pub(crate) fn with_norms(norms: Option<Tensor<1>>) -> Self {
+        Self {
+            dot_product: false,
+            penalty: None,
+            norms,
         }
     }
 
@@ -114,6 +127,7 @@ impl Pricing {
     pub(crate) const DOT_PRODUCT: Self = Self {
         dot_product: true,
         penalty: None,
+        norms: None,
     };
 }
 
@@ -161,16 +175,47 @@ pub(crate) trait Rows: Sized {
     fn subtract(&mut self, quantized: Tensor<2>);
 }
 
+/// A level's codebook as a path derived it from the EMA statistics.
+pub(crate) struct Codebook {
+    /// The codes, `[K, D]` (unit rows for a cosine codebook).
+    pub vectors: Tensor<2>,
+    /// The codes' squared norms `[K]` (before the normalization of a cosine codebook), where
+    /// the path derived them in the same pass.
+    pub norms: Option<Tensor<1>>,
+}
+
 /// One way to run a level's pass. The residual stack is generic over it, and the path is
 /// picked once per call ([`Path`]).
 pub(crate) trait LevelPath {
     /// The rows this path passes from level to level.
     type Rows: Rows;
 
+    /// The codebook that EMA `counts` `[K]` and `sums` `[K, D]` give under `config`
+    /// ([`EmaResidualVectorQuantizerConfig::codebook`]). The kernel path derives the codes
+    /// and their squared norms in one launch.
+    fn codebook(
+        &self,
+        counts: Tensor<1>,
+        sums: Tensor<2>,
+        config: &EmaResidualVectorQuantizerConfig,
+    ) -> Codebook {
+        Codebook {
+            vectors: config.codebook(counts, sums),
+            norms: None,
+        }
+    }
+
     /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal
     /// distances), what `work` asks for, and the rows replaced by their residuals.
+    #[cfg(test)]
     fn level(&self, codebook: Tensor<2>, rows: &mut Self::Rows, work: Work) -> LevelPass {
         self.level_priced(codebook, Pricing::default(), rows, work)
+    }
+
+    /// Whether any value of a batch `x` `[N, D]` is NaN or infinite, `[1]`: a training step
+    /// then leaves the state alone. The kernel path answers in two launches.
+    fn non_finite(&self, x: Tensor<2>) -> Tensor<1, Bool> {
+        x.is_finite().all().bool_not()
     }
 
     /// [`LevelPath::level`] with the costs `pricing` gives: the code minimizing

@@ -289,9 +289,10 @@ pub(crate) fn nearest_indices(
 /// search, `[1, K]`: what every path adds to `-2 r.e_c` for a cost.
 pub(crate) fn code_norms(codebook: &Tensor<2>, pricing: Pricing) -> Tensor<2> {
     let [k, _] = codebook.dims();
-    let norms = match pricing.dot_product {
-        false => codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]),
-        true => Tensor::zeros([1, k], &codebook.device()),
+    let norms = match (pricing.dot_product, pricing.norms) {
+        (false, Some(norms)) => norms.reshape([1, k]),
+        (false, None) => codebook.clone().powi_scalar(2).sum_dim(1).reshape([1, k]),
+        (true, _) => Tensor::zeros([1, k], &codebook.device()),
     };
     match pricing.penalty {
         Some(penalty) => norms.add(penalty.reshape([1, k])),

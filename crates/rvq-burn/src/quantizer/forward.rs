@@ -118,10 +118,11 @@ impl EmaResidualVectorQuantizer {
             _ => num_levels,
         };
         let flat_plain = flat.clone().without_autodiff(); // [N, D]
+        let path = Path::choose(&flat_plain.device(), &self.config);
         // What this step does to the state: chosen once, applied by every level.
         let mode = match training && options.update_ema {
             true => {
-                let non_finite = flat_plain.clone().is_finite().all().bool_not();
+                let non_finite = with_path!(path, p => p.non_finite(flat_plain.clone()));
                 Mode::Train(Box::new(schedule.plan(step, non_finite)))
             }
             false => Mode::Pass(Work::EVALUATION),
@@ -131,7 +132,7 @@ impl EmaResidualVectorQuantizer {
             device: flat_plain.device(),
             mode,
         };
-        let (steps, sums) = self.run_levels(flat_plain, num_levels, &task);
+        let (steps, sums) = self.run_levels(path, flat_plain, num_levels, &task);
         let sums = sums.expect("a forward keeps the running sums");
         let update_skipped = match task.mode {
             Mode::Train(plan) => {
@@ -224,12 +225,13 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return vec![Tensor::<1, Int>::zeros([0], &device); num_levels];
         }
+        let path = Path::choose(&device, &self.config);
         let task = Task {
             config: &self.config,
             device,
             mode: Mode::Pass(Work::CODES),
         };
-        let (steps, _) = self.run_levels(flat, num_levels, &task);
+        let (steps, _) = self.run_levels(path, flat, num_levels, &task);
         steps.into_iter().map(|step| step.pass.indices).collect()
     }
 
@@ -263,20 +265,22 @@ impl EmaResidualVectorQuantizer {
         if num_vectors == 0 {
             return Ok(Tensor::zeros(shape, &device));
         }
-        let codebooks = (0..indices.len())
-            .map(|level| self.codebook(level, &device))
-            .collect();
         let sum = with_path!(Path::choose(&device, &self.config), path => {
+            let codebooks = (0..indices.len())
+                .map(|level| self.statistics(level, &device).codebook_on(path, &self.config).vectors)
+                .collect();
             path.decode(codebooks, indices)
         })?;
         Ok(self.project_out(sum).reshape(shape))
     }
 
-    /// Runs the first `num_levels` levels on `x` `[N, D]` (`N > 0`, no autodiff) on the path
-    /// `task.device` chooses: each level's step in turn, every one passing its residual to the
-    /// next. Returns each level's step and, for a forward's output, the running sums.
+    /// Runs the first `num_levels` levels on `x` `[N, D]` (`N > 0`, no autodiff) on `path`
+    /// (the call's, [`Path::choose`]): each level's step in turn, every one passing its
+    /// residual to the next. Returns each level's step and, for a forward's output, the
+    /// running sums.
     fn run_levels(
         &self,
+        path: Path,
         x: Tensor<2>,
         num_levels: usize,
         task: &Task<'_>,
@@ -300,7 +304,7 @@ impl EmaResidualVectorQuantizer {
             (steps, rows.finish())
         }
         let levels = &self.levels[..num_levels];
-        with_path!(Path::choose(&task.device, &self.config), path => run(levels, path, x, task))
+        with_path!(path, p => run(levels, p, x, task))
     }
 
     /// The output for a batch of no vectors: the (empty) input itself, empty indices, zero

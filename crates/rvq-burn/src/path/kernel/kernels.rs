@@ -3,6 +3,179 @@
 
 use cubecl::prelude::*;
 
+/// See the module docs of `path/kernel`. `values` (contiguous, any shape), `flags` `[C]`;
+/// `C` cubes of 256 units striding over the values.
+///
+/// Per cube, 1 where one of the values it visits is NaN or infinite, else 0.
+#[cube(launch)]
+pub(crate) fn non_finite_kernel<F: Float>(
+    values: &Tensor<F>,
+    flags: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let len = values.len();
+    let unit = UNIT_POS as usize;
+    let mut bad = 0u32;
+    let mut position = CUBE_POS * 256 + unit;
+    let stride = CUBE_COUNT * 256;
+    while position < len {
+        let value = values[position];
+        bad |= u32::cast_from(F::is_nan(value)) | u32::cast_from(F::is_inf(value));
+        position += stride;
+    }
+    let mut any = Shared::<[u32]>::new_slice(256usize);
+    any[unit] = bad;
+    sync_cube();
+    let mut width = 128usize;
+    while width > 0 {
+        if unit < width {
+            any[unit] |= any[unit + width];
+        }
+        sync_cube();
+        width /= 2;
+    }
+    if unit == 0 {
+        flags[CUBE_POS] = F::cast_from(any[0]);
+    }
+}
+
+/// See the module docs of `path/kernel`. `flags` `[C]` (zeros and ones), `flag` `[1]`; one
+/// cube of 256 units.
+///
+/// 1 where any flag is, else 0.
+#[cube(launch)]
+pub(crate) fn any_kernel<F: Float>(
+    flags: &Tensor<F>,
+    flag: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let len = flags.len();
+    let unit = UNIT_POS as usize;
+    let mut found = F::new(0.0);
+    let mut position = unit;
+    while position < len {
+        found = found.max(flags[position]);
+        position += 256;
+    }
+    let mut any = Shared::<[F]>::new_slice(256usize);
+    any[unit] = found;
+    sync_cube();
+    let mut width = 128usize;
+    while width > 0 {
+        if unit < width {
+            any[unit] = any[unit].max(any[unit + width]);
+        }
+        sync_cube();
+        width /= 2;
+    }
+    if unit == 0 {
+        flag[0] = any[0];
+    }
+}
+
+/// See the module docs of `path/kernel`. `counts` `[K]` and `sums` `[K, D]` (a level's EMA
+/// statistics), `codebook` `[K, D]`, `norms` `[K]`; 256 units per cube, each cube a few
+/// groups of 4 codes (a grid-stride loop), 64 units per code over the dimensions.
+///
+/// The codebook `e_k = m_k / c^_k` by the Laplace rule (`laplace`, `c^_k = (c_k + eps) /
+/// (n + K eps) n`) or the clamp rule (`c^_k = max(c_k, eps)`), in the order of operations of
+/// `CodebookRule::codebook`, and `norms` its squared norms `||e_k||^2`; with `unit_rows`, each
+/// code then over its L2 norm (norms below 1e-6 taken as 1e-6, as `util::unit_rows`; `norms`
+/// stay those before). Every cube sums the counts itself, in the same order, so all agree on
+/// `n`.
+#[cube(launch)]
+pub(crate) fn codebook_kernel<F: Float>(
+    counts: &Tensor<F>,
+    sums: &Tensor<F>,
+    codebook: &mut Tensor<F>,
+    norms: &mut Tensor<F>,
+    epsilon: InputScalar,
+    k_epsilon: InputScalar,
+    #[comptime] laplace: bool,
+    #[comptime] unit_rows: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let k = sums.shape(0);
+    let d = sums.shape(1);
+    let unit = UNIT_POS as usize;
+    let eps = epsilon.get::<F>();
+    let mut partial = Shared::<[F]>::new_slice(256usize);
+    let mut total = F::new(0.0);
+    if laplace {
+        let mut sum = F::new(0.0);
+        let mut code = unit;
+        while code < k {
+            sum += counts[code];
+            code += 256;
+        }
+        partial[unit] = sum;
+        sync_cube();
+        let mut width = 128usize;
+        while width > 0 {
+            if unit < width {
+                let other = partial[unit + width];
+                partial[unit] += other;
+            }
+            sync_cube();
+            width /= 2;
+        }
+        total = partial[0];
+        sync_cube();
+    }
+    let denominator = total + k_epsilon.get::<F>();
+    let lane = unit / 64;
+    let dim_unit = unit % 64;
+    let groups = k.div_ceil(4usize);
+    let mut group = CUBE_POS;
+    while group < groups {
+        let code = group * 4 + lane;
+        let mut divisor = F::new(1.0);
+        let mut squares = F::new(0.0);
+        if code < k {
+            if laplace {
+                divisor = (counts[code] + eps) / denominator * total;
+            } else {
+                divisor = counts[code].max(eps);
+            }
+            let mut dim = dim_unit;
+            while dim < d {
+                let value = sums[code * d + dim] / divisor;
+                codebook[code * d + dim] = value;
+                squares += value * value;
+                dim += 64;
+            }
+        }
+        partial[unit] = squares;
+        sync_cube();
+        let mut width = 32usize;
+        while width > 0 {
+            if dim_unit < width {
+                let other = partial[unit + width];
+                partial[unit] += other;
+            }
+            sync_cube();
+            width /= 2;
+        }
+        let norm2 = partial[lane * 64];
+        if code < k {
+            if dim_unit == 0 {
+                norms[code] = norm2;
+            }
+            if unit_rows {
+                let length = norm2.sqrt().max(F::new(1e-6));
+                let mut dim = dim_unit;
+                while dim < d {
+                    codebook[code * d + dim] = sums[code * d + dim] / divisor / length;
+                    dim += 64;
+                }
+            }
+        }
+        // Every unit has read the norms before the next group writes `partial`.
+        sync_cube();
+        group += CUBE_COUNT;
+    }
+}
+
 /// See the module docs of `path/kernel`. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`, `indices` `[N]`;
 /// 256 units per cube, 64 rows per cube.
 #[cube(launch)]

@@ -1,6 +1,14 @@
 //! The kernel path: a level's search and statistics, and `decode`, as CubeCL kernels (Burn's
 //! kernel language) on Burn's CubeCL backend (WGPU today; the same code serves CUDA).
 //!
+//! - **Non-finite check** (`non_finite_kernel`, `any_kernel`): whether a training batch holds
+//!   a NaN or an infinity (the step then leaves the state alone), a flag per cube of a
+//!   strided pass, then one cube over the flags: two launches where Burn's `is_finite().all()`
+//!   takes eight.
+//! - **Codebook** (`codebook_kernel`): a level's codes from its EMA counts and sums by the
+//!   configuration's rule (unit rows for cosine codebooks) and the codes' squared norms the
+//!   search adds, in one launch where Burn's tensor operations take five (the total count's
+//!   reduction, the rule's two elementwise passes, the norms' square and reduction).
 //! - **Nearest code** (`nearest_kernel`): distances and argmin fused, the `[N, K]` matrix
 //!   never written. A cube takes 64 rows; 64-code by 16-dimension tiles of the codebook and of
 //!   the rows pass through shared memory; each of the 256 units keeps a 4 x 4 block of
@@ -31,18 +39,30 @@
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Int, IntDType, Shape, Tensor};
+use burn::tensor::{Bool, DType, Int, IntDType, Shape, Tensor};
 use burn_backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use cubecl::prelude::{CubeCount, CubeDim};
+use cubecl::prelude::{CubeCount, CubeDim, InputScalar};
 
 use super::tensor::{self, TensorRows, check_indices};
-use super::{Expansion, LevelPass, LevelPath, Pricing, Rows, Work};
+use super::{Codebook, Expansion, LevelPass, LevelPath, Pricing, Rows, Work};
+use crate::config::{CodebookRule, EmaResidualVectorQuantizerConfig};
 use crate::error::RvqError;
 use crate::util::int_tensor;
 
+/// Units per cube of the non-finite check.
+const CHECK_UNITS: u32 = 256;
+/// Most cubes of the non-finite check (each a flag the second launch reads).
+const CHECK_CUBES: usize = 1024;
+/// Codes per cube of the codebook's derivation at a time (64 units each).
+const CODEBOOK_CODES: usize = 4;
+/// Units per cube of the codebook's derivation.
+const CODEBOOK_UNITS: u32 = 256;
+/// Most cubes of the codebook's derivation: each sums all `K` counts first, so past this
+/// many a cube takes several groups of codes instead.
+const CODEBOOK_CUBES: usize = 1024;
 /// Rows per cube of the search.
 const SEARCH_ROWS: usize = 64;
 /// Units per cube of the search (16 x 16, each 4 rows x 4 codes).
@@ -63,6 +83,30 @@ pub(crate) struct KernelPath;
 
 impl LevelPath for KernelPath {
     type Rows = TensorRows;
+
+    fn non_finite(&self, x: Tensor<2>) -> Tensor<1, Bool> {
+        let flag = <Dispatch as RvqKernels>::rvq_non_finite(x.into_dispatch());
+        Tensor::<1>::from_dispatch(flag).greater_elem(0.0)
+    }
+
+    fn codebook(
+        &self,
+        counts: Tensor<1>,
+        sums: Tensor<2>,
+        config: &EmaResidualVectorQuantizerConfig,
+    ) -> Codebook {
+        let (vectors, norms) = <Dispatch as RvqKernels>::rvq_codebook(
+            counts.into_dispatch(),
+            sums.into_dispatch(),
+            config.codebook_rule == CodebookRule::Laplace,
+            config.epsilon,
+            config.cosine_similarity,
+        );
+        Codebook {
+            vectors: Tensor::from_dispatch(vectors),
+            norms: Some(Tensor::from_dispatch(norms)),
+        }
+    }
 
     fn level_priced(
         &self,
@@ -179,6 +223,27 @@ pub(crate) fn code_counts(
 /// without fusion.
 #[backend_extension(Cube, Fusion)]
 pub(crate) trait RvqKernels: Backend {
+    /// A level's codebook from its EMA `counts` `[K]` and `sums` `[K, D]` by the Laplace rule
+    /// (`laplace`) or the clamp rule, its rows over their lengths with `unit_rows`, and the
+    /// codes' squared norms (before that normalization): `([K, D], [K])`.
+    #[fusion(meta = |counts, sums, _laplace, _epsilon, _unit_rows| {
+        (
+            TensorSpec::new(sums.shape.clone(), sums.dtype),
+            TensorSpec::new(counts.shape.clone(), counts.dtype),
+        )
+    })]
+    fn rvq_codebook(
+        counts: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
+        laplace: bool,
+        epsilon: f64,
+        unit_rows: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// 1 where a value of `values` is NaN or infinite, else 0, `[1]`.
+    #[fusion(meta = |values| TensorSpec::new(Shape::new([1]), values.dtype))]
+    fn rvq_non_finite(values: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Nearest code of each row of `rows` `[N, D]` among `codebook` `[K, D]` with squared
     /// norms `norms` `[K]`, as integers of `int_dtype`, `[N]`.
     #[fusion(meta = |rows, _codebook, _norms, int_dtype| {
@@ -239,6 +304,75 @@ fn cube_count(cubes: usize) -> CubeCount {
 }
 
 impl RvqKernels for CubeBackend {
+    fn rvq_non_finite(values: FloatTensor<Self>) -> FloatTensor<Self> {
+        let values = into_contiguous(values);
+        let (client, float_dtype) = (values.client.clone(), values.dtype);
+        let cubes = values
+            .shape()
+            .num_elements()
+            .div_ceil(CHECK_UNITS as usize)
+            .clamp(1, CHECK_CUBES);
+        let empty = |len: usize| {
+            empty_device_dtype(
+                client.clone(),
+                values.device.clone(),
+                Shape::new([len]),
+                float_dtype,
+            )
+        };
+        let (flags, flag) = (empty(cubes), empty(1));
+        kernels::non_finite_kernel::launch(
+            &client,
+            cube_count(cubes),
+            CubeDim::new_1d(CHECK_UNITS),
+            values.into_tensor_arg(),
+            flags.clone().into_tensor_arg(),
+            dtype_to_storage_type(float_dtype),
+        );
+        kernels::any_kernel::launch(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(CHECK_UNITS),
+            flags.into_tensor_arg(),
+            flag.clone().into_tensor_arg(),
+            dtype_to_storage_type(float_dtype),
+        );
+        flag
+    }
+
+    fn rvq_codebook(
+        counts: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
+        laplace: bool,
+        epsilon: f64,
+        unit_rows: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (counts, sums) = (into_contiguous(counts), into_contiguous(sums));
+        let [k, d] = [sums.shape()[0], sums.shape()[1]];
+        let (client, float_dtype) = (sums.client.clone(), sums.dtype);
+        debug_assert_eq!(counts.dtype, float_dtype);
+        let empty = |shape: Shape| {
+            empty_device_dtype(client.clone(), sums.device.clone(), shape, float_dtype)
+        };
+        let (codebook, norms) = (empty(Shape::new([k, d])), empty(Shape::new([k])));
+        let scalar = |value: f64| InputScalar::new(value, dtype_to_storage_type(float_dtype));
+        kernels::codebook_kernel::launch(
+            &client,
+            cube_count(k.div_ceil(CODEBOOK_CODES).min(CODEBOOK_CUBES)),
+            CubeDim::new_1d(CODEBOOK_UNITS),
+            counts.into_tensor_arg(),
+            sums.into_tensor_arg(),
+            codebook.clone().into_tensor_arg(),
+            norms.clone().into_tensor_arg(),
+            scalar(epsilon),
+            scalar(k as f64 * epsilon),
+            laplace,
+            unit_rows,
+            dtype_to_storage_type(float_dtype),
+        );
+        (codebook, norms)
+    }
+
     fn rvq_nearest(
         rows: FloatTensor<Self>,
         codebook: FloatTensor<Self>,
@@ -444,6 +578,10 @@ mod tests {
         Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
     }
 
+    fn host_bools(tensor: Tensor<1, Bool>) -> Vec<bool> {
+        tensor.into_data().iter::<bool>().collect()
+    }
+
     /// The kernel path equals the tensor path on WGPU (Mesa's lavapipe in CI): the same codes
     /// but where two codes lie at distances float rounding orders differently, the same
     /// counts, sums within 1e-5; over shapes with K below, at and past the 64-code tile, D
@@ -583,5 +721,94 @@ mod tests {
             KernelPath.decode(codebooks, &bad),
             Err(RvqError::IndexOutOfRange { level: 1, .. })
         ));
+    }
+
+    /// The codebook kernel equals `EmaResidualVectorQuantizerConfig::codebook` (Burn's
+    /// tensor operations) within 1e-5, and its norms the rows' squared norms: both rules,
+    /// Euclidean and cosine, over shapes with K below, at and past the 4 codes of a cube's
+    /// group and past 1024 cubes' groups (several groups per cube), D below, at and past a
+    /// unit's 64 dimensions; with counts of zero and below epsilon, and a code whose sums are
+    /// zero (its cosine row stays zero: the length is taken as 1e-6).
+    #[test]
+    fn codebook_kernel_equals_the_rule() {
+        let Some(device) = device() else { return };
+        let mut hash = SplitMix64::new(29);
+        let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        for (k, d) in [(1, 1), (3, 5), (4, 64), (5, 65), (130, 70), (4100, 3)] {
+            let counts: Vec<f32> = (0..k)
+                .map(|i| match i % 5 {
+                    0 => 0.0,
+                    1 => 1e-7,
+                    _ => 10.0 * uniform(),
+                })
+                .collect();
+            let mut sums: Vec<f32> = (0..k * d).map(|_| uniform() - 0.5).collect();
+            sums[..d].fill(0.0);
+            let counts_tensor = Tensor::<1>::from_data(TensorData::new(counts, [k]), &device);
+            let sums_tensor = tensor(&sums, [k, d], &device);
+            for rule in [CodebookRule::Laplace, CodebookRule::Clamp] {
+                for cosine in [false, true] {
+                    let what = format!("K = {k}, D = {d}, {rule:?}, cosine {cosine}");
+                    let config = EmaResidualVectorQuantizerConfig::new(1, k.into(), d)
+                        .with_codebook_rule(rule)
+                        .with_cosine_similarity(cosine);
+                    let got =
+                        KernelPath.codebook(counts_tensor.clone(), sums_tensor.clone(), &config);
+                    let want = config.codebook(counts_tensor.clone(), sums_tensor.clone());
+                    // NaN where both are (a total count of zero: 0 / 0, as Burn gives it).
+                    let close = |a: f32, b: f32| {
+                        a == b
+                            || (a.is_nan() && b.is_nan())
+                            || (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+                    };
+                    let (vectors, want_vectors) = (host_floats(got.vectors), host_floats(want));
+                    for (i, (a, b)) in vectors.iter().zip(&want_vectors).enumerate() {
+                        assert!(close(*a, *b), "{what}: codebook[{i}] {a} vs {b}");
+                    }
+                    let plain = config
+                        .with_cosine_similarity(false)
+                        .codebook(counts_tensor.clone(), sums_tensor.clone());
+                    let want_norms = host_floats(plain.powi_scalar(2).sum_dim(1).reshape([k]));
+                    let norms = host_floats(got.norms.expect("the kernel path's norms"));
+                    for (i, (a, b)) in norms.iter().zip(&want_norms).enumerate() {
+                        assert!(close(*a, *b), "{what}: norms[{i}] {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernel path's non-finite check equals Burn's `is_finite().all()`: finite batches
+    /// (with the largest and the smallest floats) pass, and one NaN, infinity or negative
+    /// infinity anywhere (first, last, in a later cube's stride) is found, over lengths below,
+    /// at and past one cube's 256 units and past 1024 cubes' (several values per unit).
+    #[test]
+    fn non_finite_check_equals_burns() {
+        let Some(device) = device() else { return };
+        for (n, d) in [(1, 1), (255, 1), (16, 16), (257, 1), (3000, 100)] {
+            let len = n * d;
+            let mut values: Vec<f32> = (0..len).map(|i| (i % 13) as f32 - 6.0).collect();
+            values[0] = f32::MAX;
+            values[len - 1] = f32::MIN_POSITIVE / 4.0;
+            let mut cases = vec![("finite", values.clone())];
+            for (what, bad) in [
+                ("NaN", f32::NAN),
+                ("infinity", f32::INFINITY),
+                ("-infinity", f32::NEG_INFINITY),
+            ] {
+                for at in [0, len / 2, len - 1] {
+                    let mut with_bad = values.clone();
+                    with_bad[at] = bad;
+                    cases.push((what, with_bad));
+                }
+            }
+            for (what, values) in cases {
+                let x = tensor(&values, [n, d], &device);
+                let got = host_bools(KernelPath.non_finite(x.clone()));
+                let want = host_bools(x.is_finite().all().bool_not());
+                assert_eq!(got, want, "[{n}, {d}], {what}");
+                assert_eq!(got, vec![what != "finite"], "[{n}, {d}], {what}");
+            }
+        }
     }
 }
