@@ -178,7 +178,10 @@ pub(crate) fn codebook_kernel<F: Float>(
 
 /// See the module docs of `path/kernel`. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`, `indices` `[N]`;
 /// 256 units per cube, 64 rows per cube.
-#[cube(launch)]
+///
+/// Launched unchecked: every global read and write is guarded by the shapes, and every
+/// shared index is within its tile by construction.
+#[cube(launch_unchecked)]
 pub(crate) fn nearest_kernel<F: Float, I: Int>(
     rows: &Tensor<F>,
     codebook: &Tensor<F>,
@@ -190,12 +193,15 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
     let d = rows.shape(1);
     let k = codebook.shape(0);
     let unit = UNIT_POS as usize;
-    // This unit's 4 rows (of the cube's 64) and 4 codes (of each tile's 64).
+    // This unit's 4 rows (of the cube's 64: 4 row_lane + i) and 4 codes (of each tile's 64:
+    // code_lane + 16 j, interleaved).
     let row_lane = unit / 16;
     let code_lane = unit % 16;
     let first_row = CUBE_POS * 64;
-    // Tiles of 64 rows (codes) x 16 dimensions, row-major with a stride of 17: the 16
-    // units reading 16 codes' values of one dimension hit 16 different banks.
+    // Tiles of 64 rows (codes) x 16 dimensions, row-major with a stride of 17: the 16 code
+    // lanes of a row lane read 16 consecutive codes' values of one dimension, 17 words
+    // apart, in 16 different banks (the two row lanes of a 32-unit plane read the same
+    // addresses: a broadcast).
     let mut row_tile = Shared::<[F]>::new_slice(1088usize);
     let mut code_tile = Shared::<[F]>::new_slice(1088usize);
     let mut best = Array::<F>::new(4usize);
@@ -238,7 +244,7 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
                 #[unroll]
                 for i in 0..4usize {
                     a[i] = row_tile[(row_lane * 4 + i) * 17 + c];
-                    b[i] = code_tile[(code_lane * 4 + i) * 17 + c];
+                    b[i] = code_tile[(code_lane + 16 * i) * 17 + c];
                 }
                 #[unroll]
                 for i in 0..4usize {
@@ -254,7 +260,7 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
         // ||e||^2 - 2 r.e, code by code in increasing order: strict < keeps the first minimum.
         #[unroll]
         for j in 0..4usize {
-            let code = first_code + code_lane * 4 + j;
+            let code = first_code + code_lane + 16 * j;
             if code < k {
                 let norm = norms[code];
                 #[unroll]

@@ -394,19 +394,23 @@ impl RvqKernels for CubeBackend {
             Shape::new([n]),
             int_dtype,
         );
-        kernels::nearest_kernel::launch(
-            &client,
-            cube_count(n.div_ceil(SEARCH_ROWS)),
-            CubeDim::new_1d(SEARCH_UNITS),
-            rows.into_tensor_arg(),
-            codebook.into_tensor_arg(),
-            norms.into_tensor_arg(),
-            indices.clone().into_tensor_arg(),
-            [
-                dtype_to_storage_type(float_dtype),
-                dtype_to_storage_type(int_dtype),
-            ],
-        );
+        // SAFETY: the kernel guards every global access by the tensors' shapes, and its
+        // shared indices stay within the tiles (its docs); the tensors are contiguous.
+        unsafe {
+            kernels::nearest_kernel::launch_unchecked(
+                &client,
+                cube_count(n.div_ceil(SEARCH_ROWS)),
+                CubeDim::new_1d(SEARCH_UNITS),
+                rows.into_tensor_arg(),
+                codebook.into_tensor_arg(),
+                norms.into_tensor_arg(),
+                indices.clone().into_tensor_arg(),
+                [
+                    dtype_to_storage_type(float_dtype),
+                    dtype_to_storage_type(int_dtype),
+                ],
+            );
+        }
         indices
     }
 
