@@ -6,25 +6,31 @@ use cubecl::prelude::*;
 /// See the module docs of `path/kernel`. `values` (contiguous, any shape), `flags` `[C]`;
 /// `C` cubes of 256 units striding over the values.
 ///
-/// Per cube, 1 where one of the values it visits is NaN or infinite, else 0.
+/// Per cube, 1 where one of the values it visits is NaN or infinite (`non_finite`), or
+/// positive (a second pass over the first's flags), else 0.
 #[cube(launch)]
-pub(crate) fn non_finite_kernel<F: Float>(
+pub(crate) fn any_kernel<F: Float>(
     values: &Tensor<F>,
     flags: &mut Tensor<F>,
+    #[comptime] non_finite: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let len = values.len();
     let unit = UNIT_POS as usize;
-    let mut bad = 0u32;
+    let mut found = 0u32;
     let mut position = CUBE_POS * 256 + unit;
     let stride = CUBE_COUNT * 256;
     while position < len {
         let value = values[position];
-        bad |= u32::cast_from(F::is_nan(value)) | u32::cast_from(F::is_inf(value));
+        if non_finite {
+            found |= u32::cast_from(F::is_nan(value)) | u32::cast_from(F::is_inf(value));
+        } else {
+            found |= u32::cast_from(value > F::new(0.0));
+        }
         position += stride;
     }
     let mut any = Shared::<[u32]>::new_slice(256usize);
-    any[unit] = bad;
+    any[unit] = found;
     sync_cube();
     let mut width = 128usize;
     while width > 0 {
@@ -36,40 +42,6 @@ pub(crate) fn non_finite_kernel<F: Float>(
     }
     if unit == 0 {
         flags[CUBE_POS] = F::cast_from(any[0]);
-    }
-}
-
-/// See the module docs of `path/kernel`. `flags` `[C]` (zeros and ones), `flag` `[1]`; one
-/// cube of 256 units.
-///
-/// 1 where any flag is, else 0.
-#[cube(launch)]
-pub(crate) fn any_kernel<F: Float>(
-    flags: &Tensor<F>,
-    flag: &mut Tensor<F>,
-    #[define(F)] _dtype: ElemType,
-) {
-    let len = flags.len();
-    let unit = UNIT_POS as usize;
-    let mut found = F::new(0.0);
-    let mut position = unit;
-    while position < len {
-        found = found.max(flags[position]);
-        position += 256;
-    }
-    let mut any = Shared::<[F]>::new_slice(256usize);
-    any[unit] = found;
-    sync_cube();
-    let mut width = 128usize;
-    while width > 0 {
-        if unit < width {
-            any[unit] = any[unit].max(any[unit + width]);
-        }
-        sync_cube();
-        width /= 2;
-    }
-    if unit == 0 {
-        flag[0] = any[0];
     }
 }
 
@@ -110,15 +82,7 @@ pub(crate) fn codebook_kernel<F: Float>(
         }
         partial[unit] = sum;
         sync_cube();
-        let mut width = 128usize;
-        while width > 0 {
-            if unit < width {
-                let other = partial[unit + width];
-                partial[unit] += other;
-            }
-            sync_cube();
-            width /= 2;
-        }
+        tree_sum(&mut partial, unit, unit, 128usize);
         total = partial[0];
         sync_cube();
     }
@@ -147,15 +111,7 @@ pub(crate) fn codebook_kernel<F: Float>(
         }
         partial[unit] = squares;
         sync_cube();
-        let mut width = 32usize;
-        while width > 0 {
-            if dim_unit < width {
-                let other = partial[unit + width];
-                partial[unit] += other;
-            }
-            sync_cube();
-            width /= 2;
-        }
+        tree_sum(&mut partial, unit, dim_unit, 32usize);
         let norm2 = partial[lane * 64];
         if code < k {
             if dim_unit == 0 {
@@ -514,5 +470,22 @@ pub(crate) fn decode_kernel<F: Float, I: Int>(
             sum += codebooks[row * d + j];
         }
         out[position] = sum;
+    }
+}
+
+/// Sums each group of `2 width` values of `values` into the group's first, halving: the unit
+/// at `slot`, `position` places into its group, adds `values[slot + w]` for `w = width,
+/// width / 2, ..., 1` while `position < w`, with a cube barrier after each step (every unit
+/// of the cube calls it).
+#[cube]
+fn tree_sum<F: Float>(values: &mut Shared<[F]>, slot: usize, position: usize, width: usize) {
+    let mut width = width;
+    while width > 0 {
+        if position < width {
+            let other = values[slot + width];
+            values[slot] += other;
+        }
+        sync_cube();
+        width /= 2;
     }
 }

@@ -1,10 +1,9 @@
 //! The kernel path: a level's search and statistics, and `decode`, as CubeCL kernels (Burn's
 //! kernel language) on Burn's CubeCL backend (WGPU today; the same code serves CUDA).
 //!
-//! - **Non-finite check** (`non_finite_kernel`, `any_kernel`): whether a training batch holds
-//!   a NaN or an infinity (the step then leaves the state alone), a flag per cube of a
-//!   strided pass, then one cube over the flags: two launches where Burn's `is_finite().all()`
-//!   takes eight.
+//! - **Non-finite check** (`any_kernel`, twice): whether a training batch holds a NaN or an
+//!   infinity (the step then leaves the state alone), a flag per cube of a strided pass, then
+//!   one cube over the flags: two launches where Burn's `is_finite().all()` takes eight.
 //! - **Codebook** (`codebook_kernel`): a level's codes from its EMA counts and sums by the
 //!   configuration's rule (unit rows for cosine codebooks) and the codes' squared norms the
 //!   search adds, in one launch where Burn's tensor operations take five (the total count's
@@ -321,22 +320,21 @@ impl RvqKernels for CubeBackend {
             )
         };
         let (flags, flag) = (empty(cubes), empty(1));
-        kernels::non_finite_kernel::launch(
-            &client,
-            cube_count(cubes),
-            CubeDim::new_1d(CHECK_UNITS),
-            values.into_tensor_arg(),
-            flags.clone().into_tensor_arg(),
-            dtype_to_storage_type(float_dtype),
-        );
-        kernels::any_kernel::launch(
-            &client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(CHECK_UNITS),
-            flags.into_tensor_arg(),
-            flag.clone().into_tensor_arg(),
-            dtype_to_storage_type(float_dtype),
-        );
+        // A flag per cube of a strided pass over the values, then one cube over the flags.
+        for (input, output, cubes, non_finite) in [
+            (values, &flags, cubes, true),
+            (flags.clone(), &flag, 1, false),
+        ] {
+            kernels::any_kernel::launch(
+                &client,
+                cube_count(cubes),
+                CubeDim::new_1d(CHECK_UNITS),
+                input.into_tensor_arg(),
+                output.clone().into_tensor_arg(),
+                non_finite,
+                dtype_to_storage_type(float_dtype),
+            );
+        }
         flag
     }
 
