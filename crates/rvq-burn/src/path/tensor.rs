@@ -68,6 +68,25 @@ impl Rows for TensorRows {
 }
 
 impl TensorRows {
+    /// Whether the rows keep the running sums (started for a forward's output).
+    pub(crate) fn keeps_sums(&self) -> bool {
+        self.output
+    }
+
+    /// The running sums so far (none before the first level).
+    pub(crate) fn running(&self) -> Option<&RunningSums> {
+        self.running.as_ref()
+    }
+
+    /// The rows after a level whose next residual `next` and, where kept, running sums
+    /// `running` were computed elsewhere (the kernel path's search epilogue).
+    pub(crate) fn advance(&mut self, next: Tensor<2>, running: Option<RunningSums>) {
+        self.residual = next;
+        if running.is_some() {
+            self.running = running;
+        }
+    }
+
     /// The rest of a level once its codes are known: the chosen codes gathered, the rows
     /// turned into the next residual, the squared error and the running sums, as tensor
     /// operations.

@@ -132,17 +132,32 @@ pub(crate) fn codebook_kernel<F: Float>(
     }
 }
 
-/// See the module docs of `path/kernel`. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`, `indices` `[N]`;
-/// 256 units per cube, 64 rows per cube.
+/// See the module docs of `path/kernel`. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`,
+/// `indices` `[N]`, `next` `[N, D]`; with `running`, `quantized_in`, `residuals_in` (unread
+/// at the `first` level), `quantized_out` and `residuals_out` `[N, D]`; with
+/// `squared_error`, `partials` `[ceil(N / 64)]`; 256 units per cube, 64 rows per cube.
 ///
-/// Launched unchecked: every global read and write is guarded by the shapes, and every
-/// shared index is within its tile by construction.
+/// Each row's nearest code, then the level's epilogue on the cube's rows: `next = rows -
+/// codebook[code]`, the running sums (`quantized_in + codebook[code]`, `residuals_in + next`,
+/// or those terms alone at the first level), and the cube's sum of `next^2`. Launched
+/// unchecked: every global read and write is guarded by the shapes (the epilogue's by the
+/// cube's rows), and every shared index is within its tile by construction.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn nearest_kernel<F: Float, I: Int>(
     rows: &Tensor<F>,
     codebook: &Tensor<F>,
     norms: &Tensor<F>,
     indices: &mut Tensor<I>,
+    next: &mut Tensor<F>,
+    quantized_in: &Tensor<F>,
+    residuals_in: &Tensor<F>,
+    quantized_out: &mut Tensor<F>,
+    residuals_out: &mut Tensor<F>,
+    partials: &mut Tensor<F>,
+    #[comptime] squared_error: bool,
+    #[comptime] running: bool,
+    #[comptime] first: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let n = rows.shape(0);
@@ -240,21 +255,85 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
         lane_codes[slot] = best_code[i];
     }
     sync_cube();
+    let mut row_codes = Shared::<[u32]>::new_slice(64usize);
     if unit < 64 {
+        let mut distance = row_tile[unit * 16];
+        let mut code = lane_codes[unit * 16];
+        for lane in 1..16usize {
+            let other = row_tile[unit * 16 + lane];
+            let other_code = lane_codes[unit * 16 + lane];
+            if other < distance || (other == distance && other_code < code) {
+                distance = other;
+                code = other_code;
+            }
+        }
+        row_codes[unit] = code;
         let row = first_row + unit;
         if row < n {
-            let mut distance = row_tile[unit * 16];
-            let mut code = lane_codes[unit * 16];
-            for lane in 1..16usize {
-                let other = row_tile[unit * 16 + lane];
-                let other_code = lane_codes[unit * 16 + lane];
-                if other < distance || (other == distance && other_code < code) {
-                    distance = other;
-                    code = other_code;
-                }
-            }
             indices[row] = I::cast_from(code);
         }
+    }
+    sync_cube();
+    // The epilogue, over the cube's rows' values: the chosen code gathered, the next residual,
+    // the running sums, each unit's share of the squared error.
+    let mut squares = F::new(0.0);
+    let mut at = first_row * d + unit;
+    let end = select(first_row + 64 < n, first_row + 64, n) * d;
+    while at < end {
+        let local = at / d - first_row;
+        let dim = at % d;
+        let chosen = codebook[usize::cast_from(row_codes[local]) * d + dim];
+        let left = rows[at] - chosen;
+        next[at] = left;
+        if squared_error {
+            squares += left * left;
+        }
+        if running {
+            if first {
+                quantized_out[at] = chosen;
+                residuals_out[at] = left;
+            } else {
+                quantized_out[at] = quantized_in[at] + chosen;
+                residuals_out[at] = residuals_in[at] + left;
+            }
+        }
+        at += 256;
+    }
+    if squared_error {
+        let mut partial = Shared::<[F]>::new_slice(256usize);
+        partial[unit] = squares;
+        sync_cube();
+        tree_sum(&mut partial, unit, unit, 128usize);
+        if unit == 0 {
+            partials[CUBE_POS] = partial[0];
+        }
+    }
+}
+
+/// See the module docs of `path/kernel`. `values` `[C]`, `total` `[1]`; one cube of 256
+/// units.
+///
+/// The sum of the values (a strided sum per unit, then a tree over the units).
+#[cube(launch)]
+pub(crate) fn total_kernel<F: Float>(
+    values: &Tensor<F>,
+    total: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let len = values.len();
+    let unit = UNIT_POS as usize;
+    let mut sum = F::new(0.0);
+    let mut position = unit;
+    while position < len {
+        sum += values[position];
+        position += 256;
+    }
+    let mut partial = Shared::<[F]>::new_slice(256usize);
+    partial[unit] = sum;
+    sync_cube();
+    tree_sum(&mut partial, unit, unit, 128usize);
+    if unit == 0 {
+        total[0] = partial[0];
     }
 }
 

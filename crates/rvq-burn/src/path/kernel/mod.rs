@@ -13,7 +13,10 @@
 //!   the rows pass through shared memory; each of the 256 units keeps a 4 x 4 block of
 //!   products in registers and, per row, its least `||e||^2 - 2 r.e` and code; the 16 units of
 //!   a row then agree on the least distance, the lowest code among equals (the first minimum,
-//!   as on every path).
+//!   as on every path). Its epilogue, in the same launch, gathers each row's code and writes
+//!   the next residual, the running sums of codes and residuals (the same f32 operations as
+//!   the tensor path's, row by row) and the cube's sum of the residual's squares; one more
+//!   launch (`total_kernel`) sums those into the level's squared error.
 //! - **Per-code counts and sums**: a stable counting sort of the rows by code, then each code's
 //!   rows summed in row order, in `O(N D + K D + N K / 256)` work: no atomics, deterministic,
 //!   and the same floats as a sequential scatter-add (the host path's and Burn's CPU
@@ -31,9 +34,8 @@
 //! - **Decode** (`decode_kernel`): every level's code gathered and summed per element, in
 //!   level order, in one launch.
 //!
-//! The gather of the chosen codes, the next residual, the squared error and the running sums
-//! stay Burn tensor operations (elementwise, which Burn's fusion merges). The kernels run on
-//! tensors without autodiff: the codes and the statistics carry no gradient.
+//! The EMA update stays Burn tensor operations (elementwise, which Burn's fusion merges). The
+//! kernels run on tensors without autodiff: the codes and the statistics carry no gradient.
 
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -46,7 +48,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim, InputScalar};
 
 use super::tensor::{self, TensorRows, check_indices};
-use super::{Codebook, Expansion, LevelPass, LevelPath, Pricing, Rows, Work};
+use super::{Codebook, Expansion, LevelPass, LevelPath, Pricing, Rows, RunningSums, Work};
 use crate::config::{CodebookRule, EmaResidualVectorQuantizerConfig};
 use crate::error::RvqError;
 use crate::util::int_tensor;
@@ -116,7 +118,16 @@ impl LevelPath for KernelPath {
     ) -> LevelPass {
         let [k, _] = codebook.dims();
         let residual = rows.residual();
-        let indices = nearest_priced(residual.clone(), codebook.clone(), pricing);
+        let running = rows.keeps_sums() && work.output;
+        let previous = rows.running().filter(|_| running);
+        let searched = search(
+            residual.clone(),
+            codebook,
+            pricing,
+            previous,
+            (work.output, running),
+        );
+        let indices = searched.indices;
         let (counts, sums) = match (work.counts, work.sums) {
             (counts, true) => {
                 let (c, sums) = statistics(residual, indices.clone(), k);
@@ -125,7 +136,13 @@ impl LevelPath for KernelPath {
             (true, false) => (Some(code_counts(residual, indices.clone(), k)), None),
             (false, false) => (None, None),
         };
-        rows.finish_level(codebook, indices, counts, sums, work)
+        rows.advance(searched.next, searched.running);
+        LevelPass {
+            indices,
+            counts,
+            sums,
+            squared_error: searched.squared_error,
+        }
     }
 
     /// Beam searches run as the tensor path's operations.
@@ -172,21 +189,60 @@ impl LevelPath for KernelPath {
 /// Nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]`, `[N]`.
 #[cfg(test)]
 pub(crate) fn nearest(rows: Tensor<2>, codebook: Tensor<2>) -> Tensor<1, Int> {
-    nearest_priced(rows, codebook, Pricing::default())
+    search(rows, codebook, Pricing::default(), None, (false, false)).indices
 }
 
-/// [`nearest`] with the costs `pricing` gives (in the norms the search kernel adds).
-fn nearest_priced(rows: Tensor<2>, codebook: Tensor<2>, pricing: Pricing) -> Tensor<1, Int> {
+/// What a level's search kernel gives.
+struct Searched {
+    /// The nearest codes, `[N]`.
+    indices: Tensor<1, Int>,
+    /// The next residual, `[N, D]`.
+    next: Tensor<2>,
+    /// The running sums after the level, where kept.
+    running: Option<RunningSums>,
+    /// The sum of the next residual's squares `[1]`, where asked.
+    squared_error: Option<Tensor<1>>,
+}
+
+/// The nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]` by the costs
+/// `pricing` gives (in the norms the kernel adds), the next residual, and as `(squared_error,
+/// running)` ask: the squared error, and the running sums after `previous` (the level's
+/// terms alone where there is none yet); one launch, two with the squared error.
+fn search(
+    rows: Tensor<2>,
+    codebook: Tensor<2>,
+    pricing: Pricing,
+    previous: Option<&RunningSums>,
+    (squared_error, running): (bool, bool),
+) -> Searched {
     let [k, _] = codebook.dims();
     let norms = tensor::code_norms(&codebook, pricing).reshape([k]); // [K]
     let int_dtype = rows.device().settings().int_dtype;
-    let indices = <Dispatch as RvqKernels>::rvq_nearest(
+    // The kernel reads the previous sums only where there are some.
+    let (quantized, residuals) = match previous {
+        Some(sums) => (sums.quantized.clone(), sums.residuals.clone()),
+        None => (rows.clone(), rows.clone()),
+    };
+    let (indices, next, quantized, residuals, total) = <Dispatch as RvqKernels>::rvq_level(
         rows.into_dispatch(),
         codebook.into_dispatch(),
         norms.into_dispatch(),
+        quantized.into_dispatch(),
+        residuals.into_dispatch(),
         int_dtype,
+        squared_error,
+        running,
+        previous.is_none(),
     );
-    Tensor::from_dispatch(indices)
+    Searched {
+        indices: Tensor::from_dispatch(indices),
+        next: Tensor::from_dispatch(next),
+        running: running.then(|| RunningSums {
+            quantized: Tensor::from_dispatch(quantized),
+            residuals: Tensor::from_dispatch(residuals),
+        }),
+        squared_error: squared_error.then(|| Tensor::from_dispatch(total)),
+    }
 }
 
 /// Per-code counts `[K]` and sums `[K, D]` of `rows` `[N, D]` by `indices` `[N]`.
@@ -243,17 +299,44 @@ pub(crate) trait RvqKernels: Backend {
     #[fusion(meta = |values| TensorSpec::new(Shape::new([1]), values.dtype))]
     fn rvq_non_finite(values: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// Nearest code of each row of `rows` `[N, D]` among `codebook` `[K, D]` with squared
-    /// norms `norms` `[K]`, as integers of `int_dtype`, `[N]`.
-    #[fusion(meta = |rows, _codebook, _norms, int_dtype| {
-        TensorSpec::new(Shape::new([rows.shape[0]]), DType::from(*int_dtype))
+    /// A level's search and what follows it: the nearest code of each row of `rows` `[N, D]`
+    /// among `codebook` `[K, D]` with squared norms `norms` `[K]` (integers of `int_dtype`,
+    /// `[N]`), the next residual `rows - codebook[code]` `[N, D]`; with `running`, the running
+    /// sums `(quantized + codebook[code], residuals + next)` `[N, D]` (the terms alone at the
+    /// `first` level, whose `quantized` and `residuals` are not read), else two unwritten
+    /// `[1, 1]`; with `squared_error`, the sum of `next^2` `[1]`, else an unwritten `[1]`.
+    #[fusion(meta = |rows, _codebook, _norms, _quantized, _residuals, int_dtype, squared_error, running, _first| {
+        let sums = match *running {
+            true => rows.shape.clone(),
+            false => Shape::new([1, 1]),
+        };
+        let _ = squared_error;
+        (
+            TensorSpec::new(Shape::new([rows.shape[0]]), DType::from(*int_dtype)),
+            TensorSpec::new(rows.shape.clone(), rows.dtype),
+            TensorSpec::new(sums.clone(), rows.dtype),
+            TensorSpec::new(sums, rows.dtype),
+            TensorSpec::new(Shape::new([1]), rows.dtype),
+        )
     })]
-    fn rvq_nearest(
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn rvq_level(
         rows: FloatTensor<Self>,
         codebook: FloatTensor<Self>,
         norms: FloatTensor<Self>,
+        quantized: FloatTensor<Self>,
+        residuals: FloatTensor<Self>,
         int_dtype: IntDType,
-    ) -> IntTensor<Self>;
+        squared_error: bool,
+        running: bool,
+        first: bool,
+    ) -> (
+        IntTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// How many rows of `rows` `[N, D]` took each of the `num_embeddings` codes by `indices`
     /// `[N]`, and their sum: `([K], [K, D])`.
@@ -371,45 +454,85 @@ impl RvqKernels for CubeBackend {
         (codebook, norms)
     }
 
-    fn rvq_nearest(
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn rvq_level(
         rows: FloatTensor<Self>,
         codebook: FloatTensor<Self>,
         norms: FloatTensor<Self>,
+        quantized: FloatTensor<Self>,
+        residuals: FloatTensor<Self>,
         int_dtype: IntDType,
-    ) -> IntTensor<Self> {
-        let (rows, codebook, norms) = (
-            into_contiguous(rows),
-            into_contiguous(codebook),
-            into_contiguous(norms),
-        );
-        let n = rows.shape()[0];
+        squared_error: bool,
+        running: bool,
+        first: bool,
+    ) -> (
+        IntTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let [rows, codebook, norms, quantized, residuals] =
+            [rows, codebook, norms, quantized, residuals].map(into_contiguous);
+        let [n, d] = [rows.shape()[0], rows.shape()[1]];
         let (client, float_dtype) = (rows.client.clone(), rows.dtype);
         debug_assert_eq!((codebook.dtype, norms.dtype), (float_dtype, float_dtype));
         let int_dtype = DType::from(int_dtype);
-        let indices = empty_device_dtype(
-            client.clone(),
-            rows.device.clone(),
-            Shape::new([n]),
-            int_dtype,
+        let cubes = n.div_ceil(SEARCH_ROWS);
+        let empty = |shape: Shape, dtype: DType| {
+            empty_device_dtype(client.clone(), rows.device.clone(), shape, dtype)
+        };
+        let indices = empty(Shape::new([n]), int_dtype);
+        let next = empty(Shape::new([n, d]), float_dtype);
+        let sums = match running {
+            true => Shape::new([n, d]),
+            false => Shape::new([1, 1]),
+        };
+        let quantized_out = empty(sums.clone(), float_dtype);
+        let residuals_out = empty(sums, float_dtype);
+        let partials = empty(
+            Shape::new([if squared_error { cubes } else { 1 }]),
+            float_dtype,
         );
-        // SAFETY: the kernel guards every global access by the tensors' shapes, and its
-        // shared indices stay within the tiles (its docs); the tensors are contiguous.
+        let total = empty(Shape::new([1]), float_dtype);
+        // SAFETY: the kernel guards every global access by the tensors' shapes (the epilogue's
+        // by the cube's rows, which every `[N, D]` tensor holds), its shared indices stay
+        // within the tiles (its docs), and the tensors are contiguous.
         unsafe {
             kernels::nearest_kernel::launch_unchecked(
                 &client,
-                cube_count(n.div_ceil(SEARCH_ROWS)),
+                cube_count(cubes),
                 CubeDim::new_1d(SEARCH_UNITS),
                 rows.into_tensor_arg(),
                 codebook.into_tensor_arg(),
                 norms.into_tensor_arg(),
                 indices.clone().into_tensor_arg(),
+                next.clone().into_tensor_arg(),
+                quantized.into_tensor_arg(),
+                residuals.into_tensor_arg(),
+                quantized_out.clone().into_tensor_arg(),
+                residuals_out.clone().into_tensor_arg(),
+                partials.clone().into_tensor_arg(),
+                squared_error,
+                running,
+                first,
                 [
                     dtype_to_storage_type(float_dtype),
                     dtype_to_storage_type(int_dtype),
                 ],
             );
         }
-        indices
+        if squared_error {
+            kernels::total_kernel::launch(
+                &client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(CHECK_UNITS),
+                partials.into_tensor_arg(),
+                total.clone().into_tensor_arg(),
+                dtype_to_storage_type(float_dtype),
+            );
+        }
+        (indices, next, quantized_out, residuals_out, total)
     }
 
     fn rvq_statistics(
@@ -810,6 +933,88 @@ mod tests {
                 let want = host_bools(x.is_finite().all().bool_not());
                 assert_eq!(got, want, "[{n}, {d}], {what}");
                 assert_eq!(got, vec![what != "finite"], "[{n}, {d}], {what}");
+            }
+        }
+    }
+
+    /// The search kernel's epilogue equals the tensor operations it replaces, over two levels
+    /// (the first without running sums to add to, the second with): for every row whose codes
+    /// agree on both paths (all but rows within rounding of a tie), the same next residual and
+    /// running sums to the bit (the same f32 operations, row by row), and the squared errors
+    /// within 1e-5 where every code agrees; without an output (encode), the residual alone.
+    #[test]
+    fn search_epilogue_equals_tensor_ops() {
+        let Some(device) = device() else { return };
+        let mut hash = SplitMix64::new(41);
+        let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let tensor_path = TensorPath(Search {
+            max_elements: 1 << 24,
+            dense: false,
+        });
+        for (n, d, k) in [
+            (1, 3, 1),
+            (65, 17, 65),
+            (300, 70, 130),
+            (129, 1, 5),
+            (64, 64, 7),
+        ] {
+            for work in [Work::TRAINING, Work::EVALUATION, Work::CODES] {
+                let what = format!("N = {n}, D = {d}, K = {k}, {work:?}");
+                let x: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
+                let rows = tensor(&x, [n, d], &device);
+                let mut kernel_rows = TensorRows::start(rows.clone(), work);
+                let mut tensor_rows = TensorRows::start(rows, work);
+                let mut agree = vec![true; n];
+                let mut errors = Vec::new();
+                for _level in 0..2 {
+                    let codes: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
+                    let codebook = tensor(&codes, [k, d], &device);
+                    let got = KernelPath.level(codebook.clone(), &mut kernel_rows, work);
+                    let want = tensor_path.level(codebook, &mut tensor_rows, work);
+                    let (a, b) = (host_ints(got.indices), host_ints(want.indices));
+                    for (row, (a, b)) in a.iter().zip(&b).enumerate() {
+                        agree[row] &= a == b;
+                    }
+                    errors.push((got.squared_error, want.squared_error));
+                }
+                let agreeing = agree.iter().filter(|&&a| a).count();
+                assert!(
+                    agreeing * 10 >= n * 9,
+                    "{what}: {agreeing} of {n} rows agree"
+                );
+                let same_rows = |name: &str, a: Tensor<2>, b: Tensor<2>| {
+                    let (a, b) = (host_floats(a), host_floats(b));
+                    for row in (0..n).filter(|&row| agree[row]) {
+                        assert_eq!(
+                            a[row * d..(row + 1) * d],
+                            b[row * d..(row + 1) * d],
+                            "{what}: {name}, row {row}"
+                        );
+                    }
+                };
+                same_rows("residual", kernel_rows.residual(), tensor_rows.residual());
+                match (kernel_rows.finish(), tensor_rows.finish()) {
+                    (Some(a), Some(b)) => {
+                        same_rows("quantized sum", a.quantized, b.quantized);
+                        same_rows("residual sum", a.residuals, b.residuals);
+                    }
+                    (None, None) => assert!(!work.output, "{what}: no running sums"),
+                    _ => panic!("{what}: running sums on one path only"),
+                }
+                for (level, (a, b)) in errors.into_iter().enumerate() {
+                    match (a, b) {
+                        (Some(a), Some(b)) if agreeing == n => {
+                            let (a, b) = (host_floats(a)[0], host_floats(b)[0]);
+                            assert!(
+                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "{what}: level {level} squared error {a} vs {b}"
+                            );
+                        }
+                        (Some(_), Some(_)) => {}
+                        (None, None) => assert!(!work.output, "{what}: no squared error"),
+                        _ => panic!("{what}: a squared error on one path only"),
+                    }
+                }
             }
         }
     }
