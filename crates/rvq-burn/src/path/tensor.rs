@@ -67,6 +67,8 @@ impl Rows for TensorRows {
     }
 }
 
+/// What the kernel path's search epilogue reads from and gives back to the rows.
+#[cfg(feature = "wgpu")]
 impl TensorRows {
     /// Whether the rows keep the running sums (started for a forward's output).
     pub(crate) fn keeps_sums(&self) -> bool {
@@ -86,7 +88,9 @@ impl TensorRows {
             self.running = running;
         }
     }
+}
 
+impl TensorRows {
     /// The rest of a level once its codes are known: the chosen codes gathered, the rows
     /// turned into the next residual, the squared error and the running sums, as tensor
     /// operations.
