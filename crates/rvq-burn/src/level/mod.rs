@@ -35,7 +35,7 @@ use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 pub(crate) use self::schedule::{Schedule, StepPlan};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
-use crate::path::{Codebook, LevelPass, LevelPath, Pricing, Rows, Work};
+use crate::path::{Codebook, EmaUpdate, LevelPass, LevelPath, Pricing, Rows, UpdatedPass, Work};
 use crate::util::unit_rows;
 
 /// A level's EMA statistics: per-code counts `[K]` (reference: `ema_count_l{l}`) and sums of
@@ -115,29 +115,51 @@ pub(crate) struct LevelStep {
     pub unit_codes: Option<Tensor<2>>,
 }
 
-/// A level's assignment of the rows: its pass, and what restarts and cosine outputs need.
+/// A level's assignment of the rows: its pass, what restarts and cosine outputs need, and
+/// the state, where the pass updated it.
 struct Assigned {
     pass: LevelPass,
     residuals: Option<restart::Residuals>,
     unit_codes: Option<Tensor<2>>,
+    updated: Option<Statistics>,
+}
+
+/// `path`'s pass of `rows` over `codebook`, priced by `pricing`, doing `work`, or, with
+/// `update`, a training pass that makes it.
+fn pass<P: LevelPath>(
+    path: &P,
+    codebook: Tensor<2>,
+    pricing: Pricing,
+    rows: &mut P::Rows,
+    (work, update): (Work, Option<EmaUpdate>),
+) -> (LevelPass, Option<Statistics>) {
+    match update {
+        None => (path.level_priced(codebook, pricing, rows, work), None),
+        Some(update) => {
+            let UpdatedPass { pass, counts, sums } =
+                path.level_updating(codebook, pricing, rows, update);
+            (pass, Some(Statistics { counts, sums }))
+        }
+    }
 }
 
 /// Assigns `rows` to `codebook` on `path` and turns them into the next residual. Euclidean:
 /// the path's level. Cosine: the path's level on the L2-normalized residual, searched by dot
 /// product (its counts, sums and squared error are the normalized rows'), then its codes
 /// subtracted from the residual itself, as vector-quantize-pytorch's `ResidualVQ` does.
-/// With `keep`, the rows searched and the residual their codes left (restarts).
+/// With `keep`, the rows searched and the residual their codes left (restarts); with
+/// `update`, the state updated in the pass.
 fn assign<P: LevelPath>(
     path: &P,
     codebook: Codebook,
     rows: &mut P::Rows,
-    work: Work,
+    (work, update): (Work, Option<EmaUpdate>),
     (cosine, keep): (bool, bool),
 ) -> Assigned {
     if !cosine {
         let input = keep.then(|| rows.residual());
         let pricing = Pricing::with_norms(codebook.norms);
-        let pass = path.level_priced(codebook.vectors, pricing, rows, work);
+        let (pass, updated) = pass(path, codebook.vectors, pricing, rows, (work, update));
         let residuals = input.map(|input| restart::Residuals {
             input,
             next: rows.residual(),
@@ -146,6 +168,7 @@ fn assign<P: LevelPath>(
             pass,
             residuals,
             unit_codes: None,
+            updated,
         };
     }
     let unit = unit_rows(rows.residual());
@@ -154,7 +177,14 @@ fn assign<P: LevelPath>(
         ..work
     };
     let mut unit_rows = P::Rows::start(unit.clone(), work);
-    let pass = path.level_priced(codebook.vectors, Pricing::DOT_PRODUCT, &mut unit_rows, work);
+    let pricing = Pricing::DOT_PRODUCT;
+    let (pass, updated) = pass(
+        path,
+        codebook.vectors,
+        pricing,
+        &mut unit_rows,
+        (work, update),
+    );
     let next = unit_rows.residual();
     let codes = unit_rows
         .finish()
@@ -165,6 +195,7 @@ fn assign<P: LevelPath>(
         pass,
         residuals: keep.then(|| restart::Residuals { input: unit, next }),
         unit_codes: Some(codes),
+        updated,
     }
 }
 
@@ -283,7 +314,7 @@ impl EmaCodebook {
         let plan = match &task.mode {
             Mode::Pass(work) => {
                 let codebook = state.codebook_on(path, task.config);
-                let assigned = assign(path, codebook, rows, *work, (cosine, false));
+                let assigned = assign(path, codebook, rows, (*work, None), (cosine, false));
                 return LevelStep {
                     pass: assigned.pass,
                     restarted: 0,
@@ -292,11 +323,29 @@ impl EmaCodebook {
             }
             Mode::Train(plan) => plan,
         };
+        if let Some(decay) = plan.ema_alone() {
+            // The EMA update alone: made in the level's pass.
+            let codebook = state.codebook_on(path, task.config);
+            let update = EmaUpdate {
+                counts: state.counts,
+                sums: state.sums,
+                decay,
+                skip: plan.non_finite.clone(),
+            };
+            let work = (Work::TRAINING, Some(update));
+            let assigned = assign(path, codebook, rows, work, (cosine, false));
+            self.store(assigned.updated.expect("the pass updated the state"));
+            return LevelStep {
+                pass: assigned.pass,
+                restarted: 0,
+                unit_codes: assigned.unit_codes,
+            };
+        }
         let prepared = plan.prepare(path, rows, index, state.clone(), task.config);
         let codebook = prepared.statistics.codebook_on(path, task.config);
         // Restarts from batch vectors need the level's input and the residual it leaves.
         let keep = plan.restarts_from_batch();
-        let assigned = assign(path, codebook, rows, Work::TRAINING, (cosine, keep));
+        let assigned = assign(path, codebook, rows, (Work::TRAINING, None), (cosine, keep));
         let updated = plan.update(prepared.statistics, &assigned.pass, assigned.residuals);
         self.store_if_finite(updated.statistics, state, &plan.non_finite);
         LevelStep {

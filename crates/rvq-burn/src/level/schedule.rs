@@ -12,7 +12,7 @@ use super::Statistics;
 use super::kmeans::kmeans;
 use super::restart::{Residuals, Restarted, restart_dead_codes, split_codes};
 use crate::config::{DeadCodeRule, EmaResidualVectorQuantizerConfig};
-use crate::path::{LevelPass, LevelPath, Rows};
+use crate::path::{LevelPass, LevelPath, Rows, ema};
 use crate::util::{SplitMix64, unit_rows};
 
 /// Below this count a code counts as empty during the data-parallel init (counts there are
@@ -85,13 +85,13 @@ impl<'a> Schedule<'a> {
         let restart_due = c.threshold_ema_dead_code > 0.0
             && step.is_none_or(|s| (s + 1) % c.dead_code_check_every as u64 == 0);
         let rate = restart_due.then_some(c.threshold_ema_dead_code);
-        let ema = Merge::Ema { decay: c.ema_decay };
+        let ema_merge = Merge::Ema { decay: c.ema_decay };
         if !c.data_parallel {
             return StepPlan {
                 non_finite,
                 kmeans_iterations: (c.kmeans_init && step == Some(0))
                     .then_some(c.kmeans_iterations),
-                merge: ema,
+                merge: ema_merge,
                 restart: rate.map(|threshold| Restart::BatchVectors {
                     threshold,
                     before_update: match c.dead_code_rule {
@@ -121,7 +121,7 @@ impl<'a> Schedule<'a> {
             kmeans_iterations: None,
             merge: match replace {
                 Some(_) => Merge::Replace,
-                None => ema,
+                None => ema_merge,
             },
             restart: split_below.map(|(absolute, rate)| Restart::Split {
                 absolute,
@@ -148,7 +148,8 @@ pub(crate) struct StepPlan {
 /// How a step's per-code counts and sums enter the state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Merge {
-    /// `c <- g c + (1 - g) N_k`, `m <- g m + (1 - g) S_k` (the reference's `_ema_update`).
+    /// `c <- g c + (1 - g) N_k`, `m <- g m + (1 - g) S_k` (the reference's `_ema_update`:
+    /// [`ema`]).
     Ema { decay: f64 },
     /// The batch's counts and sums replace the state: a Lloyd step from the codebook the
     /// assignment was made with (the data-parallel init). Averaged over devices, a code
@@ -175,6 +176,16 @@ enum Restart {
 }
 
 impl StepPlan {
+    /// The EMA decay, when the step's only change to a level's state is the EMA update (no
+    /// k-means init, no restart, no replacement): the level's pass can then make the update
+    /// ([`LevelPath::level_updating`]).
+    pub(crate) fn ema_alone(&self) -> Option<f64> {
+        match (self.kmeans_iterations, self.restart, self.merge) {
+            (None, None, Merge::Ema { decay }) => Some(decay),
+            _ => None,
+        }
+    }
+
     /// Whether a level's step must keep its input rows for [`StepPlan::update`] (restarts
     /// from batch vectors).
     pub(crate) fn restarts_from_batch(&self) -> bool {
@@ -250,14 +261,8 @@ impl StepPlan {
         let state = before.statistics;
         let merged = match self.merge {
             Merge::Ema { decay } => Statistics {
-                counts: state
-                    .counts
-                    .mul_scalar(decay)
-                    .add(counts.mul_scalar(1.0 - decay)),
-                sums: state
-                    .sums
-                    .mul_scalar(decay)
-                    .add(sums.mul_scalar(1.0 - decay)),
+                counts: ema(state.counts, counts, decay),
+                sums: ema(state.sums, sums, decay),
             },
             Merge::Replace => Statistics { counts, sums },
         };

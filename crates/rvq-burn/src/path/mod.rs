@@ -81,6 +81,55 @@ pub(crate) struct LevelPass {
     pub squared_error: Option<Tensor<1>>,
 }
 
+/// A training step's EMA update of a level's state, made with the level's pass
+/// ([`LevelPath::level_updating`]) when it is the step's only change to the state.
+#[derive(Debug, Clone)]
+pub(crate) struct EmaUpdate {
+    /// The state's per-code counts, `[K]`.
+    pub counts: Tensor<1>,
+    /// The state's per-code sums, `[K, D]`.
+    pub sums: Tensor<2>,
+    /// The EMA decay `g`.
+    pub decay: f64,
+    /// `[1]`, set when the batch holds a NaN or an infinity: the state then stays as it is.
+    pub skip: Tensor<1, Bool>,
+}
+
+/// A level's pass with its state's EMA update ([`LevelPath::level_updating`]).
+#[derive(Debug, Clone)]
+pub(crate) struct UpdatedPass {
+    /// The pass; its sums may be absent, having gone into the update.
+    pub pass: LevelPass,
+    /// The updated counts, `[K]`.
+    pub counts: Tensor<1>,
+    /// The updated sums, `[K, D]`.
+    pub sums: Tensor<2>,
+}
+
+/// The EMA rule: `state g + batch (1 - g)` (the reference's `_ema_update`), for the counts
+/// and the sums alike.
+pub(crate) fn ema<const D: usize>(state: Tensor<D>, batch: Tensor<D>, decay: f64) -> Tensor<D> {
+    state.mul_scalar(decay).add(batch.mul_scalar(1.0 - decay))
+}
+
+impl EmaUpdate {
+    /// The update by a training `pass`'s counts and sums: [`ema`], or the state itself where
+    /// `skip` is set.
+    pub(crate) fn apply(self, pass: LevelPass) -> UpdatedPass {
+        let counts = pass.counts.clone().expect("a training pass counts");
+        let sums = pass.sums.clone().expect("a training pass sums");
+        let [k, d] = self.sums.dims();
+        let skip = self.skip;
+        UpdatedPass {
+            pass,
+            counts: ema(self.counts.clone(), counts, self.decay)
+                .mask_where(skip.clone().expand([k]), self.counts),
+            sums: ema(self.sums.clone(), sums, self.decay)
+                .mask_where(skip.reshape([1, 1]).expand([k, d]), self.sums),
+        }
+    }
+}
+
 /// What a level of a beam search chose: for each vector `i` and rank `j < B` (at `i B + j`),
 /// the candidate it continues (`0..B`) and the code it adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +277,19 @@ pub(crate) trait LevelPath {
         rows: &mut Self::Rows,
         work: Work,
     ) -> LevelPass;
+
+    /// [`LevelPath::level_priced`] of a training step (every output) whose only change to
+    /// the state is `update`: the pass and the updated state. The kernel path makes the
+    /// update in the launch that sums the codes' rows.
+    fn level_updating(
+        &self,
+        codebook: Tensor<2>,
+        pricing: Pricing,
+        rows: &mut Self::Rows,
+        update: EmaUpdate,
+    ) -> UpdatedPass {
+        update.apply(self.level_priced(codebook, pricing, rows, Work::TRAINING))
+    }
 
     /// One level of a beam search. `candidates` `[N B, D]` holds `beam` partial residuals per
     /// vector (vector `i`'s at rows `i B..(i + 1) B`) and `base` `[N B]` their costs so far;

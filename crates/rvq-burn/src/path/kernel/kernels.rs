@@ -313,27 +313,16 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
 /// See the module docs of `path/kernel`. `values` `[C]`, `total` `[1]`; one cube of 256
 /// units.
 ///
-/// The sum of the values (a strided sum per unit, then a tree over the units).
+/// The sum of the values ([`cube_sum`]).
 #[cube(launch)]
 pub(crate) fn total_kernel<F: Float>(
     values: &Tensor<F>,
     total: &mut Tensor<F>,
     #[define(F)] _dtype: ElemType,
 ) {
-    let len = values.len();
-    let unit = UNIT_POS as usize;
-    let mut sum = F::new(0.0);
-    let mut position = unit;
-    while position < len {
-        sum += values[position];
-        position += 256;
-    }
-    let mut partial = Shared::<[F]>::new_slice(256usize);
-    partial[unit] = sum;
-    sync_cube();
-    tree_sum(&mut partial, unit, unit, 128usize);
-    if unit == 0 {
-        total[0] = partial[0];
+    let sum = cube_sum(values, UNIT_POS as usize);
+    if UNIT_POS == 0 {
+        total[0] = sum;
     }
 }
 
@@ -393,17 +382,29 @@ pub(crate) fn block_counts_kernel<I: Int>(
 
 /// See the module docs of `path/kernel`. `block_counts` `[B, K]` (turned into each block's
 /// first place among its code's rows), `starts` `[K + 1]` (each code's first place in the
-/// sorted order, then `N`), `counts` `[K]`; one cube of 256 units.
+/// sorted order, then `N`), `counts` `[K]`; one cube of 256 units. With `with_total`, also
+/// the sum of the search's per-cube squared errors `partials` `[C]` into `total` `[1]`, as
+/// [`total_kernel`] sums them: the level's loss rides on this one-cube launch instead of
+/// taking its own.
 #[cube(launch)]
 pub(crate) fn offsets_kernel<F: Float, I: Int>(
     block_counts: &mut Tensor<I>,
     starts: &mut Tensor<I>,
     counts: &mut Tensor<F>,
+    partials: &Tensor<F>,
+    total: &mut Tensor<F>,
+    #[comptime] with_total: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let blocks = block_counts.shape(0);
     let k = block_counts.shape(1);
     let unit = UNIT_POS as usize;
+    if with_total {
+        let sum = cube_sum(partials, unit);
+        if unit == 0 {
+            total[0] = sum;
+        }
+    }
     // Per code: an exclusive prefix sum over the blocks, and the total (kept in `starts`).
     let mut code = unit;
     while code < k {
@@ -484,14 +485,28 @@ pub(crate) fn scatter_kernel<I: Int>(
 /// See the module docs of `path/kernel`. `rows` `[N, D]`, `order` `[N]` and `starts`
 /// `[K + 1]` from [`scatter_kernel`], `sums` `[K, D]`; one cube per code, 64 units, each
 /// summing `dims_per_unit` dimensions of the code's rows, in row order.
+///
+/// With `ema`, `sums` and `counts` `[K]` receive the EMA state `state_sums` `[K, D]` and
+/// `state_counts` `[K]` updated by the batch's sums and counts, `state decay + batch rest`
+/// (`rest = 1 - decay`, the order of operations of `EmaUpdate::merge`), or the state itself
+/// where `skip` `[1]` is set (a batch with a NaN or an infinity); without, the batch's sums,
+/// and `state_counts`, `state_sums`, `skip` and `counts` are not touched.
 #[cube(launch)]
-pub(crate) fn code_sums_kernel<F: Float, I: Int>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn code_sums_kernel<F: Float, I: Int, B: Int>(
     rows: &Tensor<F>,
     order: &Tensor<I>,
     starts: &Tensor<I>,
     sums: &mut Tensor<F>,
+    state_counts: &Tensor<F>,
+    state_sums: &Tensor<F>,
+    skip: &Tensor<B>,
+    counts: &mut Tensor<F>,
+    decay: InputScalar,
+    rest: InputScalar,
     #[comptime] dims_per_unit: usize,
-    #[define(F, I)] _dtypes: [ElemType; 2],
+    #[comptime] ema: bool,
+    #[define(F, I, B)] _dtypes: [ElemType; 3],
 ) {
     let d = rows.shape(1);
     let k = sums.shape(0);
@@ -503,8 +518,9 @@ pub(crate) fn code_sums_kernel<F: Float, I: Int>(
         for t in 0..dims_per_unit {
             acc[t] = F::new(0.0);
         }
+        let start = usize::cast_from(starts[code]);
         let end = usize::cast_from(starts[code + 1]);
-        let mut place = usize::cast_from(starts[code]);
+        let mut place = start;
         while place < end {
             let row = usize::cast_from(order[place]);
             #[unroll]
@@ -516,11 +532,29 @@ pub(crate) fn code_sums_kernel<F: Float, I: Int>(
             }
             place += 1;
         }
-        #[unroll]
-        for t in 0..dims_per_unit {
-            let dim = unit + t * 64;
-            if dim < d {
-                sums[code * d + dim] = acc[t];
+        if ema {
+            let (g, r) = (decay.get::<F>(), rest.get::<F>());
+            let keep = skip[0] != B::cast_from(0u32);
+            #[unroll]
+            for t in 0..dims_per_unit {
+                let dim = unit + t * 64;
+                if dim < d {
+                    let old = state_sums[code * d + dim];
+                    sums[code * d + dim] = select(keep, old, old * g + acc[t] * r);
+                }
+            }
+            if unit == 0 {
+                let old = state_counts[code];
+                let batch = F::cast_from(end - start);
+                counts[code] = select(keep, old, old * g + batch * r);
+            }
+        } else {
+            #[unroll]
+            for t in 0..dims_per_unit {
+                let dim = unit + t * 64;
+                if dim < d {
+                    sums[code * d + dim] = acc[t];
+                }
             }
         }
     }
@@ -567,4 +601,22 @@ fn tree_sum<F: Float>(values: &mut Shared<[F]>, slot: usize, position: usize, wi
         sync_cube();
         width /= 2;
     }
+}
+
+/// The sum of `values` (a strided sum per unit of 256, then a tree over the units), the same
+/// in every unit of the cube (every unit calls it).
+#[cube]
+fn cube_sum<F: Float>(values: &Tensor<F>, unit: usize) -> F {
+    let len = values.len();
+    let mut sum = F::new(0.0);
+    let mut position = unit;
+    while position < len {
+        sum += values[position];
+        position += 256;
+    }
+    let mut partial = Shared::<[F]>::new_slice(256usize);
+    partial[unit] = sum;
+    sync_cube();
+    tree_sum(&mut partial, unit, unit, 128usize);
+    partial[0]
 }
