@@ -38,23 +38,28 @@ pub(super) fn output(
     let num_levels = steps.len();
     let autodiff = flat.is_autodiff();
     let flat_plain = flat.clone().without_autodiff();
-    // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2)
+    // loss_l = beta * mean((q_l - r_l)^2) = beta * mean(r_{l+1}^2), and their sum, level
+    // after level: each level's terms join the sum before the next level's start, so Burn's
+    // fusion sees one growing chain, not one independent chain per level (past five, its
+    // search gives up and every operation after them runs unfused).
     let elements = (num_vectors * d) as f64;
-    let level_losses: Vec<Tensor<1>> = steps
-        .iter()
-        .map(|step| {
-            let squared_error = step.pass.squared_error.clone();
-            squared_error
-                .expect("a forward sums the squared error")
-                .div_scalar(elements)
-                .mul_scalar(config.beta)
-        })
-        .collect();
-    let total_loss = level_losses
-        .iter()
-        .cloned()
-        .reduce(|a, b| a.add(b))
-        .expect("at least one level");
+    let mut level_losses: Vec<Tensor<1>> = Vec::with_capacity(num_levels);
+    let mut total_loss: Option<Tensor<1>> = None;
+    for step in &steps {
+        let loss = step
+            .pass
+            .squared_error
+            .clone()
+            .expect("a forward sums the squared error")
+            .div_scalar(elements)
+            .mul_scalar(config.beta);
+        total_loss = Some(match total_loss {
+            None => loss.clone(),
+            Some(total) => total.add(loss.clone()),
+        });
+        level_losses.push(loss);
+    }
+    let total_loss = total_loss.expect("at least one level");
     let (quantized, loss) = match (config.cosine_similarity, autodiff) {
         (true, true) => {
             let codes: Vec<&Tensor<2>> = steps
