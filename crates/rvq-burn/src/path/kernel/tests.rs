@@ -15,6 +15,20 @@ fn device() -> Option<Device> {
     Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
 }
 
+/// Uniform values in `[-0.5, 0.5)`, a fixed sequence per `seed`.
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut hash = SplitMix64::new(seed);
+    move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+}
+
+/// The tensor path every test compares with.
+fn tensor_path() -> TensorPath {
+    TensorPath(Search {
+        max_elements: 1 << 24,
+        dense: false,
+    })
+}
+
 fn tensor(values: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
@@ -35,12 +49,8 @@ fn host_bools(tensor: Tensor<1, Bool>) -> Vec<bool> {
 #[test]
 fn kernel_path_equals_tensor_path() {
     let Some(device) = device() else { return };
-    let mut hash = SplitMix64::new(17);
-    let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-    let tensor_path = TensorPath(Search {
-        max_elements: 1 << 24,
-        dense: false,
-    });
+    let mut uniform = uniform(17);
+    let tensor_path = tensor_path();
     for (n, d, k) in [
         (1, 3, 1),
         (37, 5, 7),
@@ -185,8 +195,8 @@ fn kernel_path_equals_tensor_path() {
 #[test]
 fn codebook_kernel_equals_the_rule() {
     let Some(device) = device() else { return };
-    let mut hash = SplitMix64::new(29);
-    let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+    let mut centred = uniform(29);
+    let mut uniform = move || centred() + 0.5;
     for (k, d) in [(1, 1), (3, 5), (4, 64), (5, 65), (130, 70), (4100, 3)] {
         let counts: Vec<f32> = (0..k)
             .map(|i| match i % 5 {
@@ -270,12 +280,8 @@ fn non_finite_check_equals_burns() {
 #[test]
 fn search_epilogue_equals_tensor_ops() {
     let Some(device) = device() else { return };
-    let mut hash = SplitMix64::new(41);
-    let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-    let tensor_path = TensorPath(Search {
-        max_elements: 1 << 24,
-        dense: false,
-    });
+    let mut uniform = uniform(41);
+    let tensor_path = tensor_path();
     for (n, d, k) in [
         (1, 3, 1),
         (65, 17, 65),
@@ -359,8 +365,7 @@ fn search_epilogue_equals_tensor_ops() {
 #[test]
 fn ema_update_in_the_pass_equals_the_tensor_ops() {
     let Some(device) = device() else { return };
-    let mut hash = SplitMix64::new(53);
-    let mut uniform = move || (hash.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    let mut uniform = uniform(53);
     for (n, d, k) in [
         (1, 3, 1),
         (65, 17, 7),
