@@ -136,6 +136,7 @@ fn pass<P: LevelPath>(
     match update {
         None => (path.level_priced(codebook, pricing, rows, work), None),
         Some(update) => {
+            debug_assert_eq!(work, Work::TRAINING, "an update is made by a training pass");
             let UpdatedPass { pass, counts, sums } =
                 path.level_updating(codebook, pricing, rows, update);
             (pass, Some(Statistics { counts, sums }))

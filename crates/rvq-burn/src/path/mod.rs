@@ -68,7 +68,9 @@ impl Work {
     };
 }
 
-/// What one level's pass gives back; each `Option` is there when [`Work`] asked for it.
+/// What one level's pass gives back; each `Option` is there when [`Work`] asked for it, but
+/// the sums of a pass that made the EMA update ([`LevelPath::level_updating`]), which went
+/// into it.
 #[derive(Debug, Clone)]
 pub(crate) struct LevelPass {
     /// Nearest code of every row, `[N]`.

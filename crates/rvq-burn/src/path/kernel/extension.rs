@@ -16,6 +16,9 @@ use super::kernels;
 
 /// Units per cube of the non-finite check.
 const CHECK_UNITS: u32 = 256;
+// The kernels that sum over a cube (`any_kernel`, `total_kernel`, `offsets_kernel`'s
+// `cube_sum`) are written for cubes of 256 units.
+const _: () = assert!(CHECK_UNITS == 256 && SORT_BLOCK == 256);
 /// Most cubes of the non-finite check (each a flag the second launch reads).
 const CHECK_CUBES: usize = 1024;
 /// Codes per cube of the codebook's derivation at a time (64 units each).
@@ -67,7 +70,7 @@ pub(crate) trait RvqKernels: Backend {
     /// `[N]`), the next residual `rows - codebook[code]` `[N, D]`; with `running`, the running
     /// sums `(quantized + codebook[code], residuals + next)` `[N, D]` (the terms alone at the
     /// `first` level, whose `quantized` and `residuals` are not read), else two unwritten
-    /// `[1, 1]`; with `squared_error`, the sum of `next^2` per cube of 64 rows `[N / 64]`
+    /// `[1, 1]`; with `squared_error`, the sum of `next^2` per cube of 64 rows `[ceil(N / 64)]`
     /// (for [`RvqKernels::rvq_total`] or the statistics to sum), else an unwritten `[1]`.
     #[fusion(meta = |rows, _codebook, _norms, _quantized, _residuals, int_dtype, squared_error, running, _first| {
         let sums = match *running {
@@ -157,7 +160,8 @@ pub(crate) trait RvqKernels: Backend {
     );
 
     /// How many rows of `rows` `[N, D]` took each of the `num_embeddings` codes by `indices`
-    /// `[N]` (the rows give the float type; their values are not read), and with `total` the
+    /// `[N]` (the rows give the float type, the partials' own; their values are not read), and
+    /// with `total` the
     /// sum of `partials` `[C]` (else an unwritten `[1]`): `([K], [1])`.
     #[fusion(meta = |rows, _indices, _partials, num_embeddings, _total| {
         (
@@ -361,6 +365,7 @@ impl RvqKernels for CubeBackend {
         num_embeddings: usize,
         total: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        debug_assert_eq!(rows.dtype, partials.dtype);
         let sort = CountingSort::count(into_contiguous(indices), num_embeddings, partials, total);
         let sums = sort.sums(into_contiguous(rows), None);
         (sort.counts, sums.sums, sort.total)
@@ -381,6 +386,10 @@ impl RvqKernels for CubeBackend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
+        debug_assert_eq!(
+            (partials.dtype, state_counts.dtype, state_sums.dtype),
+            (rows.dtype, rows.dtype, rows.dtype)
+        );
         let num_embeddings = state_sums.shape()[0];
         let sort = CountingSort::count(into_contiguous(indices), num_embeddings, partials, total);
         let update = Update {

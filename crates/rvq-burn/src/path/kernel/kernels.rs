@@ -488,7 +488,8 @@ pub(crate) fn scatter_kernel<I: Int>(
 ///
 /// With `ema`, `sums` and `counts` `[K]` receive the EMA state `state_sums` `[K, D]` and
 /// `state_counts` `[K]` updated by the batch's sums and counts, `state decay + batch rest`
-/// (`rest = 1 - decay`, the order of operations of `EmaUpdate::merge`), or the state itself
+/// (`rest = 1 - decay`, as `path::ema`; equal within rounding, as a driver may fuse the
+/// multiply and add), or the state itself
 /// where `skip` `[1]` is set (a batch with a NaN or an infinity); without, the batch's sums,
 /// and `state_counts`, `state_sums`, `skip` and `counts` are not touched.
 #[cube(launch)]
@@ -603,8 +604,8 @@ fn tree_sum<F: Float>(values: &mut Shared<[F]>, slot: usize, position: usize, wi
     }
 }
 
-/// The sum of `values` (a strided sum per unit of 256, then a tree over the units), the same
-/// in every unit of the cube (every unit calls it).
+/// The sum of `values` (a strided sum per unit, then a tree over the units), the same in
+/// every unit of a cube of 256 units (every unit calls it; the launches assert their sizes).
 #[cube]
 fn cube_sum<F: Float>(values: &Tensor<F>, unit: usize) -> F {
     let len = values.len();

@@ -299,7 +299,7 @@ fn statistics(
     update: Option<EmaUpdate>,
     total: bool,
 ) -> Tallied {
-    let squared_error = |t: FloatTensor<Dispatch>| total.then(|| Tensor::from_dispatch(t));
+    let total_of = |t: FloatTensor<Dispatch>| total.then(|| Tensor::from_dispatch(t));
     match update {
         None => {
             let (counts, sums, t) = <Dispatch as RvqKernels>::rvq_statistics(
@@ -313,7 +313,7 @@ fn statistics(
                 counts: Some(Tensor::from_dispatch(counts)),
                 sums: Some(Tensor::from_dispatch(sums)),
                 updated: None,
-                squared_error: squared_error(t),
+                squared_error: total_of(t),
             }
         }
         Some(update) => {
@@ -335,7 +335,7 @@ fn statistics(
                     Tensor::from_dispatch(state_counts),
                     Tensor::from_dispatch(state_sums),
                 )),
-                squared_error: squared_error(t),
+                squared_error: total_of(t),
             }
         }
     }
