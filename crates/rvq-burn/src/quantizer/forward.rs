@@ -152,8 +152,10 @@ impl EmaResidualVectorQuantizer {
             .value_sync()
             .without_autodiff()
             .to_device(&device);
+        // `steps + 1 - skipped` (exact on counts): one cast, and the rest fuses with the add
+        // where `bool_not` would take a launch of its own.
         self.steps
-            .update(steps.add(skipped.clone().bool_not().float()));
+            .update(steps.add_scalar(1.0).sub(skipped.clone().float()));
     }
 
     /// Per-level code indices of `x` `[..., D]`, each `[N]`; no gradient, no update.
