@@ -5,7 +5,7 @@
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata, backend_extension};
-use burn::tensor::{DType, IntDType, Shape};
+use burn::tensor::{BoolDType, DType, IntDType, Shape};
 use burn_backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -61,9 +61,9 @@ pub(crate) trait RvqKernels: Backend {
         unit_rows: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// 1 where a value of `values` is NaN or infinite, else 0, `[1]`.
-    #[fusion(meta = |values| TensorSpec::new(Shape::new([1]), values.dtype))]
-    fn rvq_non_finite(values: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Whether a value of `values` is NaN or infinite, `[1]`, stored as `bool_dtype`.
+    #[fusion(meta = |_values, bool_dtype| TensorSpec::new(Shape::new([1]), DType::from(*bool_dtype)))]
+    fn rvq_non_finite(values: FloatTensor<Self>, bool_dtype: BoolDType) -> BoolTensor<Self>;
 
     /// A level's search and what follows it: the nearest code of each row of `rows` `[N, D]`
     /// among `codebook` `[K, D]` with squared norms `norms` `[K]` (integers of `int_dtype`,
@@ -200,7 +200,7 @@ fn cube_count(cubes: usize) -> CubeCount {
 }
 
 impl RvqKernels for CubeBackend {
-    fn rvq_non_finite(values: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rvq_non_finite(values: FloatTensor<Self>, bool_dtype: BoolDType) -> BoolTensor<Self> {
         let values = into_contiguous(values);
         let (client, float_dtype) = (values.client.clone(), values.dtype);
         let cubes = values
@@ -208,16 +208,18 @@ impl RvqKernels for CubeBackend {
             .num_elements()
             .div_ceil(CHECK_UNITS as usize)
             .clamp(1, CHECK_CUBES);
-        let empty = |len: usize| {
+        let empty = |len: usize, dtype: DType| {
             empty_device_dtype(
                 client.clone(),
                 values.device.clone(),
                 Shape::new([len]),
-                float_dtype,
+                dtype,
             )
         };
-        let (flags, flag) = (empty(cubes), empty(1));
-        // A flag per cube of a strided pass over the values, then one cube over the flags.
+        let bool_dtype = DType::from(bool_dtype);
+        let (flags, flag) = (empty(cubes, float_dtype), empty(1, bool_dtype));
+        // A flag per cube of a strided pass over the values, then one cube over the flags,
+        // writing the answer as a bool.
         for (input, output, cubes, non_finite) in [
             (values, &flags, cubes, true),
             (flags.clone(), &flag, 1, false),
@@ -229,7 +231,10 @@ impl RvqKernels for CubeBackend {
                 input.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 non_finite,
-                dtype_to_storage_type(float_dtype),
+                [
+                    dtype_to_storage_type(float_dtype),
+                    dtype_to_storage_type(output.dtype),
+                ],
             );
         }
         flag

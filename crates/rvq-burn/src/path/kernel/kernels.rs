@@ -7,13 +7,14 @@ use cubecl::prelude::*;
 /// `C` cubes of 256 units striding over the values.
 ///
 /// Per cube, 1 where one of the values it visits is NaN or infinite (`non_finite`), or
-/// positive (a second pass over the first's flags), else 0.
+/// positive (a second pass over the first's flags), else 0, in the flags' type (the first
+/// pass's float, the second's bool storage: an unsigned integer on CubeCL's backends).
 #[cube(launch)]
-pub(crate) fn any_kernel<F: Float>(
+pub(crate) fn any_kernel<F: Float, O: Numeric>(
     values: &Tensor<F>,
-    flags: &mut Tensor<F>,
+    flags: &mut Tensor<O>,
     #[comptime] non_finite: bool,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, O)] _dtypes: [ElemType; 2],
 ) {
     let len = values.len();
     let unit = UNIT_POS as usize;
@@ -41,7 +42,7 @@ pub(crate) fn any_kernel<F: Float>(
         width /= 2;
     }
     if unit == 0 {
-        flags[CUBE_POS] = F::cast_from(any[0]);
+        flags[CUBE_POS] = O::cast_from(any[0]);
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - **Non-finite check** (`any_kernel`, twice): whether a training batch holds a NaN or an
 //!   infinity (the step then leaves the state alone), a flag per cube of a strided pass, then
-//!   one cube over the flags: two launches where Burn's `is_finite().all()` takes eight.
+//!   one cube over the flags writing the answer as the device's bool: two launches where
+//!   Burn's `is_finite().all()` takes eight.
 //! - **Codebook** (`codebook_kernel`): a level's codes from its EMA counts and sums by the
 //!   configuration's rule (unit rows for cosine codebooks) and the codes' squared norms the
 //!   search adds, in one launch where Burn's tensor operations take five (the total count's
@@ -68,8 +69,9 @@ impl LevelPath for KernelPath {
     type Rows = TensorRows;
 
     fn non_finite(&self, x: Tensor<2>) -> Tensor<1, Bool> {
-        let flag = <Dispatch as RvqKernels>::rvq_non_finite(x.into_dispatch());
-        Tensor::<1>::from_dispatch(flag).greater_elem(0.0)
+        let bool_dtype = x.device().settings().bool_dtype;
+        let flag = <Dispatch as RvqKernels>::rvq_non_finite(x.into_dispatch(), bool_dtype);
+        Tensor::from_dispatch(flag)
     }
 
     fn codebook(
