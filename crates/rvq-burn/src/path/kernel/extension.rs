@@ -303,9 +303,11 @@ impl RvqKernels for CubeBackend {
         };
         let indices = empty(Shape::new([n]), int_dtype);
         let next = empty(Shape::new([n, d]), float_dtype);
+        // The widest vector of 4, 2 or 1 values that divides a row.
+        let vector = [4, 2, 1].into_iter().find(|v| d % v == 0).unwrap_or(1);
         let sums = match running {
             true => Shape::new([n, d]),
-            false => Shape::new([1, 1]),
+            false => Shape::new([1, vector]),
         };
         let quantized_out = empty(sums.clone(), float_dtype);
         let residuals_out = empty(sums, float_dtype);
@@ -321,6 +323,7 @@ impl RvqKernels for CubeBackend {
                 &client,
                 cube_count(cubes),
                 CubeDim::new_1d(SEARCH_UNITS),
+                vector,
                 rows.into_tensor_arg(),
                 codebook.into_tensor_arg(),
                 norms.into_tensor_arg(),

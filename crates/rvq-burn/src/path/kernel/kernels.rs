@@ -133,10 +133,16 @@ pub(crate) fn codebook_kernel<F: Float>(
     }
 }
 
+/// Four values of one dimension: 4 rows' (codes') in the search's tiles, one unit's 4 rows'
+/// distances in its last agreement.
+type Quad<F> = Vector<F, Const<4>>;
+
 /// See the module docs of `path/kernel`. `rows` `[N, D]`, `codebook` `[K, D]`, `norms` `[K]`,
 /// `indices` `[N]`, `next` `[N, D]`; with `running`, `quantized_in`, `residuals_in` (unread
 /// at the `first` level), `quantized_out` and `residuals_out` `[N, D]`; with
-/// `squared_error`, `partials` `[ceil(N / 64)]`; 256 units per cube, 64 rows per cube.
+/// `squared_error`, `partials` `[ceil(N / 64)]`; the `[N, D]`, `[K, D]` tensors read and
+/// written in vectors of `V` values (`V` divides D: 4, 2 or 1); 256 units per cube, 64 rows
+/// per cube.
 ///
 /// Each row's nearest code, then the level's epilogue on the cube's rows: `next = rows -
 /// codebook[code]`, the running sums (`quantized_in + codebook[code]`, `residuals_in + next`,
@@ -145,16 +151,16 @@ pub(crate) fn codebook_kernel<F: Float>(
 /// cube's rows), and every shared index is within its tile by construction.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn nearest_kernel<F: Float, I: Int>(
-    rows: &Tensor<F>,
-    codebook: &Tensor<F>,
+pub(crate) fn nearest_kernel<F: Float, I: Int, V: Size>(
+    rows: &Tensor<Vector<F, V>>,
+    codebook: &Tensor<Vector<F, V>>,
     norms: &Tensor<F>,
     indices: &mut Tensor<I>,
-    next: &mut Tensor<F>,
-    quantized_in: &Tensor<F>,
-    residuals_in: &Tensor<F>,
-    quantized_out: &mut Tensor<F>,
-    residuals_out: &mut Tensor<F>,
+    next: &mut Tensor<Vector<F, V>>,
+    quantized_in: &Tensor<Vector<F, V>>,
+    residuals_in: &Tensor<Vector<F, V>>,
+    quantized_out: &mut Tensor<Vector<F, V>>,
+    residuals_out: &mut Tensor<Vector<F, V>>,
     partials: &mut Tensor<F>,
     #[comptime] squared_error: bool,
     #[comptime] running: bool,
@@ -164,18 +170,19 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
     let n = rows.shape(0);
     let d = rows.shape(1);
     let k = codebook.shape(0);
+    let v = rows.vector_size();
     let unit = UNIT_POS as usize;
     // This unit's 4 rows (of the cube's 64: 4 row_lane + i) and 4 codes (of each tile's 64:
-    // code_lane + 16 j, interleaved).
+    // 4 code_lane + j).
     let row_lane = unit / 16;
     let code_lane = unit % 16;
     let first_row = CUBE_POS * 64;
-    // Tiles of 64 rows (codes) x 16 dimensions, row-major with a stride of 17: the 16 code
-    // lanes of a row lane read 16 consecutive codes' values of one dimension, 17 words
-    // apart, in 16 different banks (the two row lanes of a 32-unit plane read the same
-    // addresses: a broadcast).
-    let mut row_tile = Shared::<[F]>::new_slice(1088usize);
-    let mut code_tile = Shared::<[F]>::new_slice(1088usize);
+    // Tiles of 16 dimensions x 64 rows (codes), dimension-major, 4 rows (codes) to a vector,
+    // 17 vectors to a dimension. A unit's step reads one vector of each: the 16 code lanes of
+    // a plane read 16 consecutive vectors, its two row lanes two (a broadcast); one shared
+    // load for every 8 multiply-adds.
+    let mut row_tile = Shared::<[Quad<F>]>::new_slice(272usize);
+    let mut code_tile = Shared::<[Quad<F>]>::new_slice(272usize);
     let mut best = Array::<F>::new(4usize);
     let mut best_code = Array::<u32>::new(4usize);
     #[unroll]
@@ -185,45 +192,64 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
     }
     let mut first_code = 0usize;
     while first_code < k {
-        let mut products = Array::<F>::new(16usize);
+        let mut products = Array::<Quad<F>>::new(4usize);
         #[unroll]
-        for p in 0..16usize {
-            products[p] = F::new(0.0);
+        for i in 0..4usize {
+            products[i] = Quad::<F>::broadcast(F::new(0.0));
         }
         let mut first_dim = 0usize;
         while first_dim < d {
-            #[unroll]
-            for s in 0..4usize {
-                let e = unit + s * 256;
-                let (r, c) = (e / 16, e % 16);
-                let dim = first_dim + c;
-                let mut value = F::new(0.0);
-                if first_row + r < n && dim < d {
-                    value = rows[(first_row + r) * d + dim];
+            // Units 0-63 load the rows' tile, 64-127 the codes': each a block of 4 rows
+            // (codes) by 4 dimensions, in vectors along the dimensions (the global reads of a
+            // plane: 8 rows' 16 consecutive values), turned into 4 vectors along the rows.
+            if unit < 128 {
+                let block = unit % 64;
+                let (item_block, dim_block) = (block / 4, block % 4);
+                let dim = first_dim + dim_block * 4;
+                let mut values = Array::<F>::new(16usize);
+                #[unroll]
+                for i in 0..4usize {
+                    let item = item_block * 4 + i;
+                    #[unroll]
+                    for w in 0..comptime!(4 / v) {
+                        let at = dim + w * v;
+                        let mut value = Vector::<F, V>::broadcast(F::new(0.0));
+                        if unit < 64 {
+                            if first_row + item < n && at < d {
+                                value = rows[((first_row + item) * d + at) / v];
+                            }
+                        } else if first_code + item < k && at < d {
+                            value = codebook[((first_code + item) * d + at) / v];
+                        }
+                        #[unroll]
+                        for e in 0..v {
+                            values[i * 4 + w * v + e] = value.extract(e);
+                        }
+                    }
                 }
-                row_tile[r * 17 + c] = value;
-                let mut code_value = F::new(0.0);
-                if first_code + r < k && dim < d {
-                    code_value = codebook[(first_code + r) * d + dim];
+                #[unroll]
+                for t in 0..4usize {
+                    let mut column = Quad::<F>::empty();
+                    #[unroll]
+                    for i in 0..4usize {
+                        column.insert(i, values[i * 4 + t]);
+                    }
+                    let slot = (dim_block * 4 + t) * 17 + item_block;
+                    if unit < 64 {
+                        row_tile[slot] = column;
+                    } else {
+                        code_tile[slot] = column;
+                    }
                 }
-                code_tile[r * 17 + c] = code_value;
             }
             sync_cube();
             #[unroll]
             for c in 0..16usize {
-                let mut a = Array::<F>::new(4usize);
-                let mut b = Array::<F>::new(4usize);
+                let a = row_tile[c * 17 + row_lane];
+                let b = code_tile[c * 17 + code_lane];
                 #[unroll]
                 for i in 0..4usize {
-                    a[i] = row_tile[(row_lane * 4 + i) * 17 + c];
-                    b[i] = code_tile[(code_lane + 16 * i) * 17 + c];
-                }
-                #[unroll]
-                for i in 0..4usize {
-                    #[unroll]
-                    for j in 0..4usize {
-                        products[i * 4 + j] += a[i] * b[j];
-                    }
+                    products[i] += Quad::<F>::broadcast(a.extract(i)) * b;
                 }
             }
             sync_cube();
@@ -232,12 +258,12 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
         // ||e||^2 - 2 r.e, code by code in increasing order: strict < keeps the first minimum.
         #[unroll]
         for j in 0..4usize {
-            let code = first_code + code_lane + 16 * j;
+            let code = first_code + code_lane * 4 + j;
             if code < k {
                 let norm = norms[code];
                 #[unroll]
                 for i in 0..4usize {
-                    let distance = norm + F::new(-2.0) * products[i * 4 + j];
+                    let distance = norm + F::new(-2.0) * products[i].extract(j);
                     if distance < best[i] {
                         best[i] = distance;
                         best_code[i] = code as u32;
@@ -248,20 +274,23 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
         first_code += 64;
     }
     // The 16 code lanes of each row agree: the least distance, the lowest code among equals.
+    // A unit's 4 distances go in one vector of the rows' tile (`16 row_lane + code_lane`).
     let mut lane_codes = Shared::<[u32]>::new_slice(1024usize);
+    let mut distances = Quad::<F>::empty();
     #[unroll]
     for i in 0..4usize {
-        let slot = (row_lane * 4 + i) * 16 + code_lane;
-        row_tile[slot] = best[i];
-        lane_codes[slot] = best_code[i];
+        distances.insert(i, best[i]);
+        lane_codes[(row_lane * 4 + i) * 16 + code_lane] = best_code[i];
     }
+    row_tile[row_lane * 16 + code_lane] = distances;
     sync_cube();
     let mut row_codes = Shared::<[u32]>::new_slice(64usize);
     if unit < 64 {
-        let mut distance = row_tile[unit * 16];
+        let (quad, place) = (unit / 4 * 16, unit % 4);
+        let mut distance = row_tile[quad].extract_dynamic(place);
         let mut code = lane_codes[unit * 16];
         for lane in 1..16usize {
-            let other = row_tile[unit * 16 + lane];
+            let other = row_tile[quad + lane].extract_dynamic(place);
             let other_code = lane_codes[unit * 16 + lane];
             if other < distance || (other == distance && other_code < code) {
                 distance = other;
@@ -275,15 +304,15 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
         }
     }
     sync_cube();
-    // The epilogue, over the cube's rows' values: the chosen code gathered, the next residual,
-    // the running sums, each unit's share of the squared error.
-    let mut squares = F::new(0.0);
-    let mut at = first_row * d + unit;
-    let end = select(first_row + 64 < n, first_row + 64, n) * d;
+    // The epilogue, over the cube's rows' vectors: the chosen code gathered, the next
+    // residual, the running sums, each unit's share of the squared error.
+    let width = d / v;
+    let mut squares = Vector::<F, V>::broadcast(F::new(0.0));
+    let mut at = first_row * width + unit;
+    let end = select(first_row + 64 < n, first_row + 64, n) * width;
     while at < end {
-        let local = at / d - first_row;
-        let dim = at % d;
-        let chosen = codebook[usize::cast_from(row_codes[local]) * d + dim];
+        let local = at / width - first_row;
+        let chosen = codebook[usize::cast_from(row_codes[local]) * width + at % width];
         let left = rows[at] - chosen;
         next[at] = left;
         if squared_error {
@@ -302,7 +331,12 @@ pub(crate) fn nearest_kernel<F: Float, I: Int>(
     }
     if squared_error {
         let mut partial = Shared::<[F]>::new_slice(256usize);
-        partial[unit] = squares;
+        let mut sum = F::new(0.0);
+        #[unroll]
+        for e in 0..v {
+            sum += squares.extract(e);
+        }
+        partial[unit] = sum;
         sync_cube();
         tree_sum(&mut partial, unit, unit, 128usize);
         if unit == 0 {

@@ -11,8 +11,10 @@
 //!   reduction, the rule's two elementwise passes, the norms' square and reduction).
 //! - **Nearest code** (`nearest_kernel`): distances and argmin fused, the `[N, K]` matrix
 //!   never written. A cube takes 64 rows; 64-code by 16-dimension tiles of the codebook and of
-//!   the rows pass through shared memory; each of the 256 units keeps a 4 x 4 block of
-//!   products in registers and, per row, its least `||e||^2 - 2 r.e` and code; the 16 units of
+//!   the rows pass through shared memory (read from global memory in vectors of up to 4
+//!   values along a row, stored as vectors of 4 rows or codes along a dimension); each of the
+//!   256 units keeps a 4 x 4 block of products in registers, two vector loads for its 16
+//!   multiply-adds of a dimension, and, per row, its least `||e||^2 - 2 r.e` and code; the 16 units of
 //!   a row then agree on the least distance, the lowest code among equals (the first minimum,
 //!   as on every path). Its epilogue, in the same launch, gathers each row's code and writes
 //!   the next residual, the running sums of codes and residuals (the same f32 operations as
