@@ -3,7 +3,8 @@
 #   1. the reference cases and the kernel-path property test on WGPU (the GPU's Vulkan driver),
 #   2. the throughput bench, kernel path and tensor path (medians of 5, four shapes),
 #   3. the kernels of a training step, an evaluation forward, encode and decode: launches per
-#      level and each kernel's time (`--kernels`),
+#      level and each kernel's time (`--kernels`), and the codec shape's throughput with its
+#      search never split over the codes (`RVQ_SEARCH_SPLITS=1`),
 #   4. PyTorch's yardsticks on CUDA (`bench/torch_baseline.py --device cuda`, plain PyTorch and
 #      vector-quantize-pytorch's ResidualVQ),
 # raw JSON lines and logs into one folder, then the README's GPU table from them
@@ -119,7 +120,8 @@ PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
 # At most 8 files come back from a GPU machine: machine.txt, replay.txt, rust.jsonl,
-# kernels.jsonl, torch.jsonl, table.md and log.txt (every stage's standard error).
+# kernels.jsonl, unsplit.jsonl, torch.jsonl, table.md and log.txt (every stage's standard
+# error).
 log="$out/log.txt"
 : >"$log"
 {
@@ -129,10 +131,11 @@ log="$out/log.txt"
   echo "smoke: $smoke; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
 } 2>&1 | tee "$out/machine.txt"
 if $smoke; then
-  shapes=small repeats=1 kernel_shapes=small torch_device=cpu torch_threads=2
+  shapes=small repeats=1 kernel_shapes=small split_shapes=small torch_device=cpu
+  torch_threads=2
 else
-  shapes=small,medium,large,codec repeats=5 kernel_shapes=medium,large torch_device=cuda
-  torch_threads=16
+  shapes=small,medium,large,codec repeats=5 kernel_shapes=medium,large split_shapes=codec
+  torch_device=cuda torch_threads=16
 fi
 failed=()
 # Runs a stage, its standard error into the log; a failed stage is named at the end, and the
@@ -159,6 +162,10 @@ stage "throughput" "$bin/throughput" --backends wgpu,wgpu-tensor-dense --shapes 
 # 3. Launches per level and each kernel's time.
 stage "kernels" "$bin/throughput" --backends wgpu --shapes "$kernel_shapes" --kernels \
   --repeats 3 >"$out/kernels.jsonl"
+# 3b. The search whole where it would be split (codec: 128 cubes of rows, its codes in two
+#     splits by default), to time the split against it.
+stage "search unsplit" env RVQ_SEARCH_SPLITS=1 "$bin/throughput" --backends wgpu \
+  --shapes "$split_shapes" --repeats "$repeats" >"$out/unsplit.jsonl"
 # 4. PyTorch on the same shapes.
 if python3 -c 'import torch' 2>/dev/null; then
   PYTHONUNBUFFERED=1 stage "PyTorch" python3 bench/torch_baseline.py --device "$torch_device" \

@@ -6,9 +6,11 @@
 Reads, from that folder, `rust.jsonl` (`cargo bench ... --bench throughput`, backends `wgpu`:
 the kernel path, and `wgpu-tensor-dense`: the tensor path with dense statistics),
 `torch.jsonl` (`bench/torch_baseline.py`: `plain` PyTorch and `vqp`, vector-quantize-pytorch's
-ResidualVQ) and `kernels.jsonl` (`--kernels`: launches per level). Prints Markdown: median
-times, ratios as PyTorch's time over the kernel path's (above 1: ours is faster), then the
-launches per level of each operation. A missing measurement prints as "-".
+ResidualVQ), `kernels.jsonl` (`--kernels`: launches per level) and `unsplit.jsonl` (the kernel
+path with `RVQ_SEARCH_SPLITS=1`). Prints Markdown: median times, ratios as PyTorch's time over
+the kernel path's (above 1: ours is faster), then the launches per level of each operation,
+then the kernel path with its search split over the codes (the default) against it whole. A
+missing measurement prints as "-".
 """
 
 import json
@@ -69,6 +71,21 @@ def main():
             print(
                 f"| {row['shape']} (M = {row['m']}) | {row['operation']} | {row['launches']} "
                 f"| {row['launches_per_level']:.2f} |"
+            )
+
+    unsplit = [
+        row for row in rows(folder / "unsplit.jsonl") if row.get("operation") in OPERATIONS
+    ]
+    if unsplit:
+        print()
+        print("| shape | operation | search split (default) | search whole | whole over split |")
+        print("|---|---|---|---|---|")
+        for row in unsplit:
+            split = times.get(("wgpu", row["shape"], row["operation"]))
+            whole = row["median_seconds"]
+            print(
+                f"| {row['shape']} | {row['operation']} | {cell(split)} | {cell(whole)} "
+                f"| {ratio(whole, split)} |"
             )
 
 

@@ -12,7 +12,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim, InputScalar};
 
-use super::kernels;
+use super::{kernels, search};
 
 /// Units per cube of the non-finite check.
 const CHECK_UNITS: u32 = 256;
@@ -30,6 +30,14 @@ const CODEBOOK_UNITS: u32 = 256;
 const CODEBOOK_CUBES: usize = 1024;
 /// Rows per cube of the search.
 const SEARCH_ROWS: usize = 64;
+/// Codes per tile of the search: a split search's splits are whole tiles.
+const SEARCH_CODES: usize = 64;
+/// Cubes of the search below which its codes are split: about two per multiprocessor of a
+/// 132-multiprocessor GPU (WGPU does not say how many a device has). A guess until the GPU
+/// check times it.
+const SPLIT_BELOW_CUBES: usize = 256;
+/// Fewest codes a split takes: smaller splits would not pay for the merge's launch.
+const SPLIT_CODES: usize = 256;
 /// Units per cube of the search (16 x 16, each 4 rows x 4 codes).
 const SEARCH_UNITS: u32 = 256;
 /// Rows per block of the statistics' counting sort, and units per cube of its kernels but the
@@ -70,12 +78,14 @@ pub(crate) trait RvqKernels: Backend {
     /// `[N]`), the next residual `rows - codebook[code]` `[N, D]`; with `running`, the running
     /// sums `(quantized + codebook[code], residuals + next)` `[N, D]` (the terms alone at the
     /// `first` level, whose `quantized` and `residuals` are not read), else two unwritten
-    /// `[1, 1]`; with `squared_error`, the sum of `next^2` per cube of 64 rows `[ceil(N / 64)]`
-    /// (for [`RvqKernels::rvq_total`] or the statistics to sum), else an unwritten `[1]`.
-    #[fusion(meta = |rows, _codebook, _norms, _quantized, _residuals, int_dtype, squared_error, running, _first| {
+    /// `[1, V]` (`V` the width of the kernels' vectors); with `squared_error`, the sum of
+    /// `next^2` per cube of 64 rows `[ceil(N / 64)]` (for [`RvqKernels::rvq_total`] or the
+    /// statistics to sum), else an unwritten `[1]`. The codes are searched in `splits` parts
+    /// (at most one per tile of 64 codes), merged by a second launch, where more than one.
+    #[fusion(meta = |rows, _codebook, _norms, _quantized, _residuals, int_dtype, squared_error, running, _first, _splits| {
         let sums = match *running {
             true => rows.shape.clone(),
-            false => Shape::new([1, 1]),
+            false => Shape::new([1, row_vector(rows.shape[1])]),
         };
         let partials = match *squared_error {
             true => rows.shape[0].div_ceil(SEARCH_ROWS),
@@ -100,6 +110,7 @@ pub(crate) trait RvqKernels: Backend {
         squared_error: bool,
         running: bool,
         first: bool,
+        splits: usize,
     ) -> (
         IntTensor<Self>,
         FloatTensor<Self>,
@@ -199,6 +210,38 @@ fn cube_count(cubes: usize) -> CubeCount {
     CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
 }
 
+/// The widest vector of 4, 2 or 1 values that divides a row of `d`: the search's reads and
+/// writes along rows.
+fn row_vector(d: usize) -> usize {
+    [4, 2].into_iter().find(|v| d.is_multiple_of(*v)).unwrap_or(1)
+}
+
+/// Into how many splits of its codes the search of `n` rows among `k` codes goes: as many as
+/// bring its cubes to [`SPLIT_BELOW_CUBES`], each of at least [`SPLIT_CODES`] codes (1: no
+/// split, one launch; more: a second launch merges them).
+///
+/// `RVQ_SEARCH_SPLITS=S` (read once) overrides the choice, for the GPU check to time the
+/// search both ways (`1`: never split).
+pub(super) fn search_splits(n: usize, k: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        let value = std::env::var("RVQ_SEARCH_SPLITS").ok()?;
+        let parsed = value.parse().ok().filter(|&splits: &usize| splits >= 1);
+        if parsed.is_none() {
+            eprintln!("RVQ_SEARCH_SPLITS={value:?} ignored: expected a whole number of at least 1");
+        }
+        parsed
+    });
+    if let Some(splits) = *forced {
+        return splits;
+    }
+    let cubes = n.div_ceil(SEARCH_ROWS);
+    SPLIT_BELOW_CUBES
+        .div_ceil(cubes)
+        .min(k / SPLIT_CODES)
+        .max(1)
+}
+
 impl RvqKernels for CubeBackend {
     fn rvq_non_finite(values: FloatTensor<Self>, bool_dtype: BoolDType) -> BoolTensor<Self> {
         let values = into_contiguous(values);
@@ -284,6 +327,7 @@ impl RvqKernels for CubeBackend {
         squared_error: bool,
         running: bool,
         first: bool,
+        splits: usize,
     ) -> (
         IntTensor<Self>,
         FloatTensor<Self>,
@@ -294,6 +338,7 @@ impl RvqKernels for CubeBackend {
         let [rows, codebook, norms, quantized, residuals] =
             [rows, codebook, norms, quantized, residuals].map(into_contiguous);
         let [n, d] = [rows.shape()[0], rows.shape()[1]];
+        let k = codebook.shape()[0];
         let (client, float_dtype) = (rows.client.clone(), rows.dtype);
         debug_assert_eq!((codebook.dtype, norms.dtype), (float_dtype, float_dtype));
         let int_dtype = DType::from(int_dtype);
@@ -303,8 +348,7 @@ impl RvqKernels for CubeBackend {
         };
         let indices = empty(Shape::new([n]), int_dtype);
         let next = empty(Shape::new([n, d]), float_dtype);
-        // The widest vector of 4, 2 or 1 values that divides a row.
-        let vector = [4, 2, 1].into_iter().find(|v| d % v == 0).unwrap_or(1);
+        let vector = row_vector(d);
         let sums = match running {
             true => Shape::new([n, d]),
             false => Shape::new([1, vector]),
@@ -315,33 +359,71 @@ impl RvqKernels for CubeBackend {
             Shape::new([if squared_error { cubes } else { 1 }]),
             float_dtype,
         );
-        // SAFETY: the kernel guards every global access by the tensors' shapes (the epilogue's
-        // by the cube's rows, which every `[N, D]` tensor holds), its shared indices stay
-        // within the tiles (its docs), and the tensors are contiguous.
+        // No split of fewer codes than it has whole tiles, and none empty.
+        let tiles = k.div_ceil(SEARCH_CODES);
+        let splits = tiles.div_ceil(tiles.div_ceil(splits.clamp(1, tiles)));
+        let split = splits > 1;
+        let split_shape = Shape::new(if split { [splits, n] } else { [1, 1] });
+        let split_distances = empty(split_shape.clone(), float_dtype);
+        let split_codes = empty(split_shape, int_dtype);
+        let dtypes = [
+            dtype_to_storage_type(float_dtype),
+            dtype_to_storage_type(int_dtype),
+        ];
+        let mut count = cube_count(cubes);
+        if let (CubeCount::Static(_, _, z), true) = (&mut count, split) {
+            *z = splits as u32;
+        }
+        // SAFETY: the kernels guard every global access by the tensors' shapes (the epilogue's
+        // by the cube's rows, which every `[N, D]` tensor holds), their shared indices stay
+        // within the tiles (their docs), and the tensors are contiguous.
         unsafe {
-            kernels::nearest_kernel::launch_unchecked(
+            search::nearest_kernel::launch_unchecked(
                 &client,
-                cube_count(cubes),
+                count,
                 CubeDim::new_1d(SEARCH_UNITS),
                 vector,
-                rows.into_tensor_arg(),
-                codebook.into_tensor_arg(),
+                rows.clone().into_tensor_arg(),
+                codebook.clone().into_tensor_arg(),
                 norms.into_tensor_arg(),
                 indices.clone().into_tensor_arg(),
                 next.clone().into_tensor_arg(),
-                quantized.into_tensor_arg(),
-                residuals.into_tensor_arg(),
+                quantized.clone().into_tensor_arg(),
+                residuals.clone().into_tensor_arg(),
                 quantized_out.clone().into_tensor_arg(),
                 residuals_out.clone().into_tensor_arg(),
                 partials.clone().into_tensor_arg(),
+                split_distances.clone().into_tensor_arg(),
+                split_codes.clone().into_tensor_arg(),
                 squared_error,
                 running,
                 first,
-                [
-                    dtype_to_storage_type(float_dtype),
-                    dtype_to_storage_type(int_dtype),
-                ],
+                split,
+                dtypes,
             );
+            if split {
+                search::merge_kernel::launch_unchecked(
+                    &client,
+                    cube_count(cubes),
+                    CubeDim::new_1d(SEARCH_UNITS),
+                    vector,
+                    rows.into_tensor_arg(),
+                    codebook.into_tensor_arg(),
+                    split_distances.into_tensor_arg(),
+                    split_codes.into_tensor_arg(),
+                    indices.clone().into_tensor_arg(),
+                    next.clone().into_tensor_arg(),
+                    quantized.into_tensor_arg(),
+                    residuals.into_tensor_arg(),
+                    quantized_out.clone().into_tensor_arg(),
+                    residuals_out.clone().into_tensor_arg(),
+                    partials.clone().into_tensor_arg(),
+                    squared_error,
+                    running,
+                    first,
+                    dtypes,
+                );
+            }
         }
         (indices, next, quantized_out, residuals_out, partials)
     }

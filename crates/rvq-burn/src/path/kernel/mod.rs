@@ -20,7 +20,12 @@
 //!   the next residual, the running sums of codes and residuals (the same f32 operations as
 //!   the tensor path's, row by row) and the cube's sum of the residual's squares. The
 //!   counting sort's one-cube launch below sums those into the level's squared error; a pass
-//!   without counts sums them in a launch of its own (`total_kernel`).
+//!   without counts sums them in a launch of its own (`total_kernel`). Where the rows fill
+//!   few cubes for a GPU and the codes are many (`extension::search_splits`: the codec shape,
+//!   not the others of the bench), the cubes also split the codes into runs of whole tiles,
+//!   each writing its run's least distance and first code at it per row, and a second launch
+//!   (`merge_kernel`) takes the first least over the splits and makes the epilogue: the same
+//!   codes as the whole search, to the bit.
 //! - **Per-code counts and sums**: a stable counting sort of the rows by code, then each code's
 //!   rows summed in row order, in `O(N D + K D + N K / 256)` work: no atomics, deterministic,
 //!   and the same floats as a sequential scatter-add (the host path's and Burn's CPU
@@ -235,13 +240,28 @@ struct Searched {
 /// The nearest code of every row of `rows` `[N, D]` in `codebook` `[K, D]` by the costs
 /// `pricing` gives (in the norms the kernel adds), the next residual, and as `(squared_error,
 /// running)` ask: the squared error's per-cube partial sums, and the running sums after
-/// `previous` (the level's terms alone where there is none yet); one launch.
+/// `previous` (the level's terms alone where there is none yet); one launch, or two where
+/// the codes are split.
 fn search(
     rows: Tensor<2>,
     codebook: Tensor<2>,
     pricing: Pricing,
     previous: Option<&RunningSums>,
+    asks: (bool, bool),
+) -> Searched {
+    let splits = extension::search_splits(rows.dims()[0], codebook.dims()[0]);
+    search_in_splits(rows, codebook, pricing, previous, asks, splits)
+}
+
+/// [`search`] with its codes in `splits` parts (a second launch merges them, where more than
+/// one): the same answer for any number.
+fn search_in_splits(
+    rows: Tensor<2>,
+    codebook: Tensor<2>,
+    pricing: Pricing,
+    previous: Option<&RunningSums>,
     (squared_error, running): (bool, bool),
+    splits: usize,
 ) -> Searched {
     let [k, _] = codebook.dims();
     let norms = tensor::code_norms(&codebook, pricing).reshape([k]); // [K]
@@ -261,6 +281,7 @@ fn search(
         squared_error,
         running,
         previous.is_none(),
+        splits,
     );
     Searched {
         indices: Tensor::from_dispatch(indices),
@@ -371,7 +392,9 @@ fn code_counts(
 
 /// The launches, as a Burn backend extension.
 mod extension;
-/// The kernels, in CubeCL (whose `Tensor` and `Int` are not Burn's).
+/// The kernels but the search's, in CubeCL (whose `Tensor` and `Int` are not Burn's).
 mod kernels;
+/// The search's kernels.
+mod search;
 #[cfg(test)]
 mod tests;

@@ -356,6 +356,103 @@ fn search_epilogue_equals_tensor_ops() {
     }
 }
 
+/// The search split over its codes equals the whole search to the bit (codes, next
+/// residual, running sums at a first and a later level, squared-error partials), over splits
+/// of one tile and of several, a number of splits that does not divide the tiles, more splits
+/// asked than tiles, K not a multiple of the tile, N = 1, D with vectors of 4, 2 and 1, and
+/// exact ties across splits (the codebook's second half a copy of its first: the first
+/// minimum is in the first half); and the split counts the path picks.
+#[test]
+fn split_search_equals_the_whole_search() {
+    assert_eq!(extension::search_splits(4096, 256), 1, "small: no split");
+    assert_eq!(extension::search_splits(8192, 2048), 2, "codec");
+    assert_eq!(
+        extension::search_splits(16384, 1024),
+        1,
+        "medium: cubes enough"
+    );
+    assert_eq!(
+        extension::search_splits(64, 4096),
+        16,
+        "one cube, many codes"
+    );
+    assert_eq!(
+        extension::search_splits(64, 255),
+        1,
+        "fewer codes than a split takes"
+    );
+    let Some(device) = device() else { return };
+    let mut uniform = uniform(53);
+    for (n, d, k, splits) in [
+        (1, 3, 130, vec![2, 3]),
+        (65, 17, 300, vec![2, 3, 5, 9]),
+        (200, 64, 1000, vec![3, 16]),
+        (129, 70, 129, vec![3]),
+        (300, 8, 256, vec![2, 4]),
+    ] {
+        let x: Vec<f32> = (0..n * d).map(|_| uniform()).collect();
+        let mut codes: Vec<f32> = (0..k * d).map(|_| uniform()).collect();
+        let half = k / 2;
+        codes.copy_within(0..half * d, half * d);
+        let rows = tensor(&x, [n, d], &device);
+        let codebook = tensor(&codes, [k, d], &device);
+        let second = tensor(&codes[d..].repeat(2)[..k * d], [k, d], &device);
+        let pass = |splits: usize| {
+            let one = search_in_splits(
+                rows.clone(),
+                codebook.clone(),
+                Pricing::default(),
+                None,
+                (true, true),
+                splits,
+            );
+            let two = search_in_splits(
+                one.next.clone(),
+                second.clone(),
+                Pricing::default(),
+                one.running.as_ref(),
+                (true, true),
+                splits,
+            );
+            [one, two].map(|level| {
+                let running = level.running.expect("running sums asked");
+                (
+                    host_ints(level.indices),
+                    [
+                        level.next,
+                        running.quantized,
+                        running.residuals,
+                        level.partials.reshape([1, -1]),
+                    ]
+                    .map(host_floats),
+                )
+            })
+        };
+        let whole = pass(1);
+        let copies = whole[0]
+            .0
+            .iter()
+            .filter(|&&code| (half..2 * half).contains(&(code as usize)));
+        assert_eq!(
+            copies.count(),
+            0,
+            "N = {n}, K = {k}: ties go to the first copy"
+        );
+        for split in splits {
+            let what = format!("N = {n}, D = {d}, K = {k}, {split} splits");
+            for (level, (got, want)) in pass(split).iter().zip(&whole).enumerate() {
+                assert_eq!(got.0, want.0, "{what}, level {level}: codes");
+                for (name, (a, b)) in ["next", "quantized sum", "residual sum", "partials"]
+                    .iter()
+                    .zip(got.1.iter().zip(&want.1))
+                {
+                    assert_eq!(a, b, "{what}, level {level}: {name}");
+                }
+            }
+        }
+    }
+}
+
 /// The EMA update made in the per-code sums' launch equals the update by tensor operations
 /// (`EmaUpdate::apply`, every other path's) of the same path's plain training pass: the
 /// same codes, batch counts, residual and squared error to the bit, the updated counts and
