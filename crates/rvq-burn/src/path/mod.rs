@@ -11,7 +11,7 @@
 //!   live in host memory: one pass over cache-sized tiles of rows does the whole level
 //!   (`host/search.rs`).
 //! - `kernel` (feature `wgpu`): Burn's CubeCL backend (WGPU): the search, the per-code
-//!   statistics and `decode` as CubeCL kernels (`kernel/kernels.rs`).
+//!   statistics and `decode` as CubeCL kernels (`kernel/search.rs`, `kernel/kernels.rs`).
 //! - [`tensor`]: Burn tensor operations, on any backend: the straightforward version the
 //!   others are tested against, and what runs where no faster path exists.
 //!

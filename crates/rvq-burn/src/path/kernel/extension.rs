@@ -1,4 +1,4 @@
-//! The kernel path's launches: the kernels of `kernels.rs` as a Burn backend extension
+//! The kernel path's launches: the kernels of `search.rs` and `kernels.rs` as a Burn backend extension
 //! ([`RvqKernels`]) on Burn's CubeCL backend, with and without fusion, each op allocating its
 //! outputs and launching its kernels on CubeCL's tensors.
 
@@ -80,8 +80,9 @@ pub(crate) trait RvqKernels: Backend {
     /// `first` level, whose `quantized` and `residuals` are not read), else two unwritten
     /// `[1, V]` (`V` the width of the kernels' vectors); with `squared_error`, the sum of
     /// `next^2` per cube of 64 rows `[ceil(N / 64)]` (for [`RvqKernels::rvq_total`] or the
-    /// statistics to sum), else an unwritten `[1]`. The codes are searched in `splits` parts
-    /// (at most one per tile of 64 codes), merged by a second launch, where more than one.
+    /// statistics to sum), else an unwritten `[1]`. The codes are searched in at most `splits`
+    /// parts of whole 64-code tiles (none empty), merged by a second launch, where more than
+    /// one.
     #[fusion(meta = |rows, _codebook, _norms, _quantized, _residuals, int_dtype, squared_error, running, _first, _splits| {
         let sums = match *running {
             true => rows.shape.clone(),
@@ -203,8 +204,9 @@ pub(crate) trait RvqKernels: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// A grid of `cubes` cubes within the 65,535 a dimension may hold (kernels read the linear
-/// `CUBE_POS`).
+/// A grid of `cubes` cubes within the 65,535 a dimension may hold along `x` and `y` (the
+/// search's kernels read their block as `y * CUBE_COUNT_X + x`, keeping `z` for the splits;
+/// the others read the linear `CUBE_POS`).
 fn cube_count(cubes: usize) -> CubeCount {
     let x = cubes.clamp(1, 65_535);
     CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
@@ -213,15 +215,15 @@ fn cube_count(cubes: usize) -> CubeCount {
 /// The widest vector of 4, 2 or 1 values that divides a row of `d`: the search's reads and
 /// writes along rows.
 fn row_vector(d: usize) -> usize {
-    [4, 2].into_iter().find(|v| d.is_multiple_of(*v)).unwrap_or(1)
+    [4, 2]
+        .into_iter()
+        .find(|v| d.is_multiple_of(*v))
+        .unwrap_or(1)
 }
 
-/// Into how many splits of its codes the search of `n` rows among `k` codes goes: as many as
-/// bring its cubes to [`SPLIT_BELOW_CUBES`], each of at least [`SPLIT_CODES`] codes (1: no
-/// split, one launch; more: a second launch merges them).
-///
-/// `RVQ_SEARCH_SPLITS=S` (read once) overrides the choice, for the GPU check to time the
-/// search both ways (`1`: never split).
+/// Into how many splits of its codes the search of `n` rows among `k` codes goes
+/// ([`chosen_splits`]), or `RVQ_SEARCH_SPLITS=S` (read once) where set, for the GPU check to
+/// time the search both ways (`1`: never split).
 pub(super) fn search_splits(n: usize, k: usize) -> usize {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = FORCED.get_or_init(|| {
@@ -232,10 +234,14 @@ pub(super) fn search_splits(n: usize, k: usize) -> usize {
         }
         parsed
     });
-    if let Some(splits) = *forced {
-        return splits;
-    }
-    let cubes = n.div_ceil(SEARCH_ROWS);
+    forced.unwrap_or_else(|| chosen_splits(n, k))
+}
+
+/// As many splits of the codes as bring the search's cubes to [`SPLIT_BELOW_CUBES`], each of
+/// at least [`SPLIT_CODES`] codes (1: no split, one launch; more: a second launch merges
+/// them).
+pub(super) fn chosen_splits(n: usize, k: usize) -> usize {
+    let cubes = n.div_ceil(SEARCH_ROWS).max(1);
     SPLIT_BELOW_CUBES
         .div_ceil(cubes)
         .min(k / SPLIT_CODES)
@@ -359,9 +365,9 @@ impl RvqKernels for CubeBackend {
             Shape::new([if squared_error { cubes } else { 1 }]),
             float_dtype,
         );
-        // No split of fewer codes than it has whole tiles, and none empty.
+        // No more splits than whole tiles or than a grid's `z` holds, and none empty.
         let tiles = k.div_ceil(SEARCH_CODES);
-        let splits = tiles.div_ceil(tiles.div_ceil(splits.clamp(1, tiles)));
+        let splits = tiles.div_ceil(tiles.div_ceil(splits.clamp(1, tiles.min(65_535))));
         let split = splits > 1;
         let split_shape = Shape::new(if split { [splits, n] } else { [1, 1] });
         let split_distances = empty(split_shape.clone(), float_dtype);

@@ -173,7 +173,7 @@ struct Level {
     updated: Option<(Tensor<1>, Tensor<2>)>,
 }
 
-/// The search (one launch), then what `work` asks: the counting sort's launches for the
+/// The search (one launch, two where its codes are split), then what `work` asks: the counting sort's launches for the
 /// counts and sums (the level's squared error summed in its one-cube launch, and `update`
 /// made in its last), or the squared error alone (one launch).
 fn level(

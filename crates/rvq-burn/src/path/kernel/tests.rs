@@ -361,26 +361,28 @@ fn search_epilogue_equals_tensor_ops() {
 /// of one tile and of several, a number of splits that does not divide the tiles, more splits
 /// asked than tiles, K not a multiple of the tile, N = 1, D with vectors of 4, 2 and 1, and
 /// exact ties across splits (the codebook's second half a copy of its first: the first
-/// minimum is in the first half); and the split counts the path picks.
+/// minimum is in the first half); and the split counts the path picks (`RVQ_SEARCH_SPLITS`
+/// aside).
 #[test]
 fn split_search_equals_the_whole_search() {
-    assert_eq!(extension::search_splits(4096, 256), 1, "small: no split");
-    assert_eq!(extension::search_splits(8192, 2048), 2, "codec");
+    assert_eq!(extension::chosen_splits(4096, 256), 1, "small: no split");
+    assert_eq!(extension::chosen_splits(8192, 2048), 2, "codec");
     assert_eq!(
-        extension::search_splits(16384, 1024),
+        extension::chosen_splits(16384, 1024),
         1,
         "medium: cubes enough"
     );
     assert_eq!(
-        extension::search_splits(64, 4096),
+        extension::chosen_splits(64, 4096),
         16,
         "one cube, many codes"
     );
     assert_eq!(
-        extension::search_splits(64, 255),
+        extension::chosen_splits(64, 255),
         1,
         "fewer codes than a split takes"
     );
+    assert_eq!(extension::chosen_splits(0, 4096), 16, "no rows");
     let Some(device) = device() else { return };
     let mut uniform = uniform(53);
     for (n, d, k, splits) in [
