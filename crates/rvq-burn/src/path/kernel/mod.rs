@@ -390,10 +390,12 @@ fn code_counts(
     }
 }
 
-/// The launches, as a Burn backend extension.
+/// The ops as a Burn backend extension, and the shapes of their launches.
 mod extension;
 /// The kernels but the search's, in CubeCL (whose `Tensor` and `Int` are not Burn's).
 mod kernels;
+/// The ops' launches on Burn's CubeCL backend.
+mod launches;
 /// The search's kernels.
 mod search;
 #[cfg(test)]
