@@ -35,7 +35,9 @@ use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
 pub(crate) use self::schedule::{Schedule, StepPlan};
 use crate::config::EmaResidualVectorQuantizerConfig;
 use crate::error::RvqError;
-use crate::path::{Codebook, EmaUpdate, LevelPass, LevelPath, Pricing, Rows, UpdatedPass, Work};
+use crate::path::{
+    Codebook, EmaUpdate, LevelPass, LevelPath, Pricing, Rows, UpdatedPass, Work, unless_skipped,
+};
 use crate::util::unit_rows;
 
 /// A level's EMA statistics: per-code counts `[K]` (reference: `ema_count_l{l}`) and sums of
@@ -359,12 +361,9 @@ impl EmaCodebook {
     /// Stores `new` statistics, or keeps `old` ones when the batch held a NaN or an infinity
     /// (`skip`, decided on the device: no read back), so such a batch never enters the state.
     fn store_if_finite(&self, new: Statistics, old: Statistics, skip: &Tensor<1, Bool>) {
-        let [k, d] = new.sums.dims();
         self.store(Statistics {
-            counts: new.counts.mask_where(skip.clone().expand([k]), old.counts),
-            sums: new
-                .sums
-                .mask_where(skip.clone().reshape([1, 1]).expand([k, d]), old.sums),
+            counts: unless_skipped(new.counts, old.counts, skip),
+            sums: unless_skipped(new.sums, old.sums, skip),
         });
     }
 }

@@ -114,20 +114,29 @@ pub(crate) fn ema<const D: usize>(state: Tensor<D>, batch: Tensor<D>, decay: f64
     state.mul_scalar(decay).add(batch.mul_scalar(1.0 - decay))
 }
 
+/// A state tensor after a step: `new`, or `old` where `skip` `[1]` is set (the batch held a
+/// NaN or an infinity, and the state stays as it was).
+pub(crate) fn unless_skipped<const D: usize>(
+    new: Tensor<D>,
+    old: Tensor<D>,
+    skip: &Tensor<1, Bool>,
+) -> Tensor<D> {
+    let shape = new.dims();
+    new.mask_where(skip.clone().reshape([1; D]).expand(shape), old)
+}
+
 impl EmaUpdate {
     /// The update by a training `pass`'s counts and sums: [`ema`], or the state itself where
     /// `skip` is set.
     pub(crate) fn apply(self, pass: LevelPass) -> UpdatedPass {
         let counts = pass.counts.clone().expect("a training pass counts");
         let sums = pass.sums.clone().expect("a training pass sums");
-        let [k, d] = self.sums.dims();
-        let skip = self.skip;
+        let counts = ema(self.counts.clone(), counts, self.decay);
+        let sums = ema(self.sums.clone(), sums, self.decay);
         UpdatedPass {
             pass,
-            counts: ema(self.counts.clone(), counts, self.decay)
-                .mask_where(skip.clone().expand([k]), self.counts),
-            sums: ema(self.sums.clone(), sums, self.decay)
-                .mask_where(skip.reshape([1, 1]).expand([k, d]), self.sums),
+            counts: unless_skipped(counts, self.counts, &self.skip),
+            sums: unless_skipped(sums, self.sums, &self.skip),
         }
     }
 }
