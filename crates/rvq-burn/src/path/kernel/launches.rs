@@ -135,9 +135,11 @@ impl RvqKernels for CubeBackend {
             Shape::new([if squared_error { cubes } else { 1 }]),
             float_dtype,
         );
-        // No more splits than whole tiles or than a grid's `z` holds, and none empty.
+        // Whole tiles to a split, no more splits than tiles or than a grid's `z` holds, and
+        // none empty.
         let tiles = k.div_ceil(SEARCH_CODES);
-        let splits = tiles.div_ceil(tiles.div_ceil(splits.clamp(1, tiles.min(65_535))));
+        let tiles_per_split = tiles.div_ceil(splits.clamp(1, tiles.min(65_535)));
+        let splits = tiles.div_ceil(tiles_per_split);
         let split = splits > 1;
         let split_shape = Shape::new(if split { [splits, n] } else { [1, 1] });
         let split_distances = empty(split_shape.clone(), float_dtype);
@@ -171,6 +173,7 @@ impl RvqKernels for CubeBackend {
                 partials.clone().into_tensor_arg(),
                 split_distances.clone().into_tensor_arg(),
                 split_codes.clone().into_tensor_arg(),
+                tiles_per_split * SEARCH_CODES,
                 squared_error,
                 running,
                 first,

@@ -19,7 +19,8 @@ type Quad<F> = Vector<F, Const<4>>;
 /// Each row's nearest code, then the level's epilogue on the cube's rows: `next = rows -
 /// codebook[code]`, the running sums (`quantized_in + codebook[code]`, `residuals_in + next`,
 /// or those terms alone at the first level), and the cube's sum of `next^2`. With `split`,
-/// the cubes along `z` take the codes in `S` splits of whole tiles, and each writes its
+/// the cubes along `z` take the codes in `S` splits of `codes_per_split` (whole tiles; unread
+/// without `split`), and each writes its
 /// split's least distance and first code at it into `split_distances` and `split_codes`
 /// `[S, N]` for [`merge_kernel`], which makes the epilogue. Launched unchecked: every global
 /// read and write is guarded by the shapes (the epilogue's by the cube's rows), and every
@@ -39,6 +40,7 @@ pub(crate) fn nearest_kernel<F: Float, I: Int, V: Size>(
     partials: &mut Tensor<F>,
     split_distances: &mut Tensor<F>,
     split_codes: &mut Tensor<I>,
+    codes_per_split: usize,
     #[comptime] squared_error: bool,
     #[comptime] running: bool,
     #[comptime] first: bool,
@@ -54,14 +56,16 @@ pub(crate) fn nearest_kernel<F: Float, I: Int, V: Size>(
     if first_row >= n {
         terminate!();
     }
-    // The codes this cube compares: all, or its split's whole tiles (`CUBE_COUNT_Z` splits).
+    // The codes this cube compares: all, or its split's `codes_per_split` (whole tiles).
     let mut first_code = 0usize;
     let mut k = codebook.shape(0);
     if split {
-        let splits = CUBE_COUNT_Z as usize;
-        let per_split = (k.div_ceil(64)).div_ceil(splits) * 64;
-        first_code = CUBE_POS_Z as usize * per_split;
-        k = select(first_code + per_split < k, first_code + per_split, k);
+        first_code = CUBE_POS_Z as usize * codes_per_split;
+        k = select(
+            first_code + codes_per_split < k,
+            first_code + codes_per_split,
+            k,
+        );
     }
     // This unit's 4 rows (of the cube's 64: 4 row_lane + i) and 4 codes (of each tile's 64:
     // 4 code_lane + j).
