@@ -63,7 +63,8 @@ fn train_step(rvq: &EmaResidualVectorQuantizer, x: &Tensor<2>) {
 /// Eight levels: a training step (forward, backward, the EMA update) at most 8 launches per
 /// level, every one of Burn's operations around the kernels fused as before (this caught
 /// eight independent loss chains leaving every later operation unfused); an evaluation
-/// forward at most 5 per level; `encode` 2 per level (codebook, search).
+/// forward at most 5 per level; `encode` 2 per level (codebook, search); `decode` a
+/// codebook per level and a few launches for all levels.
 #[test]
 fn launches_per_level_stay_within_budget() {
     if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
@@ -97,5 +98,18 @@ fn launches_per_level_stay_within_budget() {
         let _ = codes.last().map(|c| c.clone().into_data());
     });
     assert_eq!(encode, 2 * m, "encode: {by_kernel:?}");
-    eprintln!("launches for {m} levels: training {train}, evaluation {forward}, encode {encode}");
+    let codes = eval.encode(x.clone());
+    let (decode, by_kernel) = launches(&device, || {
+        let _ = eval.decode(&codes, [n, d]).into_data();
+    });
+    // A codebook per level, the decode, the index check's two reductions over all levels
+    // (two per level made it 4 M + 4) and the stacking of codes and codebooks.
+    assert!(
+        decode <= m + 6,
+        "decode: {decode} launches for {m} levels: {by_kernel:?}"
+    );
+    eprintln!(
+        "launches for {m} levels: training {train}, evaluation {forward}, encode {encode}, \
+         decode {decode}"
+    );
 }

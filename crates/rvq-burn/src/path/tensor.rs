@@ -122,18 +122,19 @@ impl TensorRows {
     }
 }
 
-/// Checks every index of `indices` against its level's codebook size, with one read back of
-/// every level's minimum and maximum.
+/// Checks every index of `indices` `[M, N]` (level `l`'s codes in row `l`) against its
+/// level's codebook size: two reductions over all levels and one read back of every level's
+/// minimum and maximum.
 pub(crate) fn check_indices(
     codebooks: &[Tensor<2>],
-    indices: &[Tensor<1, Int>],
+    indices: &Tensor<2, Int>,
 ) -> Result<(), RvqError> {
-    // [min_0, max_0, min_1, max_1, ...]
-    let bounds: Vec<Tensor<1, Int>> = indices
-        .iter()
-        .flat_map(|level| [level.clone().min(), level.clone().max()])
-        .collect();
-    let bounds: Vec<i64> = Tensor::cat(bounds, 0).into_data().iter::<i64>().collect();
+    // [M, 2]: each level's minimum and maximum.
+    let bounds = Tensor::cat(
+        vec![indices.clone().min_dim(1), indices.clone().max_dim(1)],
+        1,
+    );
+    let bounds: Vec<i64> = bounds.into_data().iter::<i64>().collect();
     check_index_range(
         bounds.chunks(2).map(|pair| (pair[0], pair[1])),
         codebooks.iter().map(|codebook| codebook.dims()[0]),
@@ -185,7 +186,7 @@ impl LevelPath for TensorPath {
         codebooks: Vec<Tensor<2>>,
         indices: &[Tensor<1, Int>],
     ) -> Result<Tensor<2>, RvqError> {
-        check_indices(&codebooks, indices)?;
+        check_indices(&codebooks, &Tensor::stack(indices.to_vec(), 0))?;
         Ok(codebooks
             .into_iter()
             .zip(indices)

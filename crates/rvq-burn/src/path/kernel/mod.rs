@@ -143,7 +143,8 @@ impl LevelPath for KernelPath {
         codebooks: Vec<Tensor<2>>,
         indices: &[Tensor<1, Int>],
     ) -> Result<Tensor<2>, RvqError> {
-        check_indices(&codebooks, indices)?;
+        let indices = Tensor::stack::<2>(indices.to_vec(), 0); // [M, N]
+        check_indices(&codebooks, &indices)?;
         let device = codebooks[0].device();
         let int_dtype = device.settings().int_dtype;
         // Each level's first row in the stacked codebooks.
@@ -157,7 +158,6 @@ impl LevelPath for KernelPath {
             .collect();
         let offsets = int_tensor(offsets, &device);
         let stacked = Tensor::cat(codebooks, 0); // [sum K, D]
-        let indices = Tensor::stack::<2>(indices.to_vec(), 0); // [M, N]
         let out = <Dispatch as RvqKernels>::rvq_decode(
             stacked.into_dispatch(),
             offsets.cast(int_dtype).into_dispatch(),

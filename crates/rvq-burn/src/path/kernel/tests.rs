@@ -179,7 +179,7 @@ fn kernel_path_equals_tensor_path() {
     assert_eq!(host_ints(nearest(x, codebook)), vec![5; n], "5 = 67");
 
     let mut bad = indices.clone();
-    bad[1] = int_tensor(vec![64; n], &device);
+    bad[1] = int_tensor(vec![64; indices[1].dims()[0]], &device);
     assert!(matches!(
         KernelPath.decode(codebooks, &bad),
         Err(RvqError::IndexOutOfRange { level: 1, .. })
