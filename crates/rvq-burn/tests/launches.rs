@@ -60,11 +60,11 @@ fn train_step(rvq: &EmaResidualVectorQuantizer, x: &Tensor<2>) {
     rvq.sync_state();
 }
 
-/// Eight levels: a training step (forward, backward, the EMA update) at most 8 launches per
+/// Eight levels: a training step (forward, backward, the EMA update) at most 7 launches per
 /// level, every one of Burn's operations around the kernels fused as before (this caught
 /// eight independent loss chains leaving every later operation unfused); an evaluation
-/// forward at most 5 per level; `encode` 2 per level (codebook, search); `decode` a
-/// codebook per level and a few launches for all levels.
+/// forward at most 4 per level; `encode` a search per level and one codebook launch per 4
+/// levels; `decode` the codebook launches and a few launches for all levels.
 #[test]
 fn launches_per_level_stay_within_budget() {
     if std::env::var_os("RVQ_SKIP_WGPU").is_some() {
@@ -81,8 +81,10 @@ fn launches_per_level_stay_within_budget() {
     let x: Tensor<2> = Tensor::from_data(burn::tensor::TensorData::new(values, [n, d]), &device);
 
     let (train, by_kernel) = launches(&device, || train_step(&rvq, &x));
+    // The levels' codebooks in one launch per 4 levels, where a launch per level made it 61.
+    let codebook_launches = m.div_ceil(4);
     assert!(
-        train <= 8 * m,
+        train <= 7 * m,
         "training step: {train} launches for {m} levels: {by_kernel:?}"
     );
     let eval = rvq.valid();
@@ -90,22 +92,22 @@ fn launches_per_level_stay_within_budget() {
         let _ = eval.forward(x.clone()).loss.into_data();
     });
     assert!(
-        forward <= 5 * m,
+        forward <= 4 * m,
         "evaluation forward: {forward} launches for {m} levels: {by_kernel:?}"
     );
     let (encode, by_kernel) = launches(&device, || {
         let codes = eval.encode(x.clone());
         let _ = codes.last().map(|c| c.clone().into_data());
     });
-    assert_eq!(encode, 2 * m, "encode: {by_kernel:?}");
+    assert_eq!(encode, m + codebook_launches, "encode: {by_kernel:?}");
     let codes = eval.encode(x.clone());
     let (decode, by_kernel) = launches(&device, || {
         let _ = eval.decode(&codes, [n, d]).into_data();
     });
-    // A codebook per level, the decode, the index check's two reductions over all levels
-    // (two per level made it 4 M + 4) and the stacking of codes and codebooks.
+    // The codebooks, the decode, the index check's two reductions over all levels (two per
+    // level made it 4 M + 4) and the stacking of codes and codebooks.
     assert!(
-        decode <= m + 6,
+        decode <= codebook_launches + 6,
         "decode: {decode} launches for {m} levels: {by_kernel:?}"
     );
     eprintln!(

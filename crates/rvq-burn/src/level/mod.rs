@@ -64,7 +64,22 @@ impl Statistics {
         path: &P,
         config: &EmaResidualVectorQuantizerConfig,
     ) -> Codebook {
-        path.codebook(self.counts.clone(), self.sums.clone(), config)
+        let mut codebooks = Self::codebooks_on(std::slice::from_ref(self), path, config);
+        codebooks.pop().expect("one level's codebook")
+    }
+
+    /// [`Statistics::codebook_on`] of several levels' statistics, derived together (a launch
+    /// per 4 levels on the kernel path).
+    pub(crate) fn codebooks_on<P: LevelPath>(
+        levels: &[Self],
+        path: &P,
+        config: &EmaResidualVectorQuantizerConfig,
+    ) -> Vec<Codebook> {
+        let (counts, sums) = levels
+            .iter()
+            .map(|level| (level.counts.clone(), level.sums.clone()))
+            .unzip();
+        path.codebooks(counts, sums, config)
     }
 }
 
@@ -104,6 +119,35 @@ pub(crate) struct Task<'a> {
     pub device: Device,
     /// Evaluation or training.
     pub mode: Mode,
+}
+
+impl Task<'_> {
+    /// Every one of `levels`' codebooks for their steps in this task, derived together
+    /// ([`Statistics::codebooks_on`]) where the levels derive them from their state as it is
+    /// before the first level runs: in a pass, and in a training step whose only change to
+    /// the state is the EMA update. `None` for each level otherwise: its step derives its
+    /// own, after its k-means init or restarts.
+    pub(crate) fn codebooks<P: LevelPath>(
+        &self,
+        levels: &[EmaCodebook],
+        path: &P,
+    ) -> Vec<Option<Codebook>> {
+        let from_state = match &self.mode {
+            Mode::Pass(_) => true,
+            Mode::Train(plan) => plan.ema_alone().is_some(),
+        };
+        if !from_state {
+            return levels.iter().map(|_| None).collect();
+        }
+        let states: Vec<Statistics> = levels
+            .iter()
+            .map(|level| level.statistics(&self.device))
+            .collect();
+        Statistics::codebooks_on(&states, path, self.config)
+            .into_iter()
+            .map(Some)
+            .collect()
+    }
 }
 
 /// What a level's step gives back.
@@ -304,19 +348,24 @@ impl EmaCodebook {
 
     /// This level's step over a batch on `path`: read the state, (k-means init or split
     /// codes,) assign the rows and turn them into the next residual, and, in a training step,
-    /// update and store the state. `index` is the level's place in the stack.
+    /// update and store the state. `index` is the level's place in the stack; `codebook`, the
+    /// one its state derives, where [`Task::codebooks`] derived it with the other levels'.
     pub(crate) fn step<P: LevelPath>(
         &self,
         index: usize,
         path: &P,
         rows: &mut P::Rows,
         task: &Task<'_>,
+        codebook: Option<Codebook>,
     ) -> LevelStep {
         let state = self.statistics(&task.device);
         let cosine = task.config.cosine_similarity;
+        let derived = |codebook: Option<Codebook>| {
+            codebook.unwrap_or_else(|| state.codebook_on(path, task.config))
+        };
         let plan = match &task.mode {
             Mode::Pass(work) => {
-                let codebook = state.codebook_on(path, task.config);
+                let codebook = derived(codebook);
                 let assigned = assign(path, codebook, rows, (*work, None), (cosine, false));
                 return LevelStep {
                     pass: assigned.pass,
@@ -328,7 +377,7 @@ impl EmaCodebook {
         };
         if let Some(decay) = plan.ema_alone() {
             // The EMA update alone: made in the level's pass.
-            let codebook = state.codebook_on(path, task.config);
+            let codebook = derived(codebook);
             let update = EmaUpdate {
                 counts: state.counts,
                 sums: state.sums,

@@ -250,19 +250,24 @@ pub(crate) trait LevelPath {
     /// The rows this path passes from level to level.
     type Rows: Rows;
 
-    /// The codebook that EMA `counts` `[K]` and `sums` `[K, D]` give under `config`
-    /// ([`EmaResidualVectorQuantizerConfig::codebook`]). The kernel path derives the codes
-    /// and their squared norms in one launch.
-    fn codebook(
+    /// The codebooks that the EMA statistics of several levels give under `config`
+    /// ([`EmaResidualVectorQuantizerConfig::codebook`]): level `l`'s from its `counts[l]`
+    /// `[K_l]` and `sums[l]` `[K_l, D]`. The kernel path derives the codes and their squared
+    /// norms of up to 4 levels in one launch.
+    fn codebooks(
         &self,
-        counts: Tensor<1>,
-        sums: Tensor<2>,
+        counts: Vec<Tensor<1>>,
+        sums: Vec<Tensor<2>>,
         config: &EmaResidualVectorQuantizerConfig,
-    ) -> Codebook {
-        Codebook {
-            vectors: config.codebook(counts, sums),
-            norms: None,
-        }
+    ) -> Vec<Codebook> {
+        counts
+            .into_iter()
+            .zip(sums)
+            .map(|(counts, sums)| Codebook {
+                vectors: config.codebook(counts, sums),
+                norms: None,
+            })
+            .collect()
     }
 
     /// One level: the nearest code of every row in `codebook` `[K, D]` (the first of equal

@@ -6,7 +6,7 @@ use burn::tensor::{Bool, FloatDType, Int, Tensor};
 
 use super::{EmaResidualVectorQuantizer, estimator};
 use crate::error::RvqError;
-use crate::level::{LevelStep, Mode, Schedule, Task};
+use crate::level::{LevelStep, Mode, Schedule, Statistics, Task};
 use crate::options::{ForwardOptions, Mask};
 use crate::output::RvqOutput;
 use crate::path::{LevelPath, Path, Rows, RunningSums, Work, with_path};
@@ -268,8 +268,12 @@ impl EmaResidualVectorQuantizer {
             return Ok(Tensor::zeros(shape, &device));
         }
         let sum = with_path!(Path::choose(&device, &self.config), path => {
-            let codebooks = (0..indices.len())
-                .map(|level| self.statistics(level, &device).codebook_on(path, &self.config).vectors)
+            let states: Vec<Statistics> = (0..indices.len())
+                .map(|level| self.statistics(level, &device))
+                .collect();
+            let codebooks = Statistics::codebooks_on(&states, path, &self.config)
+                .into_iter()
+                .map(|codebook| codebook.vectors)
                 .collect();
             path.decode(codebooks, indices)
         })?;
@@ -298,10 +302,14 @@ impl EmaResidualVectorQuantizer {
                 Mode::Train(_) => Work::TRAINING,
             };
             let mut rows = P::Rows::start(x, work);
+            let codebooks = task.codebooks(levels, path);
             let steps = levels
                 .iter()
+                .zip(codebooks)
                 .enumerate()
-                .map(|(index, level)| level.step(index, path, &mut rows, task))
+                .map(|(index, (level, codebook))| {
+                    level.step(index, path, &mut rows, task, codebook)
+                })
                 .collect();
             (steps, rows.finish())
         }

@@ -16,12 +16,15 @@ pub(super) const CHECK_UNITS: u32 = 256;
 const _: () = assert!(CHECK_UNITS == 256 && SORT_BLOCK == 256);
 /// Most cubes of the non-finite check (each a flag the second launch reads).
 pub(super) const CHECK_CUBES: usize = 1024;
+/// Most levels whose codebooks one launch derives: 16 tensors bound, where some devices
+/// take at most 31 (Burn's fusion counts on that many).
+pub(super) const CODEBOOK_LEVELS: usize = 4;
 /// Codes per cube of the codebook's derivation at a time (64 units each).
 pub(super) const CODEBOOK_CODES: usize = 4;
 /// Units per cube of the codebook's derivation.
 pub(super) const CODEBOOK_UNITS: u32 = 256;
-/// Most cubes of the codebook's derivation: each sums all `K` counts first, so past this
-/// many a cube takes several groups of codes instead.
+/// Most cubes of the codebook's derivation per level: each sums the level's `K` counts
+/// first, so past this many a cube takes several groups of codes instead.
 pub(super) const CODEBOOK_CUBES: usize = 1024;
 /// Rows per cube of the search.
 pub(super) const SEARCH_ROWS: usize = 64;
@@ -47,22 +50,54 @@ pub(super) const DECODE_UNITS: u32 = 256;
 /// without fusion.
 #[backend_extension(Cube, Fusion)]
 pub(crate) trait RvqKernels: Backend {
-    /// A level's codebook from its EMA `counts` `[K]` and `sums` `[K, D]` by the Laplace rule
-    /// (`laplace`) or the clamp rule, its rows over their lengths with `unit_rows`, and the
-    /// codes' squared norms (before that normalization): `([K, D], [K])`.
-    #[fusion(meta = |counts, sums, _laplace, _epsilon, _unit_rows| {
-        (
-            TensorSpec::new(sums.shape.clone(), sums.dtype),
-            TensorSpec::new(counts.shape.clone(), counts.dtype),
-        )
+    /// The codebooks of up to [`CODEBOOK_LEVELS`] levels in one launch: level `j`'s from its
+    /// EMA `counts_j` `[K_j]` and `sums_j` `[K_j, D]`, for `j < levels` (the slots past them
+    /// hold any of these tensors, unread), by the Laplace rule (`laplace`) or the clamp rule,
+    /// the rows over their lengths with `unit_rows`, and the codes' squared norms (before
+    /// that normalization): `([K_j, D], [K_j])` for each level in turn (`[1, D]` and `[1]`,
+    /// unwritten, past them).
+    #[fusion(meta = |counts_0, sums_0, counts_1, sums_1, counts_2, sums_2, counts_3, sums_3, levels, _laplace, _epsilon, _unit_rows| {
+        let d = sums_0.shape[1];
+        let spec = |j: usize, counts: &TensorSpec, sums: &TensorSpec| match j < *levels {
+            true => (
+                TensorSpec::new(sums.shape.clone(), sums.dtype),
+                TensorSpec::new(counts.shape.clone(), counts.dtype),
+            ),
+            false => (
+                TensorSpec::new(Shape::new([1, d]), sums.dtype),
+                TensorSpec::new(Shape::new([1]), counts.dtype),
+            ),
+        };
+        let (codebook_0, norms_0) = spec(0, counts_0, sums_0);
+        let (codebook_1, norms_1) = spec(1, counts_1, sums_1);
+        let (codebook_2, norms_2) = spec(2, counts_2, sums_2);
+        let (codebook_3, norms_3) = spec(3, counts_3, sums_3);
+        (codebook_0, norms_0, codebook_1, norms_1, codebook_2, norms_2, codebook_3, norms_3)
     })]
-    fn rvq_codebook(
-        counts: FloatTensor<Self>,
-        sums: FloatTensor<Self>,
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn rvq_codebooks(
+        counts_0: FloatTensor<Self>,
+        sums_0: FloatTensor<Self>,
+        counts_1: FloatTensor<Self>,
+        sums_1: FloatTensor<Self>,
+        counts_2: FloatTensor<Self>,
+        sums_2: FloatTensor<Self>,
+        counts_3: FloatTensor<Self>,
+        sums_3: FloatTensor<Self>,
+        levels: usize,
         laplace: bool,
         epsilon: f64,
         unit_rows: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// Whether a value of `values` is NaN or infinite, `[1]`, stored as `bool_dtype`.
     #[fusion(meta = |_values, bool_dtype| TensorSpec::new(Shape::new([1]), DType::from(*bool_dtype)))]

@@ -46,32 +46,89 @@ pub(crate) fn any_kernel<F: Float, O: Numeric>(
     }
 }
 
-/// See the module docs of `path/kernel`. `counts` `[K]` and `sums` `[K, D]` (a level's EMA
-/// statistics), `codebook` `[K, D]`, `norms` `[K]`; 256 units per cube, each cube a few
-/// groups of 4 codes (a grid-stride loop), 64 units per code over the dimensions.
-///
-/// The codebook `e_k = m_k / c^_k` by the Laplace rule (`laplace`, `c^_k = (c_k + eps) /
-/// (n + K eps) n`) or the clamp rule (`c^_k = max(c_k, eps)`), in the order of operations of
-/// `CodebookRule::codebook`, and `norms` its squared norms `||e_k||^2`; with `unit_rows`, each
-/// code then over its L2 norm (norms below 1e-6 taken as 1e-6, as `util::unit_rows`; `norms`
-/// stay those before). Every cube sums the counts itself, in the same order, so all agree on
-/// `n`.
+/// See the module docs of `path/kernel`. Up to 4 levels' codebooks (`CODEBOOK_LEVELS`),
+/// level `j`'s from its EMA statistics `counts_j` `[K_j]` and `sums_j` `[K_j, D]` into
+/// `codebook_j` `[K_j, D]` and `norms_j` `[K_j]`, with `k_epsilon_j` its `K_j eps`; the cubes
+/// along `y` one level each (as many as there are levels), 256 units per cube (see
+/// [`level_codebook`]).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn codebook_kernel<F: Float>(
-    counts: &Tensor<F>,
-    sums: &Tensor<F>,
-    codebook: &mut Tensor<F>,
-    norms: &mut Tensor<F>,
+    counts_0: &Tensor<F>,
+    sums_0: &Tensor<F>,
+    counts_1: &Tensor<F>,
+    sums_1: &Tensor<F>,
+    counts_2: &Tensor<F>,
+    sums_2: &Tensor<F>,
+    counts_3: &Tensor<F>,
+    sums_3: &Tensor<F>,
+    codebook_0: &mut Tensor<F>,
+    norms_0: &mut Tensor<F>,
+    codebook_1: &mut Tensor<F>,
+    norms_1: &mut Tensor<F>,
+    codebook_2: &mut Tensor<F>,
+    norms_2: &mut Tensor<F>,
+    codebook_3: &mut Tensor<F>,
+    norms_3: &mut Tensor<F>,
     epsilon: InputScalar,
-    k_epsilon: InputScalar,
+    k_epsilon_0: InputScalar,
+    k_epsilon_1: InputScalar,
+    k_epsilon_2: InputScalar,
+    k_epsilon_3: InputScalar,
     #[comptime] laplace: bool,
     #[comptime] unit_rows: bool,
     #[define(F)] _dtype: ElemType,
 ) {
+    let eps = epsilon.get::<F>();
+    let level = CUBE_POS_Y;
+    if level == 0 {
+        let k_epsilon = k_epsilon_0.get::<F>();
+        level_codebook(
+            counts_0, sums_0, codebook_0, norms_0, eps, k_epsilon, laplace, unit_rows,
+        );
+    } else if level == 1 {
+        let k_epsilon = k_epsilon_1.get::<F>();
+        level_codebook(
+            counts_1, sums_1, codebook_1, norms_1, eps, k_epsilon, laplace, unit_rows,
+        );
+    } else if level == 2 {
+        let k_epsilon = k_epsilon_2.get::<F>();
+        level_codebook(
+            counts_2, sums_2, codebook_2, norms_2, eps, k_epsilon, laplace, unit_rows,
+        );
+    } else {
+        let k_epsilon = k_epsilon_3.get::<F>();
+        level_codebook(
+            counts_3, sums_3, codebook_3, norms_3, eps, k_epsilon, laplace, unit_rows,
+        );
+    }
+}
+
+/// One level's codebook in [`codebook_kernel`]: `counts` `[K]` and `sums` `[K, D]` (its EMA
+/// statistics), `codebook` `[K, D]`, `norms` `[K]`; each cube along `x` a few groups of 4
+/// codes (a grid-stride loop), 64 units per code over the dimensions.
+///
+/// The codebook `e_k = m_k / c^_k` by the Laplace rule (`laplace`, `c^_k = (c_k + eps) /
+/// (n + K eps) n`, `k_epsilon` = `K eps`) or the clamp rule (`c^_k = max(c_k, eps)`), in the
+/// order of operations of `CodebookRule::codebook`, and `norms` its squared norms
+/// `||e_k||^2`; with `unit_rows`, each code then over its L2 norm (norms below 1e-6 taken as
+/// 1e-6, as `util::unit_rows`; `norms` stay those before). Every cube sums the counts itself,
+/// in the same order, so all agree on `n`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn level_codebook<F: Float>(
+    counts: &Tensor<F>,
+    sums: &Tensor<F>,
+    codebook: &mut Tensor<F>,
+    norms: &mut Tensor<F>,
+    eps: F,
+    k_epsilon: F,
+    #[comptime] laplace: bool,
+    #[comptime] unit_rows: bool,
+) {
     let k = sums.shape(0);
     let d = sums.shape(1);
     let unit = UNIT_POS as usize;
-    let eps = epsilon.get::<F>();
     let mut partial = Shared::<[F]>::new_slice(256usize);
     let mut total = F::new(0.0);
     if laplace {
@@ -87,11 +144,11 @@ pub(crate) fn codebook_kernel<F: Float>(
         total = partial[0];
         sync_cube();
     }
-    let denominator = total + k_epsilon.get::<F>();
+    let denominator = total + k_epsilon;
     let lane = unit / 64;
     let dim_unit = unit % 64;
     let groups = k.div_ceil(4usize);
-    let mut group = CUBE_POS;
+    let mut group = CUBE_POS_X as usize;
     while group < groups {
         let code = group * 4 + lane;
         let mut divisor = F::new(1.0);
@@ -129,7 +186,7 @@ pub(crate) fn codebook_kernel<F: Float>(
         }
         // Every unit has read the norms before the next group writes `partial`.
         sync_cube();
-        group += CUBE_COUNT;
+        group += CUBE_COUNT_X as usize;
     }
 }
 

@@ -12,9 +12,9 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim, InputScalar};
 
 use super::extension::{
-    CHECK_CUBES, CHECK_UNITS, CODEBOOK_CODES, CODEBOOK_CUBES, CODEBOOK_UNITS, DECODE_UNITS,
-    RvqKernels, SEARCH_CODES, SEARCH_ROWS, SEARCH_UNITS, SORT_BLOCK, SUMS_UNITS, cube_count,
-    row_vector,
+    CHECK_CUBES, CHECK_UNITS, CODEBOOK_CODES, CODEBOOK_CUBES, CODEBOOK_LEVELS, CODEBOOK_UNITS,
+    DECODE_UNITS, RvqKernels, SEARCH_CODES, SEARCH_ROWS, SEARCH_UNITS, SORT_BLOCK, SUMS_UNITS,
+    cube_count, row_vector,
 };
 use super::{kernels, search};
 
@@ -59,37 +59,101 @@ impl RvqKernels for CubeBackend {
         flag
     }
 
-    fn rvq_codebook(
-        counts: FloatTensor<Self>,
-        sums: FloatTensor<Self>,
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn rvq_codebooks(
+        counts_0: FloatTensor<Self>,
+        sums_0: FloatTensor<Self>,
+        counts_1: FloatTensor<Self>,
+        sums_1: FloatTensor<Self>,
+        counts_2: FloatTensor<Self>,
+        sums_2: FloatTensor<Self>,
+        counts_3: FloatTensor<Self>,
+        sums_3: FloatTensor<Self>,
+        levels: usize,
         laplace: bool,
         epsilon: f64,
         unit_rows: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (counts, sums) = (into_contiguous(counts), into_contiguous(sums));
-        let [k, d] = [sums.shape()[0], sums.shape()[1]];
-        let (client, float_dtype) = (sums.client.clone(), sums.dtype);
-        debug_assert_eq!(counts.dtype, float_dtype);
-        let empty = |shape: Shape| {
-            empty_device_dtype(client.clone(), sums.device.clone(), shape, float_dtype)
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        debug_assert!((1..=CODEBOOK_LEVELS).contains(&levels));
+        let states = [
+            (counts_0, sums_0),
+            (counts_1, sums_1),
+            (counts_2, sums_2),
+            (counts_3, sums_3),
+        ]
+        .map(|(counts, sums)| (into_contiguous(counts), into_contiguous(sums)));
+        let (client, device, float_dtype) = {
+            let sums = &states[0].1;
+            (sums.client.clone(), sums.device.clone(), sums.dtype)
         };
-        let (codebook, norms) = (empty(Shape::new([k, d])), empty(Shape::new([k])));
+        let d = states[0].1.shape()[1];
+        let empty =
+            |shape: Shape| empty_device_dtype(client.clone(), device.clone(), shape, float_dtype);
         let scalar = |value: f64| InputScalar::new(value, dtype_to_storage_type(float_dtype));
+        let sizes = states.each_ref().map(|(_, sums)| sums.shape()[0]);
+        // The slots past `levels` get outputs of one unwritten row.
+        let outputs = std::array::from_fn::<_, CODEBOOK_LEVELS, _>(|j| {
+            let k = if j < levels { sizes[j] } else { 1 };
+            (empty(Shape::new([k, d])), empty(Shape::new([k])))
+        });
+        let largest = sizes[..levels].iter().copied().max().unwrap_or(1);
+        let [
+            (counts_0, sums_0),
+            (counts_1, sums_1),
+            (counts_2, sums_2),
+            (counts_3, sums_3),
+        ] = states;
+        let [
+            (codebook_0, norms_0),
+            (codebook_1, norms_1),
+            (codebook_2, norms_2),
+            (codebook_3, norms_3),
+        ] = outputs;
         kernels::codebook_kernel::launch(
             &client,
-            cube_count(k.div_ceil(CODEBOOK_CODES).min(CODEBOOK_CUBES)),
+            CubeCount::Static(
+                largest.div_ceil(CODEBOOK_CODES).clamp(1, CODEBOOK_CUBES) as u32,
+                levels as u32,
+                1,
+            ),
             CubeDim::new_1d(CODEBOOK_UNITS),
-            counts.into_tensor_arg(),
-            sums.into_tensor_arg(),
-            codebook.clone().into_tensor_arg(),
-            norms.clone().into_tensor_arg(),
+            counts_0.into_tensor_arg(),
+            sums_0.into_tensor_arg(),
+            counts_1.into_tensor_arg(),
+            sums_1.into_tensor_arg(),
+            counts_2.into_tensor_arg(),
+            sums_2.into_tensor_arg(),
+            counts_3.into_tensor_arg(),
+            sums_3.into_tensor_arg(),
+            codebook_0.clone().into_tensor_arg(),
+            norms_0.clone().into_tensor_arg(),
+            codebook_1.clone().into_tensor_arg(),
+            norms_1.clone().into_tensor_arg(),
+            codebook_2.clone().into_tensor_arg(),
+            norms_2.clone().into_tensor_arg(),
+            codebook_3.clone().into_tensor_arg(),
+            norms_3.clone().into_tensor_arg(),
             scalar(epsilon),
-            scalar(k as f64 * epsilon),
+            scalar(sizes[0] as f64 * epsilon),
+            scalar(sizes[1] as f64 * epsilon),
+            scalar(sizes[2] as f64 * epsilon),
+            scalar(sizes[3] as f64 * epsilon),
             laplace,
             unit_rows,
             dtype_to_storage_type(float_dtype),
         );
-        (codebook, norms)
+        (
+            codebook_0, norms_0, codebook_1, norms_1, codebook_2, norms_2, codebook_3, norms_3,
+        )
     }
 
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]

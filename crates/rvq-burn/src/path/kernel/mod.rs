@@ -5,10 +5,14 @@
 //!   infinity (the step then leaves the state alone), a flag per cube of a strided pass, then
 //!   one cube over the flags writing the answer as the device's bool: two launches where
 //!   Burn's `is_finite().all()` takes eight.
-//! - **Codebook** (`codebook_kernel`): a level's codes from its EMA counts and sums by the
-//!   configuration's rule (unit rows for cosine codebooks) and the codes' squared norms the
-//!   search adds, in one launch where Burn's tensor operations take five (the total count's
-//!   reduction, the rule's two elementwise passes, the norms' square and reduction).
+//! - **Codebooks** (`codebook_kernel`): each level's codes from its EMA counts and sums by
+//!   the configuration's rule (unit rows for cosine codebooks) and the codes' squared norms
+//!   the search adds, up to 4 levels in one launch (`CODEBOOK_LEVELS`), before the first
+//!   level runs, where Burn's tensor operations take five per level (the total count's
+//!   reduction, the rule's two elementwise passes, the norms' square and reduction). A fixed
+//!   number of levels per launch, because an op of a Burn backend extension takes a fixed
+//!   number of tensors under fusion; stacking the levels' state with Burn's `cat` instead
+//!   left Burn's fusion unable to fuse the operations after the levels.
 //! - **Nearest code** (`nearest_kernel`): distances and argmin fused, the `[N, K]` matrix
 //!   never written. A cube takes 64 rows; 64-code by 16-dimension tiles of the codebook and of
 //!   the rows pass through shared memory (read from global memory in vectors of up to 4
@@ -55,7 +59,7 @@ use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor};
 
-use self::extension::RvqKernels;
+use self::extension::{CODEBOOK_LEVELS, RvqKernels};
 use super::tensor::{self, TensorRows, check_indices};
 use super::{
     Codebook, EmaUpdate, Expansion, LevelPass, LevelPath, Pricing, Rows, RunningSums, UpdatedPass,
@@ -81,23 +85,46 @@ impl LevelPath for KernelPath {
         Tensor::from_dispatch(flag)
     }
 
-    fn codebook(
+    fn codebooks(
         &self,
-        counts: Tensor<1>,
-        sums: Tensor<2>,
+        counts: Vec<Tensor<1>>,
+        sums: Vec<Tensor<2>>,
         config: &EmaResidualVectorQuantizerConfig,
-    ) -> Codebook {
-        let (vectors, norms) = <Dispatch as RvqKernels>::rvq_codebook(
-            counts.into_dispatch(),
-            sums.into_dispatch(),
-            config.codebook_rule == CodebookRule::Laplace,
-            config.epsilon,
-            config.cosine_similarity,
-        );
-        Codebook {
-            vectors: Tensor::from_dispatch(vectors),
-            norms: Some(Tensor::from_dispatch(norms)),
-        }
+    ) -> Vec<Codebook> {
+        let levels: Vec<(Tensor<1>, Tensor<2>)> = counts.into_iter().zip(sums).collect();
+        levels
+            .chunks(CODEBOOK_LEVELS)
+            .flat_map(|chunk| {
+                // The slots past the chunk's levels take its first level's state, unread.
+                let state = |j: usize| chunk.get(j).unwrap_or(&chunk[0]).clone();
+                let [(c0, s0), (c1, s1), (c2, s2), (c3, s3)] = std::array::from_fn(|j| {
+                    let (counts, sums) = state(j);
+                    (counts.into_dispatch(), sums.into_dispatch())
+                });
+                let (v0, n0, v1, n1, v2, n2, v3, n3) = <Dispatch as RvqKernels>::rvq_codebooks(
+                    c0,
+                    s0,
+                    c1,
+                    s1,
+                    c2,
+                    s2,
+                    c3,
+                    s3,
+                    chunk.len(),
+                    config.codebook_rule == CodebookRule::Laplace,
+                    config.epsilon,
+                    config.cosine_similarity,
+                );
+                [(v0, n0), (v1, n1), (v2, n2), (v3, n3)]
+                    .into_iter()
+                    .take(chunk.len())
+                    .map(|(vectors, norms)| Codebook {
+                        vectors: Tensor::from_dispatch(vectors),
+                        norms: Some(Tensor::from_dispatch(norms)),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn level_priced(

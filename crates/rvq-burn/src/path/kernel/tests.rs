@@ -188,50 +188,84 @@ fn kernel_path_equals_tensor_path() {
 
 /// The codebook kernel equals `EmaResidualVectorQuantizerConfig::codebook` (Burn's
 /// tensor operations) within 1e-5, and its norms the rows' squared norms: both rules,
-/// Euclidean and cosine, over shapes with K below, at and past the 4 codes of a cube's
+/// Euclidean and cosine, over levels with K below, at and past the 4 codes of a cube's
 /// group and past 1024 cubes' groups (several groups per cube), D below, at and past a
 /// unit's 64 dimensions; with counts of zero and below epsilon, and a code whose sums are
-/// zero (its cosine row stays zero: the length is taken as 1e-6).
+/// zero (its cosine row stays zero: the length is taken as 1e-6). The levels derived
+/// together in one launch equal each derived alone, to the bit.
 #[test]
 fn codebook_kernel_equals_the_rule() {
     let Some(device) = device() else { return };
     let mut centred = uniform(29);
     let mut uniform = move || centred() + 0.5;
-    for (k, d) in [(1, 1), (3, 5), (4, 64), (5, 65), (130, 70), (4100, 3)] {
-        let counts: Vec<f32> = (0..k)
-            .map(|i| match i % 5 {
-                0 => 0.0,
-                1 => 1e-7,
-                _ => 10.0 * uniform(),
+    let sizes = [1, 3, 4, 5, 130, 4100];
+    for d in [1, 3, 5, 64, 65, 70] {
+        let levels: Vec<(Tensor<1>, Tensor<2>)> = sizes
+            .iter()
+            .map(|&k| {
+                let counts: Vec<f32> = (0..k)
+                    .map(|i| match i % 5 {
+                        0 => 0.0,
+                        1 => 1e-7,
+                        _ => 10.0 * uniform(),
+                    })
+                    .collect();
+                let mut sums: Vec<f32> = (0..k * d).map(|_| uniform() - 0.5).collect();
+                sums[..d].fill(0.0);
+                let counts = Tensor::<1>::from_data(TensorData::new(counts, [k]), &device);
+                (counts, tensor(&sums, [k, d], &device))
             })
             .collect();
-        let mut sums: Vec<f32> = (0..k * d).map(|_| uniform() - 0.5).collect();
-        sums[..d].fill(0.0);
-        let counts_tensor = Tensor::<1>::from_data(TensorData::new(counts, [k]), &device);
-        let sums_tensor = tensor(&sums, [k, d], &device);
+        let (all_counts, all_sums): (Vec<_>, Vec<_>) = levels.iter().cloned().unzip();
         for rule in [CodebookRule::Laplace, CodebookRule::Clamp] {
             for cosine in [false, true] {
-                let what = format!("K = {k}, D = {d}, {rule:?}, cosine {cosine}");
-                let config = EmaResidualVectorQuantizerConfig::new(1, k.into(), d)
+                let config = EmaResidualVectorQuantizerConfig::new(sizes.len(), 1.into(), d)
                     .with_codebook_rule(rule)
                     .with_cosine_similarity(cosine);
-                let got = KernelPath.codebook(counts_tensor.clone(), sums_tensor.clone(), &config);
-                let want = config.codebook(counts_tensor.clone(), sums_tensor.clone());
-                // NaN where both are (a total count of zero: 0 / 0, as Burn gives it).
-                let close = |a: f32, b: f32| {
-                    a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-5 * b.abs().max(1.0)
-                };
-                let (vectors, want_vectors) = (host_floats(got.vectors), host_floats(want));
-                for (i, (a, b)) in vectors.iter().zip(&want_vectors).enumerate() {
-                    assert!(close(*a, *b), "{what}: codebook[{i}] {a} vs {b}");
-                }
-                let plain = config
-                    .with_cosine_similarity(false)
-                    .codebook(counts_tensor.clone(), sums_tensor.clone());
-                let want_norms = host_floats(plain.powi_scalar(2).sum_dim(1).reshape([k]));
-                let norms = host_floats(got.norms.expect("the kernel path's norms"));
-                for (i, (a, b)) in norms.iter().zip(&want_norms).enumerate() {
-                    assert!(close(*a, *b), "{what}: norms[{i}] {a} vs {b}");
+                let together = KernelPath.codebooks(all_counts.clone(), all_sums.clone(), &config);
+                assert_eq!(together.len(), sizes.len());
+                for ((k, (counts, sums)), together) in sizes.iter().zip(&levels).zip(together) {
+                    let what = format!("K = {k}, D = {d}, {rule:?}, cosine {cosine}");
+                    let mut alone =
+                        KernelPath.codebooks(vec![counts.clone()], vec![sums.clone()], &config);
+                    let got = alone.pop().expect("one codebook");
+                    let want = config.codebook(counts.clone(), sums.clone());
+                    // NaN where both are (a total count of zero: 0 / 0, as Burn gives it).
+                    let close = |a: f32, b: f32| {
+                        a == b
+                            || (a.is_nan() && b.is_nan())
+                            || (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+                    };
+                    let (vectors, norms) = (got.vectors, got.norms);
+                    let vectors = host_floats(vectors);
+                    let want_vectors = host_floats(want);
+                    for (i, (a, b)) in vectors.iter().zip(&want_vectors).enumerate() {
+                        assert!(close(*a, *b), "{what}: codebook[{i}] {a} vs {b}");
+                    }
+                    let plain = config
+                        .clone()
+                        .with_cosine_similarity(false)
+                        .codebook(counts.clone(), sums.clone());
+                    let want_norms = host_floats(plain.powi_scalar(2).sum_dim(1).reshape([*k]));
+                    let norms = host_floats(norms.expect("the kernel path's norms"));
+                    for (i, (a, b)) in norms.iter().zip(&want_norms).enumerate() {
+                        assert!(close(*a, *b), "{what}: norms[{i}] {a} vs {b}");
+                    }
+                    let bits =
+                        |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    let (together_vectors, together_norms) = (together.vectors, together.norms);
+                    let together_vectors = host_floats(together_vectors);
+                    let together_norms = host_floats(together_norms.expect("norms"));
+                    assert_eq!(
+                        bits(&together_vectors),
+                        bits(&vectors),
+                        "{what}: codes together"
+                    );
+                    assert_eq!(
+                        bits(&together_norms),
+                        bits(&norms),
+                        "{what}: norms together"
+                    );
                 }
             }
         }
